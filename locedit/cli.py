@@ -1,0 +1,159 @@
+"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def cmd_trace(args) -> int:
+    from tracer import load_model, trace
+
+    model = load_model(args.model, device=args.device)
+    if args.fact:
+        from locedit.study import load_dataset
+
+        facts = {f.id: f for f in load_dataset(args.dataset)}
+        if args.fact not in facts:
+            raise SystemExit(f"no fact {args.fact!r} in {args.dataset}")
+        fact = facts[args.fact]
+        prompt, subject, target = fact.prompt, fact.subject, fact.o_true
+    else:
+        if not (args.prompt and args.subject and args.target):
+            raise SystemExit("give --fact ID, or --prompt, --subject and --target")
+        prompt, subject, target = args.prompt, args.subject, args.target
+    t0 = time.perf_counter()
+    res = trace(model, prompt, subject, target, kind=args.kind, window=args.window, samples=args.samples,
+                noise=args.noise, method=args.method)
+    secs = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res.plot().write_html(str(out), include_plotlyjs=True)
+    print(f"{prompt!r} -> {target!r}: p_clean={res.p_clean:.4f} p_noised={res.p_noised:.4f} "
+          f"peak layer={res.peak_layer()} ({secs:.1f} s); heatmap: {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from locedit.config import load_config
+    from locedit.report import write_report
+    from locedit.study import run_study
+
+    config = load_config(args.config)
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    model = None
+    if args.device:
+        from tracer import load_model
+
+        model = load_model(config.model, device=args.device)
+    summary = run_study(config, run_dir, model=model, limit=args.limit, shard=args.shard,
+                        retry_failed=args.retry_failed)
+    print(f"study {config.name!r}: {summary.done} units done, {summary.skipped} already done, "
+          f"{summary.failed} failed, {summary.seconds:.0f} s -> {run_dir}")
+    if not args.no_report and args.shard == (0, 1):
+        path = write_report(run_dir)
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from locedit.report import write_report
+
+    path = write_report(*args.run_dirs, out=args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    import transformer_lens
+
+    from tracer import cache_dir
+    from tracer.models import EMBEDDED_MODEL
+
+    print(f"locedit {__import__('locedit').__version__}; torch {torch.__version__}; "
+          f"transformer-lens {transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?'}")
+    print(f"cuda available: {torch.cuda.is_available()}; threads: {torch.get_num_threads()}")
+    root = cache_dir()
+    print(f"cache: {root} ({'exists' if root.exists() else 'empty'})")
+    if root.exists():
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
+            print(f"  {sub.name:10s} {size / 2**20:8.1f} MiB")
+    from problems import load_counterfact, load_known, load_zsre
+
+    print(f"data: CounterFact {len(load_counterfact())} facts, zsRE {len(load_zsre())}, known_1000 {len(load_known())}")
+    if args.model:
+        from tracer import load_model
+
+        m = load_model(args.model)
+        c = m.cfg
+        print(f"model {args.model}: {c.model_name}, {c.n_layers} layers, d_model {c.d_model}, d_mlp {c.d_mlp}, "
+              f"{c.n_heads} heads, vocab {c.d_vocab}")
+    else:
+        print(f"default model: {EMBEDDED_MODEL} (load with --model {EMBEDDED_MODEL})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="locedit", description="Does localization inform editing?")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("trace", help="trace one fact and write its heatmap (HTML)")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--device", default=None)
+    t.add_argument("--fact", help="a fact id, e.g. cf:1234 (from --dataset)")
+    t.add_argument("--dataset", default="counterfact")
+    t.add_argument("--prompt")
+    t.add_argument("--subject")
+    t.add_argument("--target", help="with its leading space, e.g. ' French'")
+    t.add_argument("--kind", default="mlp", choices=["mlp", "attn", "resid"])
+    t.add_argument("--window", type=int, default=5)
+    t.add_argument("--samples", type=int, default=10)
+    t.add_argument("--noise", type=float, default=3.0)
+    t.add_argument("--method", default="exact", choices=["exact", "naive", "attribution"])
+    t.add_argument("--out", default="trace.html")
+    t.set_defaults(func=cmd_trace)
+
+    r = sub.add_parser("run", help="run or resume a study from a TOML config")
+    r.add_argument("config")
+    r.add_argument("--run-dir", default=None, help="default: runs/<study name>")
+    r.add_argument("--limit", type=int, default=None, help="only the first N selected facts")
+    r.add_argument("--shard", type=_parse_shard, default=(0, 1), help="i/n: run facts i, i+n, ...")
+    r.add_argument("--retry-failed", action="store_true")
+    r.add_argument("--device", default=None)
+    r.add_argument("--no-report", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="tables and figures (report.html) from one or more run dirs / shards")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", default=None, help="default: <first run dir>/report.html")
+    rep.set_defaults(func=cmd_report)
+
+    i = sub.add_parser("info", help="versions, cache, data, and optionally a model's config")
+    i.add_argument("--model", default=None)
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Study configuration: a TOML file parsed into small frozen dataclasses.
+
+Example (``configs/default.toml``)::
+
+    [study]
+    name = "default"
+    model = "smollm2-135m"
+
+    [data]
+    dataset = "counterfact"     # counterfact | zsre | known | a path to a CounterFact-schema JSON
+    filter = "known"            # none | known | min_target_prob
+    sample = 20                 # facts drawn (after filtering) with `seed`
+    seed = 0
+
+    [tracing]
+    kinds = ["mlp"]
+    windows = [5]
+    samples = 10
+    noise = 3.0                 # multiplier of std(W_E); or `sigma = 0.094` for an absolute sigma
+
+    [editing]
+    problems = ["error_injection"]
+    methods = ["rome"]
+    layers = [0, 4, 8, 12, 16, 20]   # default: every 4th layer plus the model's default edit layer
+    essence = true
+
+    [hparams.rome]               # overrides of the editors' defaults, per method
+    v_num_grad_steps = 20
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataConfig", "TracingConfig", "EditingConfig", "StudyConfig", "load_config", "default_edit_layers"]
+
+KNOWN_PROBLEMS = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing")
+KNOWN_METHODS = ("rome", "memit", "ft-1", "ft-5")
+KNOWN_KINDS = ("mlp", "attn", "resid")
+KNOWN_FILTERS = ("none", "known", "min_target_prob")
+
+
+class ConfigError(ValueError):
+    """A study config names an unknown key or value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "counterfact"
+    filter: str = "known"
+    sample: int | None = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    kinds: tuple[str, ...] = ("mlp",)
+    windows: tuple[int, ...] = (5,)
+    samples: int = 10
+    noise: float = 3.0
+    sigma: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EditingConfig:
+    problems: tuple[str, ...] = ("error_injection",)
+    methods: tuple[str, ...] = ("rome",)
+    layers: tuple[int, ...] | None = None  # None: default_edit_layers(n_layers)
+    essence: bool = True
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    model: str = "smollm2-135m"
+    data: DataConfig = field(default_factory=DataConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    editing: EditingConfig = field(default_factory=EditingConfig)
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+# Default ROME layer per model (0-indexed): GPT-J 5 (paper "layer 6" 1-indexed), gpt2-xl 17; SmolLM2: see README.
+DEFAULT_EDIT_LAYER = {"gpt-j": 5, "gpt2-xl": 17, "smollm2": 8}
+
+
+def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
+    """Every 4th layer (0, 4, 8, ...) plus the model's default ROME layer, as in the paper's layer sweeps."""
+    layers = set(range(0, n_layers, 4))
+    for key, layer in DEFAULT_EDIT_LAYER.items():
+        if key in model_name.lower() and layer < n_layers:
+            layers.add(layer)
+    return tuple(sorted(layers))
+
+
+def _check(values, allowed, what):
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"unknown {what} {v!r}; expected one of {allowed}")
+
+
+def _section(raw: dict, name: str, cls):
+    sec = dict(raw.get(name, {}))
+    fields = set(cls.__dataclass_fields__)
+    unknown = set(sec) - fields
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
+    for k, v in sec.items():
+        if isinstance(v, list):
+            sec[k] = tuple(v)
+    return cls(**sec)
+
+
+def parse_config(raw: dict[str, Any]) -> StudyConfig:
+    """Validate a parsed TOML mapping into a :class:`StudyConfig`."""
+    unknown = set(raw) - {"study", "data", "tracing", "editing", "hparams"}
+    if unknown:
+        raise ConfigError(f"unknown config sections {sorted(unknown)}")
+    study = dict(raw.get("study", {}))
+    bad = set(study) - {"name", "model"}
+    if bad:
+        raise ConfigError(f"[study] has unknown keys {sorted(bad)}")
+    data = _section(raw, "data", DataConfig)
+    tracing = _section(raw, "tracing", TracingConfig)
+    editing = _section(raw, "editing", EditingConfig)
+    _check([data.filter], KNOWN_FILTERS, "filter")
+    _check(tracing.kinds, KNOWN_KINDS, "tracing kind")
+    _check(editing.problems, KNOWN_PROBLEMS, "problem")
+    _check(editing.methods, KNOWN_METHODS, "method")
+    if any(w < 1 for w in tracing.windows):
+        raise ConfigError(f"tracing windows must be >= 1, got {tracing.windows}")
+    hparams = {k: dict(v) for k, v in raw.get("hparams", {}).items()}
+    _check(hparams, ("rome", "memit", "ft", "ft-1", "ft-5"), "hparams section")
+    return StudyConfig(
+        name=study.get("name", "study"),
+        model=study.get("model", "smollm2-135m"),
+        data=data,
+        tracing=tracing,
+        editing=editing,
+        hparams=hparams,
+    )
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    with open(path, "rb") as f:
+        return parse_config(tomllib.load(f))

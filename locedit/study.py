@@ -1,0 +1,310 @@
+"""The batch study: trace facts, edit them under every (problem, method, layer), and keep every finished unit.
+
+Layout of a run directory::
+
+    RUN_DIR/
+      config.json          the validated study config (a resume must match it)
+      facts.json           the selected fact ids, in order (fixed at the first start; shards share it)
+      journal/             append-only JSONL journals, one per (table, shard) -- the source of truth
+      tracing.parquet      long table: fact x kind x window x token x layer (see docs/CONTRACTS.md)
+      edits.parquet        one row per fact x problem x method x layer
+      failures.parquet     one row per failed unit, with its error
+      study.log            what happened, failures with tracebacks
+
+Units run in a fixed order; a unit is skipped when its key is already in a journal (finished, or failed unless
+``retry_failed``). Killing the process at any point and calling :func:`run_study` again on the same directory
+therefore finishes with exactly the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from locedit.config import StudyConfig, default_edit_layers
+from locedit.journal import Journal, read_journals, write_parquet_atomic
+
+__all__ = ["StudySummary", "run_study", "select_facts", "collect_tables", "unit_keys"]
+
+log = logging.getLogger("locedit.study")
+
+_FILTER_CHUNK = 64  # facts checked per cached known-filter call while sampling
+
+
+class StudyConfigMismatch(ValueError):
+    """A run directory was started with a different config."""
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    run_dir: str
+    n_facts: int
+    shard: tuple[int, int]
+    done: int
+    skipped: int
+    failed: int
+    seconds: float
+
+
+# ---------------------------------------------------------------- data selection
+
+
+def load_dataset(name: str):
+    """Facts of a dataset: ``counterfact``, ``zsre``, ``known`` or a path to a CounterFact-schema JSON."""
+    from problems import load_counterfact, load_known, load_zsre
+
+    if name == "counterfact":
+        return load_counterfact()
+    if name == "zsre":
+        return load_zsre()
+    if name == "known":
+        return load_known()
+    if Path(name).exists():
+        return load_counterfact(path=name)
+    raise ValueError(f"unknown dataset {name!r}: use counterfact, zsre, known or a path to a CounterFact JSON")
+
+
+def select_facts(model, config: StudyConfig) -> list:
+    """Shuffle the dataset with ``data.seed`` and keep, in that order, the first ``data.sample`` facts passing
+    ``data.filter``. The filter runs lazily in cached chunks, so a 20-fact study does not decode 3,284 prompts."""
+    from problems.filters import known_mask, min_target_prob_mask
+
+    facts = list(load_dataset(config.data.dataset))
+    random.Random(config.data.seed).shuffle(facts)
+    want = config.data.sample if config.data.sample is not None else len(facts)
+    if config.data.filter == "none":
+        return facts[:want]
+    chosen = []
+    for lo in range(0, len(facts), _FILTER_CHUNK):
+        chunk = facts[lo : lo + _FILTER_CHUNK]
+        if config.data.filter == "known":
+            mask = known_mask(model, chunk)
+        else:
+            mask = min_target_prob_mask(model, chunk)
+        chosen += [f for f, ok in zip(chunk, mask) if ok]
+        if len(chosen) >= want:
+            break
+    return chosen[:want]
+
+
+# ---------------------------------------------------------------- units
+
+
+def _trace_windows(kind: str, windows: Sequence[int]) -> tuple[int, ...]:
+    return (1,) if kind == "resid" else tuple(windows)
+
+
+def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int) -> list[tuple[str, str, tuple]]:
+    """All units of a study in run order: ``(table, key, spec)`` with table "tracing" or "edits"."""
+    layers = config.editing.layers or default_edit_layers(n_layers, config.model)
+    units = []
+    for fid in fact_ids:
+        for kind in config.tracing.kinds:
+            for w in _trace_windows(kind, config.tracing.windows):
+                units.append(("tracing", f"trace|{fid}|{kind}|w{w}", (fid, kind, w)))
+        for problem in config.editing.problems:
+            for method in config.editing.methods:
+                for layer in layers:
+                    units.append(("edits", f"edit|{fid}|{problem}|{method}|L{layer}", (fid, problem, method, layer)))
+    return units
+
+
+def _trace_record(model, fact, kind: str, window: int, config: StudyConfig) -> dict[str, Any]:
+    from tracer import trace
+
+    t = config.tracing
+    res = trace(
+        model, fact.prompt, fact.subject, fact.o_true, kind=kind, window=window, samples=t.samples,
+        noise=t.noise, sigma=t.sigma, seed=t.seed,
+    )
+    return {
+        "fact_id": fact.id, "kind": kind, "window": window, "tokens": list(res.tokens),
+        "subject_span": list(res.subject_span), "grid": res.grid.tolist(), "p_clean": float(res.p_clean),
+        "p_noised": float(res.p_noised), "sigma": float(res.sigma),
+    }
+
+
+def _hparams_for(config: StudyConfig, method: str) -> dict[str, Any] | None:
+    base = "ft" if method.startswith("ft") else method
+    merged = {**config.hparams.get(base, {}), **config.hparams.get(method, {})}
+    return merged or None
+
+
+def _edit_record(model, fact, problem: str, method: str, layer: int, config: StudyConfig) -> dict[str, Any]:
+    from problems import run_edit
+
+    outcome = run_edit(
+        model, fact, problem, method, layer, hparams=_hparams_for(config, method),
+        essence=config.editing.essence, noise_samples=config.tracing.samples, noise=config.tracing.noise,
+        sigma=config.tracing.sigma, seed=config.tracing.seed,
+    )
+    return outcome.as_row()
+
+
+# ---------------------------------------------------------------- run
+
+
+def _journal_path(run_dir: Path, table: str, shard: tuple[int, int]) -> Path:
+    return run_dir / "journal" / f"{table}.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def _prepare_run_dir(run_dir: Path, config: StudyConfig, model) -> list[str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path, facts_path = run_dir / "config.json", run_dir / "facts.json"
+    cfg = json.loads(json.dumps(config.to_dict()))
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != cfg:
+            raise StudyConfigMismatch(
+                f"{run_dir} was started with another config; use a new run directory (differences in: "
+                f"{sorted(k for k in cfg if cfg.get(k) != old.get(k))})"
+            )
+    else:
+        _write_text_atomic(cfg_path, json.dumps(cfg, indent=2))
+    if facts_path.exists():
+        return json.loads(facts_path.read_text())
+    ids = [f.id for f in select_facts(model, config)]
+    _write_text_atomic(facts_path, json.dumps(ids))
+    return ids
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_study(
+    config: StudyConfig,
+    run_dir: str | Path,
+    *,
+    model=None,
+    limit: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    retry_failed: bool = False,
+    progress: bool = True,
+    flush_every: int = 25,
+) -> StudySummary:
+    """Run (or resume) a study. ``limit`` caps the number of facts; ``shard=(i, n)`` runs facts ``i::n``.
+
+    Parquet tables are rewritten from the journals every ``flush_every`` units and at the end."""
+    i, n = shard
+    if not (0 <= i < n):
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    if model is None:
+        from tracer import load_model
+
+        model = load_model(config.model)
+    fact_ids = _prepare_run_dir(run_dir, config, model)
+    _setup_log(run_dir)
+    if limit is not None:
+        fact_ids = fact_ids[:limit]
+    fact_ids = fact_ids[i::n]
+    by_id = {f.id: f for f in load_dataset(config.data.dataset) if f.id in set(fact_ids)}
+    journals = {t: Journal(_journal_path(run_dir, t, shard)) for t in ("tracing", "edits", "failures")}
+    done_elsewhere = {r["key"] for r in read_journals((run_dir / "journal").glob("*.jsonl"))}
+    failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))}
+    units = unit_keys(config, fact_ids, model.cfg.n_layers)
+    todo = [
+        u for u in units
+        if u[1] not in done_elsewhere or (retry_failed and u[1] in failed and u[1] not in _finished(run_dir))
+    ]
+    log.info("study %s shard %d/%d: %d facts, %d units, %d to do", config.name, i, n, len(fact_ids), len(units), len(todo))
+    n_done = n_failed = 0
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
+    for count, (table, key, spec) in enumerate(todo, 1):
+        fact = by_id[spec[0]]
+        bar.set_postfix_str(f"{table}: {fact.id} {'/'.join(map(str, spec[1:]))}")
+        t0 = time.perf_counter()
+        try:
+            rec = _trace_record(model, fact, *spec[1:], config) if table == "tracing" else _edit_record(
+                model, fact, *spec[1:], config
+            )
+        except Exception as e:  # one bad record never stops the run
+            n_failed += 1
+            log.error("unit %s failed: %s\n%s", key, e, traceback.format_exc())
+            journals["failures"].append(
+                {"key": key, "stage": table, "fact_id": fact.id, "error_type": type(e).__name__, "error": str(e)}
+            )
+        else:
+            rec["key"] = key
+            rec["seconds"] = rec.get("seconds", time.perf_counter() - t0)
+            journals[table].append(rec)
+            n_done += 1
+        bar.update(1)
+        if count % flush_every == 0:
+            collect_tables(run_dir)
+    bar.close()
+    collect_tables(run_dir)
+    return StudySummary(str(run_dir), len(fact_ids), shard, n_done, len(units) - len(todo), n_failed,
+                        time.perf_counter() - start)
+
+
+def _finished(run_dir: Path) -> set[str]:
+    paths = [p for p in (run_dir / "journal").glob("*.jsonl") if not p.name.startswith("failures")]
+    return {r["key"] for r in read_journals(paths)}
+
+
+def _setup_log(run_dir: Path) -> None:
+    path = str(run_dir / "study.log")
+    if not any(getattr(h, "baseFilename", None) == str(Path(path).resolve()) for h in log.handlers):
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def tracing_long_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """Expand journal tracing records (one grid each) to the long tracing table of docs/CONTRACTS.md."""
+    from stats.collapse import with_fractional
+
+    rows = []
+    for r in records:
+        s, e = r["subject_span"]
+        for t, (tok, row) in enumerate(zip(r["tokens"], r["grid"])):
+            for layer, p in enumerate(row):
+                rows.append((r["fact_id"], r["kind"], r["window"], t, tok, s <= t < e, t == e - 1, layer, p,
+                             r["p_clean"], r["p_noised"]))
+    schema = {"fact_id": pl.String, "kind": pl.String, "window": pl.Int64, "token_index": pl.Int64,
+              "token": pl.String, "is_subject": pl.Boolean, "is_last_subject": pl.Boolean, "layer": pl.Int64,
+              "prob": pl.Float64, "p_clean": pl.Float64, "p_noised": pl.Float64}
+    df = pl.DataFrame(rows, schema=schema, orient="row")
+    return with_fractional(df)
+
+
+def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:
+    """Merge the journals of one or more run directories (all shards) into the study tables; for a single
+    directory also (re)write its Parquet files atomically."""
+    dirs = [Path(d) for d in run_dirs]
+
+    def records(table):
+        return read_journals([p for d in dirs for p in (d / "journal").glob(f"{table}.*.jsonl")])
+
+    tables = {
+        "tracing": tracing_long_frame(records("tracing")),
+        "edits": pl.DataFrame(records("edits"), infer_schema_length=None) if records("edits") else pl.DataFrame(),
+        "failures": pl.DataFrame(records("failures")) if records("failures") else pl.DataFrame(
+            schema={"key": pl.String, "stage": pl.String, "fact_id": pl.String, "error_type": pl.String,
+                    "error": pl.String}),
+    }
+    if len(dirs) == 1:
+        for name, df in tables.items():
+            write_parquet_atomic(df, dirs[0] / f"{name}.parquet")
+    return tables
+
+

@@ -1,0 +1,99 @@
+"""Tokenization helpers shared by the tracer, the editors and the problems.
+
+All tokenization goes through the model's tokenizer with ``add_special_tokens=False``: no BOS is ever prepended,
+as in the reference code. A subject is located by *character offsets* in the prompt, so that e.g. " Danielle"
+and "Danielle" at the start of a prompt both map to the right tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+__all__ = [
+    "EmptyTargetError",
+    "SubjectNotFoundError",
+    "PromptTokens",
+    "encode",
+    "locate_subject",
+    "target_tokens",
+]
+
+
+class SubjectNotFoundError(ValueError):
+    """The subject string does not occur in the prompt."""
+
+
+class EmptyTargetError(ValueError):
+    """The target string is empty or tokenizes to no token."""
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenized prompt with its subject located.
+
+    Attributes:
+        tokens: ``[T]`` token ids (no BOS).
+        str_tokens: the ``T`` token strings.
+        subject_span: ``(start, end)`` token indices, end exclusive, of the subject.
+    """
+
+    tokens: Int[Tensor, "T"]
+    str_tokens: tuple[str, ...]
+    subject_span: tuple[int, int]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def last_subject_index(self) -> int:
+        return self.subject_span[1] - 1
+
+
+def encode(model: HookedTransformer, text: str) -> Int[Tensor, "T"]:
+    """Token ids of ``text`` without special tokens (no BOS)."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def locate_subject(model: HookedTransformer, prompt: str, subject: str) -> PromptTokens:
+    """Tokenize ``prompt`` and find the tokens covering the first occurrence of ``subject``.
+
+    A token belongs to the subject when its character span overlaps the subject's characters (a leading space
+    merged into the subject's first token counts as part of it).
+
+    Raises:
+        SubjectNotFoundError: ``subject`` is empty or not a substring of ``prompt``.
+    """
+    if not subject or not subject.strip():
+        raise SubjectNotFoundError(f"empty subject for prompt {prompt!r}")
+    start_char = prompt.find(subject)
+    if start_char < 0:
+        raise SubjectNotFoundError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+    end_char = start_char + len(subject)
+    enc = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    covered = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
+    if not covered:
+        raise SubjectNotFoundError(f"subject {subject!r} maps to no token of prompt {prompt!r}")
+    str_tokens = tuple(model.tokenizer.decode([i]) for i in ids)
+    return PromptTokens(torch.tensor(ids, dtype=torch.long), str_tokens, (covered[0], covered[-1] + 1))
+
+
+def target_tokens(model: HookedTransformer, target: str) -> Int[Tensor, "n_target"]:
+    """Token ids of a target continuation (give it its leading space, e.g. ``" French"``).
+
+    Raises:
+        EmptyTargetError: the target is empty or tokenizes to nothing.
+    """
+    if not isinstance(target, str) or not target.strip():
+        raise EmptyTargetError(f"target must be a non-empty string, got {target!r}")
+    ids = encode(model, target)
+    if ids.numel() == 0:
+        raise EmptyTargetError(f"target {target!r} tokenizes to no token")
+    return ids
