@@ -214,13 +214,10 @@ def run_study(
     fact_ids = fact_ids[i::n]
     by_id = {f.id: f for f in load_dataset(config.data.dataset) if f.id in set(fact_ids)}
     journals = {t: Journal(_journal_path(run_dir, t, shard)) for t in ("tracing", "edits", "failures")}
-    done_elsewhere = {r["key"] for r in read_journals((run_dir / "journal").glob("*.jsonl"))}
-    failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))}
+    finished = _finished(run_dir)
+    failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))} - finished
     units = unit_keys(config, fact_ids, model.cfg.n_layers)
-    todo = [
-        u for u in units
-        if u[1] not in done_elsewhere or (retry_failed and u[1] in failed and u[1] not in _finished(run_dir))
-    ]
+    todo = [u for u in units if u[1] not in finished and (retry_failed or u[1] not in failed)]
     log.info("study %s shard %d/%d: %d facts, %d units, %d to do", config.name, i, n, len(fact_ids), len(units), len(todo))
     n_done = n_failed = 0
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
@@ -252,8 +249,9 @@ def run_study(
                         time.perf_counter() - start)
 
 
-def _finished(run_dir: Path) -> set[str]:
-    paths = [p for p in (run_dir / "journal").glob("*.jsonl") if not p.name.startswith("failures")]
+def _finished(*run_dirs: Path) -> set[str]:
+    """Keys of the units with a result (tracing or edits) in any shard's journal."""
+    paths = [p for d in run_dirs for p in (d / "journal").glob("*.jsonl") if not p.name.startswith("failures")]
     return {r["key"] for r in read_journals(paths)}
 
 
@@ -295,12 +293,14 @@ def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:
     def records(table):
         return read_journals([p for d in dirs for p in (d / "journal").glob(f"{table}.*.jsonl")])
 
+    edits = records("edits")
+    finished = _finished(*dirs)
+    failures = [r for r in records("failures") if r["key"] not in finished]  # a retried unit is no failure
+    failure_schema = {k: pl.String for k in ("key", "stage", "fact_id", "error_type", "error")}
     tables = {
         "tracing": tracing_long_frame(records("tracing")),
-        "edits": pl.DataFrame(records("edits"), infer_schema_length=None) if records("edits") else pl.DataFrame(),
-        "failures": pl.DataFrame(records("failures")) if records("failures") else pl.DataFrame(
-            schema={"key": pl.String, "stage": pl.String, "fact_id": pl.String, "error_type": pl.String,
-                    "error": pl.String}),
+        "edits": pl.DataFrame(edits, infer_schema_length=None) if edits else pl.DataFrame(),
+        "failures": pl.DataFrame(failures, schema=failure_schema),
     }
     if len(dirs) == 1:
         for name, df in tables.items():

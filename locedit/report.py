@@ -1,0 +1,110 @@
+"""``locedit report``: the study's tables (paper layout) and figures in one self-contained ``report.html``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from locedit.study import collect_tables
+
+__all__ = ["study_analysis", "write_report"]
+
+
+def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int | None = None) -> dict:
+    """Regressions and correlations of a study's tables: the analysis frame joined at ``kind``/``window``
+    (default: window 5 if traced, else the largest traced window), regression results on all facts and on the
+    concentrated-effects subset, and per-layer correlations."""
+    from stats import join_trace, layer_correlations, regression_table
+
+    trace, edits = tables["tracing"], tables["edits"]
+    out: dict = {"analysis": None, "results": None, "concentrated": None, "correlations": None, "window": None}
+    if trace.height == 0 or edits.height == 0:
+        return out
+    windows = sorted(trace.filter(pl.col("kind") == kind)["window"].unique().to_list())
+    if not windows:
+        return out
+    window = window if window is not None else (5 if 5 in windows else windows[-1])
+    analysis = join_trace(edits, trace, kind=kind, window=window, with_concentrated=True)
+    out.update(
+        analysis=analysis,
+        window=window,
+        results=regression_table(analysis),
+        concentrated=regression_table(analysis.filter(pl.col("concentrated"))),
+        correlations=layer_correlations(analysis),
+    )
+    return out
+
+
+def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
+    """Merge the run directories (shards) and write ``report.html`` (default: in the first directory) with
+    Tables 1–7, Figs. 1, 4/15, 6, 7, 10 and one tracing heatmap; also writes ``tables.md`` beside it."""
+    from stats import (
+        correlation_table,
+        fig_peak_layers,
+        fig_r2_bars,
+        fig_score_vs_trace,
+        fig_scores_by_layer,
+        fig_trace_heatmap,
+        fig_window_effects,
+        paper_tables,
+        to_markdown,
+    )
+    from stats.report import write_report as write_html
+
+    dirs = [Path(d) for d in run_dirs]
+    tables = collect_tables(*dirs)
+    trace, edits, failures = tables["tracing"], tables["edits"], tables["failures"]
+    an = study_analysis(tables)
+    md: dict[str, str] = {}
+    figs = {}
+    if an["results"] is not None and an["results"].height:
+        md.update(paper_tables(an["results"], concentrated_results=an["concentrated"]))
+        for (problem, method), _ in an["analysis"].group_by(["problem", "method"], maintain_order=True):
+            try:
+                md[f"Per-layer correlation, {problem} / {method}"] = to_markdown(
+                    correlation_table(an["correlations"], problem=problem, method=method)
+                )
+            except ValueError:
+                pass
+    if edits.height:
+        means = (
+            edits.group_by(["problem", "method", "layer"])
+            .agg(pl.len().alias("n"), pl.col("^.*_score$").mean())
+            .sort(["problem", "method", "layer"])
+        )
+        md["Mean scores by edit layer"] = to_markdown(means)
+    if failures.height:
+        md["Failures"] = to_markdown(failures.select("key", "error_type", "error"))
+    if trace.height:
+        kinds = trace["kind"].unique().to_list()
+        kind = "mlp" if "mlp" in kinds else kinds[0]
+        figs["Fig. 1: peak tracing layers"] = fig_peak_layers(trace, kind=kind)
+        if trace.filter(pl.col("kind") == kind)["window"].n_unique() > 1:
+            figs["Fig. 10: tracing effect vs window size"] = fig_window_effects(trace, kind=kind)
+        first = trace["fact_id"][0]
+        w = an["window"] or int(trace.filter(pl.col("kind") == kind)["window"].max())
+        figs[f"Causal tracing heatmap: {first}"] = fig_trace_heatmap(trace, first, kind=kind, window=w)
+    if an["analysis"] is not None and an["analysis"].height:
+        for (problem, method), _ in an["analysis"].group_by(["problem", "method"], maintain_order=True):
+            figs[f"Fig. 4/15: rewrite score vs tracing effect ({problem}, {method})"] = fig_score_vs_trace(
+                an["analysis"], problem=problem, method=method
+            )
+        figs["Fig. 6: R² of Layer vs Layer + Tracing"] = fig_r2_bars(an["results"])
+    if edits.height:
+        for problem in edits["problem"].unique(maintain_order=True).to_list():
+            figs[f"Fig. 7: scores by edit layer ({problem})"] = fig_scores_by_layer(edits, problem=problem)
+    config = json.loads((dirs[0] / "config.json").read_text()) if (dirs[0] / "config.json").exists() else {}
+    meta = {
+        "run directories": ", ".join(map(str, dirs)),
+        "model": config.get("model", "?"),
+        "facts traced": trace["fact_id"].n_unique() if trace.height else 0,
+        "edits": edits.height,
+        "failed units": failures.height,
+        "tracing window joined": an["window"],
+    }
+    out = Path(out) if out else dirs[0] / "report.html"
+    write_html(out, md, figs, title=f"Does localization inform editing? — {config.get('name', 'study')}", meta=meta)
+    (out.parent / "tables.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in md.items()))
+    return out

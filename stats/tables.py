@@ -1,0 +1,256 @@
+"""Tables in the layout of Hase et al. 2023 (Tables 1–8), as polars frames and Markdown strings.
+
+* Table 1 / Table 2 (concentrated subset): ``Method | Layer | Tracing Effect | Both`` R² for one method.
+* Tables 3–6 (rewrite / paraphrase / neighborhood / overall): ``Editing Problem | Method | Layer | Trace | Both |
+  Diff | p-value``, methods labelled as in the paper ("FT (1 layer)", "FT (5 layers)", "ROME (1 layer)",
+  "MEMIT (5 layers)"), p-values below 1e-4 printed as "<1e-4".
+* Tables 7–8: ``Edit Metric | Regression Metric | Predictor(s) | Value`` with R², RMSE, MAE.
+
+Frames hold numbers (NaN where a model could not be fit); Markdown formats them (3 decimals, "n/a" for NaN) and
+blanks repeated group labels like the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import polars as pl
+
+__all__ = [
+    "PROBLEM_ORDER",
+    "PROBLEM_LABELS",
+    "METHOD_ORDER",
+    "METHOD_LABELS",
+    "METRIC_LABELS",
+    "TABLE_METRICS",
+    "problem_label",
+    "method_label",
+    "format_p",
+    "format_num",
+    "table1",
+    "r2_table",
+    "error_table",
+    "correlation_table",
+    "to_markdown",
+    "paper_tables",
+]
+
+PROBLEM_ORDER = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing")
+PROBLEM_LABELS = {
+    "error_injection": "Error Injection",
+    "tracing_reversal": "Tracing Reversal",
+    "fact_erasure": "Fact Erasure",
+    "fact_amplification": "Fact Amplification",
+    "fact_forcing": "Fact Forcing",
+}
+METHOD_ORDER = ("ft-1", "ft-5", "rome", "memit")
+METHOD_LABELS = {"ft-1": "FT (1 layer)", "ft-5": "FT (5 layers)", "rome": "ROME (1 layer)", "memit": "MEMIT (5 layers)"}
+METRIC_LABELS = {
+    "rewrite_score": "Rewrite Score",
+    "paraphrase_score": "Paraphrase Score",
+    "neighborhood_score": "Neighborhood Score",
+    "overall_score": "Overall Score",
+    "essence_score": "Essence Score",
+}
+#: paper table number → outcome metric (Tables 3–6).
+TABLE_METRICS = {3: "rewrite_score", 4: "paraphrase_score", 5: "neighborhood_score", 6: "overall_score"}
+
+
+def problem_label(problem: str | None) -> str:
+    return PROBLEM_LABELS.get(problem, str(problem)) if problem is not None else ""
+
+
+def method_label(method: str | None, *, short: bool = False) -> str:
+    """Paper label: "FT (1 layer)", "ROME (1 layer)", ...; ``short=True`` drops the parenthesis (Table 1)."""
+    if method is None:
+        return ""
+    lab = METHOD_LABELS.get(method, method.upper())
+    return lab.split(" (")[0] if short else lab
+
+
+def _order(value: str | None, order: Sequence[str]) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+def _isnan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def format_p(p: float | None) -> str:
+    """p-values as in Tables 3–6: "<1e-4" below 1e-4, else 3 decimals; "n/a" when undefined."""
+    if _isnan(p):
+        return "n/a"
+    return "<1e-4" if p < 1e-4 else f"{p:.3f}"
+
+
+def format_num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if _isnan(x) else f"{x:.{digits}f}"
+
+
+def _sorted(results: pl.DataFrame) -> pl.DataFrame:
+    po = {v: i for i, v in enumerate(PROBLEM_ORDER)}
+    mo = {v: i for i, v in enumerate(METHOD_ORDER)}
+    return results.with_columns(
+        pl.col("problem").replace_strict(po, default=len(po), return_dtype=pl.Int64).alias("_po"),
+        pl.col("method").replace_strict(mo, default=len(mo), return_dtype=pl.Int64).alias("_mo"),
+    ).sort(["_po", "problem", "_mo", "method"]).drop("_po", "_mo")
+
+
+def _pick(results: pl.DataFrame, metric: str) -> pl.DataFrame:
+    sub = results.filter(pl.col("metric") == metric)
+    if sub.height == 0:
+        raise ValueError(f"no regression results for metric {metric!r}; have {results['metric'].unique().to_list()}")
+    return _sorted(sub)
+
+
+def table1(
+    results: pl.DataFrame, *, problem: str = "error_injection", method: str = "rome", metric: str = "rewrite_score"
+) -> pl.DataFrame:
+    """Table 1 (and Table 2 on the concentrated subset): R² of Layer / Tracing Effect / Both for one method.
+
+    ``results`` is :func:`stats.regressions.regression_table` output.
+    """
+    sub = _pick(results, metric).filter((pl.col("problem") == problem) & (pl.col("method") == method))
+    if sub.height == 0:
+        raise ValueError(f"no results for problem={problem!r}, method={method!r}")
+    return sub.select(
+        pl.lit(method_label(method, short=True)).alias("Method"),
+        pl.col("r2_layer").alias("Layer"),
+        pl.col("r2_trace").alias("Tracing Effect"),
+        pl.col("r2_both").alias("Both"),
+    )
+
+
+def r2_table(results: pl.DataFrame, metric: str = "rewrite_score") -> pl.DataFrame:
+    """Tables 3–6: Editing Problem | Method | Layer | Trace | Both | Diff | p-value (R² values, F-test p)."""
+    sub = _pick(results, metric)
+    return pl.DataFrame(
+        {
+            "Editing Problem": [problem_label(v) for v in sub["problem"]],
+            "Method": [method_label(v) for v in sub["method"]],
+            "Layer": sub["r2_layer"],
+            "Trace": sub["r2_trace"],
+            "Both": sub["r2_both"],
+            "Diff": sub["r2_diff"],
+            "p-value": sub["p"],
+        }
+    )
+
+
+def error_table(
+    results: pl.DataFrame,
+    *,
+    problem: str = "error_injection",
+    method: str = "rome",
+    metrics: Sequence[str] = ("rewrite_score", "overall_score"),
+    predictors: Sequence[str] = ("layer", "trace"),
+) -> pl.DataFrame:
+    """Tables 7–8: Edit Metric | Regression Metric | Predictor(s) | Value (R², RMSE, MAE per model)."""
+    names = {"layer": "Layer", "trace": "Tracing Effect", "both": "Both"}
+    rows = []
+    for metric in metrics:
+        sub = _pick(results, metric).filter((pl.col("problem") == problem) & (pl.col("method") == method))
+        if sub.height == 0:
+            raise ValueError(f"no results for problem={problem!r}, method={method!r}, metric={metric!r}")
+        r = sub.row(0, named=True)
+        for stat, stat_label in (("r2", "R^2"), ("rmse", "RMSE"), ("mae", "MAE")):
+            for pred in predictors:
+                rows.append((METRIC_LABELS.get(metric, metric), stat_label, names[pred], r[f"{stat}_{pred}"]))
+    return pl.DataFrame(rows, schema=["Edit Metric", "Regression Metric", "Predictor(s)", "Value"], orient="row")
+
+
+def correlation_table(
+    correlations: pl.DataFrame, *, problem: str = "error_injection", method: str = "rome",
+    metric: str = "rewrite_score",
+) -> pl.DataFrame:
+    """Per-layer Pearson ρ (the numbers in the Fig. 4 / 15–18 panel titles): Layer | n | rho | p-value."""
+    sub = correlations.filter(
+        (pl.col("problem") == problem) & (pl.col("method") == method) & (pl.col("metric") == metric)
+    ).sort("layer")
+    return sub.select(pl.col("layer").alias("Layer"), "n", pl.col("rho").alias("rho"), pl.col("p").alias("p-value"))
+
+
+def to_markdown(
+    df: pl.DataFrame,
+    *,
+    digits: int = 3,
+    p_columns: Sequence[str] = ("p-value",),
+    blank_repeats: Sequence[str] = (),
+    title: str | None = None,
+    formatters: Mapping[str, Callable[[object], str]] | None = None,
+) -> str:
+    """GitHub-flavoured Markdown table. Floats → ``digits`` decimals ("n/a" for NaN/null), ``p_columns`` via
+    :func:`format_p`; consecutive repeated labels in ``blank_repeats`` (hierarchically, left to right) are blanked
+    like the paper's tables. Pipes in cells are escaped."""
+    formatters = dict(formatters or {})
+    cols = df.columns
+
+    def fmt(col: str, v) -> str:
+        if col in formatters:
+            return formatters[col](v)
+        if col in p_columns:
+            return format_p(v)
+        if isinstance(v, float) or v is None:
+            return format_num(v, digits) if not (v is None and df.schema[col] == pl.String) else ""
+        return str(v)
+
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("| " + " | ".join("---" if df.schema[c] == pl.String else "---:" for c in cols) + " |")
+    prev: tuple | None = None
+    for row in df.iter_rows():
+        cells = [fmt(c, v).replace("|", "\\|") for c, v in zip(cols, row)]
+        if prev is not None:
+            same = True
+            for i, c in enumerate(cols):
+                if c not in blank_repeats:
+                    continue
+                same = same and row[i] == prev[i]
+                if same:
+                    cells[i] = ""
+        prev = row
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_tables(
+    results: pl.DataFrame,
+    *,
+    concentrated_results: pl.DataFrame | None = None,
+    problem: str = "error_injection",
+    method: str = "rome",
+) -> dict[str, str]:
+    """All tables that ``results`` can fill, as Markdown, keyed "Table 1", "Table 3 (rewrite)", ...
+
+    Tables needing a missing metric / method are skipped. ``concentrated_results`` (regressions on the App. B
+    concentrated-effects subset) adds "Table 2".
+    """
+    out: dict[str, str] = {}
+    have = set(results["metric"].unique().to_list()) if results.height else set()
+
+    def _try(name: str, fn: Callable[[], str]) -> None:
+        try:
+            out[name] = fn()
+        except ValueError:
+            pass
+
+    _try("Table 1", lambda: to_markdown(table1(results, problem=problem, method=method),
+                                        title="R² for predicting rewrite score"))
+    if concentrated_results is not None and concentrated_results.height:
+        _try("Table 2", lambda: to_markdown(table1(concentrated_results, problem=problem, method=method),
+                                            title="R² on the concentrated-effects subset"))
+    for num, metric in TABLE_METRICS.items():
+        if metric in have:
+            short = metric.removesuffix("_score")
+            _try(f"Table {num} ({short})", lambda m=metric: to_markdown(
+                r2_table(results, m), blank_repeats=("Editing Problem",),
+                title=f"{METRIC_LABELS[m]} Table: R² values and F-test (Both vs Layer)"))
+    err_metrics = [m for m in ("rewrite_score", "overall_score") if m in have]
+    if err_metrics:
+        _try("Table 7", lambda: to_markdown(
+            error_table(results, problem=problem, method=method, metrics=err_metrics),
+            blank_repeats=("Edit Metric", "Regression Metric"), title="Regression error metrics"))
+    return out
