@@ -18,6 +18,7 @@ therefore finishes with exactly the rows of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -31,7 +32,7 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
-from locedit.config import StudyConfig, default_edit_layers
+from locedit.config import ConfigError, StudyConfig, default_edit_layers
 from locedit.journal import Journal, read_journals, write_parquet_atomic
 
 __all__ = ["StudySummary", "run_study", "select_facts", "collect_tables", "unit_keys"]
@@ -134,19 +135,29 @@ def _trace_record(model, fact, kind: str, window: int, config: StudyConfig) -> d
     }
 
 
-def _hparams_for(config: StudyConfig, method: str) -> dict[str, Any] | None:
+def _hparams_for(model, config: StudyConfig, problem: str, method: str):
+    """The problem's App. A hyper-parameters for ``method`` with the config's ``[hparams.<method>]`` overrides."""
+    from problems.variants import problem_hparams
+
     base = "ft" if method.startswith("ft") else method
-    merged = {**config.hparams.get(base, {}), **config.hparams.get(method, {})}
-    return merged or None
+    overrides = {**config.hparams.get(base, {}), **config.hparams.get(method, {})}
+    hp = problem_hparams(problem, method, model.cfg.model_name)
+    return dataclasses.replace(hp, **overrides) if overrides else hp
+
+
+def _study_noise(model, config: StudyConfig):
+    from tracer import SubjectNoise, resolve_sigma
+
+    t = config.tracing
+    return SubjectNoise(sigma=resolve_sigma(model, t.noise, t.sigma), samples=t.samples, seed=t.seed)
 
 
 def _edit_record(model, fact, problem: str, method: str, layer: int, config: StudyConfig) -> dict[str, Any]:
     from problems import run_edit
 
     outcome = run_edit(
-        model, fact, problem, method, layer, hparams=_hparams_for(config, method),
-        essence=config.editing.essence, noise_samples=config.tracing.samples, noise=config.tracing.noise,
-        sigma=config.tracing.sigma, seed=config.tracing.seed,
+        model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method),
+        noise=_study_noise(model, config), essence=config.editing.essence,
     )
     return outcome.as_row()
 
@@ -207,6 +218,12 @@ def run_study(
         from tracer import load_model
 
         model = load_model(config.model)
+    for problem in config.editing.problems:  # fail fast on a misspelt [hparams] key, before any work
+        for method in config.editing.methods:
+            try:
+                _hparams_for(model, config, problem, method)
+            except TypeError as e:
+                raise ConfigError(f"[hparams] for {method}: {e}") from e
     fact_ids = _prepare_run_dir(run_dir, config, model)
     _setup_log(run_dir)
     if limit is not None:

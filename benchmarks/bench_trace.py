@@ -1,0 +1,193 @@
+"""Benchmark of tracer.trace: naive vs exact vs attribution on CounterFact facts (run by hand).
+
+    python benchmarks/bench_trace.py                      # 5 facts of different lengths, window 5, 10 samples
+    python benchmarks/bench_trace.py --facts 3 --samples 3 --no-naive
+    python benchmarks/bench_trace.py --agreement 50       # attribution-vs-exact study on 50 correct facts
+    python benchmarks/bench_trace.py --smoke              # tiny equality check (used by the tests)
+
+Prints per fact: p_clean, p_noised, peak layer, naive / exact / attribution seconds, speed-up, max |grid diff|,
+the theoretical FLOP fraction of exact vs naive, and attribution agreement (Spearman ρ of the per-layer max
+curves, peak-layer agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(os.environ.get("LOCEDIT_SHARED", "/work/shared")) / "data" / "counterfact_subset.json"
+
+
+def load_facts(path: Path = DATA) -> list[dict]:
+    """CounterFact records → {id, prompt, subject, target} (target gets a leading space)."""
+    out = []
+    for r in json.loads(Path(path).read_text()):
+        rw = r["requested_rewrite"]
+        out.append(
+            {
+                "id": str(r["case_id"]),
+                "prompt": rw["prompt"].format(rw["subject"]),
+                "subject": rw["subject"],
+                "target": " " + rw["target_true"]["str"].lstrip(),
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def is_correct(model, fact) -> bool:
+    """Greedy first token after the prompt equals the target's first token."""
+    from tracer.tokens import encode, target_tokens
+
+    ids = encode(model, fact["prompt"]).to(model.cfg.device)
+    return int(model(ids[None])[0, -1].argmax()) == int(target_tokens(model, fact["target"])[0])
+
+
+def pick_facts(model, facts, n: int, spread: bool = True) -> list[dict]:
+    """``n`` correct facts; with ``spread``, of different prompt lengths (shortest to longest)."""
+    from tracer.tokens import encode
+
+    ok = []
+    for f in facts:
+        if f["subject"] in f["prompt"] and is_correct(model, f):
+            ok.append(f)
+            if not spread and len(ok) >= n:
+                return ok
+            if spread and len(ok) >= 8 * n:
+                break
+    if not spread:
+        return ok
+    ok.sort(key=lambda f: len(encode(model, f["prompt"])))
+    if len(ok) <= n:
+        return ok
+    return [ok[round(i * (len(ok) - 1) / (n - 1))] for i in range(n)] if n > 1 else ok[:1]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def flops(model, fact, window) -> float:
+    from tracer.tokens import locate_subject, target_tokens
+    from tracer.tracing import flop_fraction
+
+    pt = locate_subject(model, fact["prompt"], fact["subject"])
+    m = len(target_tokens(model, fact["target"]))
+    cfg = model.cfg
+    n_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
+    return flop_fraction(cfg.n_layers, window, pt.n_tokens, pt.subject_span[0], m, cfg.d_model, n_block, cfg.d_vocab)
+
+
+def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, naive_facts=None) -> None:
+    from tracer.tracing import trace
+
+    print(f"kind={kind} window={window} samples={samples} threads={torch.get_num_threads()}")
+    print(
+        f"{'fact':>5} {'T':>3} {'subj':>7} {'p_clean':>8} {'p_noised':>9} {'peak':>4} {'naive_s':>8} {'exact_s':>8} "
+        f"{'speedup':>7} {'max|diff|':>9} {'flop_frac':>9} {'attr_s':>7} {'rho':>6} {'peak_attr':>9}"
+    )
+    tot_n = tot_e = 0.0
+    for i, f in enumerate(facts):
+        args = (model, f["prompt"], f["subject"], f["target"])
+        kw = dict(kind=kind, window=window, samples=samples)
+        t0 = time.perf_counter()
+        e = trace(*args, method="exact", **kw)
+        te = time.perf_counter() - t0
+        tn, diff = float("nan"), float("nan")
+        if naive and (naive_facts is None or i < naive_facts):
+            t0 = time.perf_counter()
+            n = trace(*args, method="naive", **kw)
+            tn = time.perf_counter() - t0
+            diff = float((e.grid - n.grid).abs().max())
+            tot_n += tn
+            tot_e += te
+        ta, rho, pa = float("nan"), float("nan"), -1
+        if attribution:
+            t0 = time.perf_counter()
+            a = trace(*args, method="attribution", **kw)
+            ta = time.perf_counter() - t0
+            rho = spearman(e.per_layer(), a.per_layer())
+            pa = a.peak_layer()
+        print(
+            f"{f['id']:>5} {len(e.tokens):>3} {str(e.subject_span):>7} {e.p_clean:8.4f} {e.p_noised:9.5f} "
+            f"{e.peak_layer():>4} {tn:8.2f} {te:8.2f} {tn / te:7.1f} {diff:9.2e} {flops(model, f, window):9.3f} "
+            f"{ta:7.2f} {rho:6.3f} {pa:>9}",
+            flush=True,
+        )
+    if naive and tot_e > 0:
+        print(f"total: naive {tot_n:.1f}s exact {tot_e:.1f}s speed-up {tot_n / tot_e:.1f}x")
+
+
+def agreement(model, facts, *, kind, window, samples) -> None:
+    """Attribution vs exact on many facts: Spearman ρ of per-layer (max) curves and peak-layer agreement."""
+    from tracer.tracing import trace
+
+    rhos, rhos_last, same, near = [], [], 0, 0
+    for i, f in enumerate(facts):
+        args = (model, f["prompt"], f["subject"], f["target"])
+        kw = dict(kind=kind, window=window, samples=samples)
+        e = trace(*args, method="exact", **kw)
+        a = trace(*args, method="attribution", **kw)
+        rhos.append(spearman(e.per_layer(), a.per_layer()))
+        rhos_last.append(spearman(e.per_layer("last_subject"), a.per_layer("last_subject")))
+        same += e.peak_layer() == a.peak_layer()
+        near += abs(e.peak_layer() - a.peak_layer()) <= 2
+        print(f"{i + 1:>3} fact {f['id']:>5}: rho(max) {rhos[-1]:6.3f} rho(last) {rhos_last[-1]:6.3f} "
+              f"peak exact {e.peak_layer():>2} attr {a.peak_layer():>2}", flush=True)
+    r, rl = torch.tensor(rhos), torch.tensor(rhos_last)
+    n = len(facts)
+    print(f"n={n} Spearman rho per-layer max: mean {r.nanmean():.3f} median {r.nanmedian():.3f}; "
+          f"last-subject: mean {rl.nanmean():.3f} median {rl.nanmedian():.3f}; "
+          f"peak layer equal {same}/{n}, within ±2 {near}/{n}")
+
+
+def smoke(model) -> float:
+    """Tiny exact-vs-naive equality check on one short fact and a few cells; returns max |diff|."""
+    from tracer.tracing import trace
+
+    args = (model, "Danielle Darrieux spoke", "Danielle Darrieux", " French")
+    cells = {0: [0], 4: [14], 5: [29]}
+    e = trace(*args, samples=2, cells=cells)
+    n = trace(*args, samples=2, cells=cells, method="naive")
+    ok = ~e.grid.isnan()
+    return float((e.grid[ok] - n.grid[ok]).abs().max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=5)
+    ap.add_argument("--kind", default="mlp")
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine's cores are shared)")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--no-attribution", action="store_true")
+    ap.add_argument("--naive-facts", type=int, default=None, help="run naive on the first N facts only")
+    ap.add_argument("--agreement", type=int, default=0, help="run the attribution-vs-exact study on N facts")
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from tracer import load_model
+
+    model = load_model()
+    if a.smoke:
+        print(f"smoke: max |exact - naive| = {smoke(model):.2e}")
+        return
+    facts = load_facts()
+    if a.agreement:
+        agreement(model, pick_facts(model, facts, a.agreement, spread=False),
+                  kind=a.kind, window=a.window, samples=a.samples)
+        return
+    bench(model, pick_facts(model, facts, a.facts), kind=a.kind, window=a.window, samples=a.samples,
+          naive=not a.no_naive, attribution=not a.no_attribution, naive_facts=a.naive_facts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Pictures of a :class:`~tracer.result.TraceResult`: circuitsvis (Jupyter) and plotly heatmaps, saveable as HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["circuitsvis_heatmap", "plotly_heatmap", "save_html"]
+
+_KIND_NAME = {"mlp": "MLP", "attn": "Attn", "resid": "single restored layer (resid)"}
+
+
+def _values(res, values: str):
+    if values == "fractional":
+        return res.fractional().detach().float().cpu()
+    if values == "prob":
+        return res.grid.detach().float().cpu()
+    raise ValueError(f"values must be 'fractional' or 'prob', got {values!r}")
+
+
+def _title(res) -> str:
+    corrupt = {"noise": "noised subject", "flip": f"flipped subject → {res.flip_subject!r}", "zero": "zeroed"}.get(
+        res.corrupt, res.corrupt
+    )
+    what = "zeroing" if res.method == "zero" else "restoring"
+    return (
+        f"{what} {_KIND_NAME.get(res.kind, res.kind)} (window {res.window}, {res.method}, {corrupt}) — "
+        f"p_clean={res.p_clean:.4f}, p_noised={res.p_noised:.4f}"
+    )
+
+
+def circuitsvis_heatmap(res, values: str = "fractional"):
+    """``circuitsvis.tokens.colored_tokens_multi``: the T tokens (subject marked ``*``) coloured by the effect,
+    with one selectable value series per layer ("layer 0" ... "layer L-1"). Returns a ``RenderedHTML``."""
+    import circuitsvis as cv
+
+    vals = _values(res, values)
+    return cv.tokens.colored_tokens_multi(
+        tokens=res.labels(), values=vals, labels=[f"layer {l}" for l in range(res.n_layers)]
+    )
+
+
+def plotly_heatmap(res, values: str = "prob"):
+    """A plotly ``Figure``: heatmap with tokens on y (top to bottom), layers on x, subject tokens marked ``*``."""
+    import plotly.graph_objects as go
+
+    vals = _values(res, values).numpy()
+    labels = [f"{i}: {tok!r}" for i, tok in enumerate(res.labels())]
+    fig = go.Figure(
+        go.Heatmap(
+            z=vals,
+            x=list(range(res.n_layers)),
+            y=labels,
+            colorscale="Purples" if res.kind == "mlp" else ("Greens" if res.kind == "attn" else "Blues"),
+            colorbar={"title": "p(target)" if values == "prob" else "fractional"},
+            hovertemplate="token %{y}<br>layer %{x}<br>value %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=_title(res),
+        xaxis_title=f"center layer of the {res.window}-layer window",
+        yaxis={"autorange": "reversed", "type": "category"},
+        height=max(300, 28 * res.n_tokens + 140),
+    )
+    return fig
+
+
+def save_html(res, path, which: str = "plotly") -> None:
+    """Write the plotly figure (``which="plotly"``) or the circuitsvis view (``"circuitsvis"``) to ``path``."""
+    path = Path(path)
+    if which == "plotly":
+        plotly_heatmap(res).write_html(str(path), include_plotlyjs="cdn")
+    elif which == "circuitsvis":
+        path.write_text(str(circuitsvis_heatmap(res)))
+    else:
+        raise ValueError(f"which must be 'plotly' or 'circuitsvis', got {which!r}")

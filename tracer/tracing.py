@@ -1,0 +1,553 @@
+"""Causal tracing (Meng et al. 2022; Hase et al. 2023 §3.2), representation zeroing (Hase App. B) and input
+flipping (Reber's proposal) on a HookedTransformer.
+
+Causal tracing of a fact (s, r, o) with prompt P containing subject s:
+
+* clean run: p_clean = p(o | P); the clean activations h_l(t) of the chosen kind are cached;
+* corrupted run: the subject's token embeddings get Gaussian noise, s_noise = embed(s) + ε, ε ~ N(0, σ²)
+  (``corrupt="noise"``, one draw of ``samples`` rows per fact reused for every cell), or the subject is replaced
+  by another subject (``corrupt="flip"``); p_noised = mean over the noise samples of p(o | s_noise, r);
+* restored run for cell (t, l): the corrupted run with the chosen outputs at token t and the window of layers
+  ``range(max(0, l - w//2), min(L, l - (-w//2)))`` set to their clean values; grid[t, l] = mean over the noise
+  samples of p(o | restored). Multi-token targets o = (o_1..o_m) are teacher-forced: p = exp(Σ_i log p(o_i | ·)),
+  the sequence is prompt + o[:-1] and restoration only touches prompt token t.
+
+Fractional effect (Hase §3.2 / §4.1): (grid[t, l] − p_noised) / |p_clean − p_noised|, clipped at 0
+(:meth:`TraceResult.fractional`).
+
+Three methods compute the grid:
+
+* ``"naive"``: one full forward pass (all noise samples batched) per (token, layer) cell with ``run_with_hooks``.
+* ``"exact"`` (default): the same numbers, faster. Restoring token t at layers [a, b) cannot change (i) anything
+  before layer a, so each cell starts from the corrupted run's cached ``blocks.{a}.hook_resid_pre``; (ii) any
+  position < t (causal attention), so each cell only computes positions t..N-1, attending to the corrupted run's
+  cached keys/values of positions < t (a frozen TransformerLens KV-cache entry); (iii) logits other than the m
+  target positions, so only those are unembedded. Cells sharing a token are stacked on the batch dimension (rows
+  join the batch at their window's first layer) in chunks of ``batch_size`` rows. Cells of tokens before the
+  subject are p_noised without a pass (in all methods).
+* ``"attribution"``: first-order (attribution-patching) estimate from one corrupted forward + backward pass:
+  Δp(t, l) ≈ Σ_{j ∈ window(l)} mean_s ∇_{h_j(t)} p_s · (h_j^clean(t) − h_j^s(t)), the gradient of the
+  *probability* (not the log-prob) of the target for noise sample s; grid = p_noised + Δp (may leave [0, 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tracer.noise import SubjectNoise, noise_hook, resolve_sigma
+from tracer.result import TraceResult
+from tracer.tokens import encode, locate_subject, target_tokens
+
+__all__ = [
+    "KINDS",
+    "METHODS",
+    "UnknownKindError",
+    "UnknownMethodError",
+    "FlipAlignmentError",
+    "trace",
+    "zero",
+    "window_layers",
+    "flop_fraction",
+]
+
+KINDS = {"mlp": "hook_mlp_out", "attn": "hook_attn_out", "resid": "hook_resid_post"}
+METHODS = ("exact", "naive", "attribution")
+_DEFAULT_BATCH = 320
+
+
+class UnknownKindError(ValueError):
+    """``kind`` is not one of "mlp", "attn", "resid"."""
+
+
+class UnknownMethodError(ValueError):
+    """``method`` is not one of "exact", "naive", "attribution"."""
+
+
+class FlipAlignmentError(ValueError):
+    """The flipped prompt's tokens do not line up with the original prompt's outside the subject."""
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The reference code's clipped window around ``layer``: ``range(max(0, l - w//2), min(L, l - (-w//2)))``."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+@dataclass
+class _Setup:
+    kind: str
+    hook: str  # e.g. "hook_mlp_out"
+    window: int
+    L: int
+    pt_tokens: tuple[str, ...]
+    span: tuple[int, int]  # clean subject span
+    tgt: Tensor  # [m]
+    clean_seq: Tensor  # [N] prompt + target[:-1]
+    np_clean: int
+    corrupt_seq: Tensor  # [N'] corrupted prompt + target[:-1]
+    np_corrupt: int
+    pos_map: dict[int, int]  # traced clean token t -> corrupted position t'
+    clean_acts: Tensor  # [L, N, d] clean outputs of `hook`
+    p_clean: float
+    samples: int
+    embed_hook: object | None  # hook_embed hook adding the noise (batch of `samples` rows), or None
+    sigma: float | None
+    corrupt: str
+    flip_subject: str | None
+
+
+def _validate(kind: str, window: int | None, method: str | None = None) -> int:
+    if kind not in KINDS:
+        raise UnknownKindError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if method is not None and method not in METHODS:
+        raise UnknownMethodError(f"method must be one of {METHODS}, got {method!r}")
+    if window is None:
+        window = 1 if kind == "resid" else 5
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if kind == "resid" and window != 1:
+        raise ValueError("kind='resid' restores the whole residual stream: use window=1")
+    return window
+
+
+def _seq_prob(logits_at_targets: Tensor, tgt: Tensor) -> Tensor:
+    """``[B, m, V]`` logits at the m teacher-forced positions → ``[B]`` p = exp(Σ log p(o_i))."""
+    logp = logits_at_targets.float().log_softmax(-1)
+    idx = tgt.to(logp.device).view(1, -1, 1).expand(logp.shape[0], -1, 1)
+    return logp.gather(-1, idx).squeeze(-1).sum(-1).exp()
+
+
+def _target_positions(n_prompt: int, m: int) -> Tensor:
+    return torch.arange(n_prompt - 1, n_prompt - 1 + m)
+
+
+def _flip_alignment(model, prompt, subject, flip_subject, pt, tgt):
+    if not isinstance(flip_subject, str) or not flip_subject.strip():
+        raise ValueError("corrupt='flip' needs a non-empty flip_subject")
+    i = prompt.find(subject)
+    flipped = prompt[:i] + flip_subject + prompt[i + len(subject) :]
+    if flipped.find(flip_subject) != i:
+        raise FlipAlignmentError(f"flip_subject {flip_subject!r} occurs earlier in the flipped prompt {flipped!r}")
+    fpt = locate_subject(model, flipped, flip_subject)
+    (s0, s1), (f0, f1) = pt.subject_span, fpt.subject_span
+    if s0 != f0 or not torch.equal(pt.tokens[:s0], fpt.tokens[:f0]):
+        raise FlipAlignmentError(f"tokens before the subject differ between {prompt!r} and {flipped!r}")
+    if not torch.equal(pt.tokens[s1:], fpt.tokens[f1:]):
+        raise FlipAlignmentError(f"tokens after the subject differ between {prompt!r} and {flipped!r}")
+    pos_map = {}
+    for t in range(s0, pt.n_tokens):
+        if t >= s1:
+            pos_map[t] = t - s1 + f1
+        else:  # subject tokens align by their distance to the subject's end; no counterpart → not traced
+            tp = f1 - (s1 - t)
+            if tp >= f0:
+                pos_map[t] = tp
+    return fpt, pos_map
+
+
+@torch.no_grad()
+def _prepare(
+    model, prompt, subject, target, kind, window, samples, noise, sigma, seed, corrupt, flip_subject
+) -> _Setup:
+    pt = locate_subject(model, prompt, subject)
+    tgt = target_tokens(model, target)
+    hook = KINDS[kind]
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    clean_seq = torch.cat([pt.tokens, tgt[:-1]])
+    s0, s1 = pt.subject_span
+    if corrupt == "noise":
+        if isinstance(noise, Tensor):
+            values = noise.detach()
+            samples = int(values.shape[0])
+            sig = float(values.float().std()) if sigma is None else float(sigma)
+        else:
+            values = None
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+                raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+            sig = resolve_sigma(model, float(noise), None if sigma is None else float(sigma))
+        eps = SubjectNoise(sig, samples, seed, values).draw(s1 - s0, d, model.cfg.device, model.cfg.dtype)
+        embed_hook = noise_hook([(s0, s1)] * samples, list(eps))
+        corrupt_seq, np_corrupt = clean_seq, pt.n_tokens
+        pos_map = {t: t for t in range(s0, pt.n_tokens)}
+        flip_subject = None
+    elif corrupt == "flip":
+        fpt, pos_map = _flip_alignment(model, prompt, subject, flip_subject, pt, tgt)
+        corrupt_seq, np_corrupt = torch.cat([fpt.tokens, tgt[:-1]]), fpt.n_tokens
+        samples, sig, embed_hook = 1, None, None
+    else:
+        raise ValueError(f"corrupt must be 'noise' or 'flip', got {corrupt!r}")
+
+    names = [f"blocks.{l}.{hook}" for l in range(L)]
+    logits, cache = model.run_with_cache(
+        clean_seq[None].to(model.cfg.device), names_filter=lambda n: n in set(names), return_type="logits"
+    )
+    clean_acts = torch.stack([cache[n][0] for n in names])  # [L, N, d]
+    p_clean = float(_seq_prob(logits[:, _target_positions(pt.n_tokens, len(tgt))], tgt)[0])
+    return _Setup(
+        kind, hook, window, L, pt.str_tokens, pt.subject_span, tgt, clean_seq, pt.n_tokens, corrupt_seq,
+        np_corrupt, pos_map, clean_acts, p_clean, samples, embed_hook, sig, corrupt, flip_subject,
+    )
+
+
+def _corrupt_hooks(st: _Setup) -> list:
+    return [("hook_embed", st.embed_hook)] if st.embed_hook is not None else []
+
+
+def _corrupt_batch(st: _Setup, device) -> Tensor:
+    return st.corrupt_seq[None].expand(st.samples, -1).to(device)
+
+
+@torch.no_grad()
+def _corrupted_run(model, st: _Setup, cache_names=None):
+    """The corrupted run (``samples`` rows): p_noised and optionally a cache."""
+    toks = _corrupt_batch(st, model.cfg.device)
+    tpos = _target_positions(st.np_corrupt, len(st.tgt))
+    if cache_names is None:
+        logits = model.run_with_hooks(toks, fwd_hooks=_corrupt_hooks(st))
+        cache = None
+    else:
+        wanted = set(cache_names)
+        with model.hooks(fwd_hooks=_corrupt_hooks(st)):
+            logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in wanted)
+    return float(_seq_prob(logits[:, tpos], st.tgt).mean()), cache
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def _layers_of(cells, t: int, L: int) -> list[int]:
+    """Centre layers to compute for token t: all, or those listed in ``cells`` (a {t: [l, ...]} restriction)."""
+    if cells is None:
+        return list(range(L))
+    return sorted(set(cells.get(t, ())))
+
+@torch.no_grad()
+def _grid_naive(model, st: _Setup, p_noised: float, cells=None) -> Tensor:
+    grid = torch.full((len(st.pt_tokens), st.L), p_noised, dtype=torch.float64)
+    toks = _corrupt_batch(st, model.cfg.device)
+    tpos = _target_positions(st.np_corrupt, len(st.tgt))
+    for t, tp in st.pos_map.items():
+        for l in _layers_of(cells, t, st.L):
+            hooks = list(_corrupt_hooks(st))
+            for j in window_layers(l, st.window, st.L):
+                clean = st.clean_acts[j, t]
+
+                def restore(act, hook, clean=clean, tp=tp):
+                    act[:, tp] = clean
+                    return act
+
+                hooks.append((f"blocks.{j}.{st.hook}", restore))
+            logits = model.run_with_hooks(toks, fwd_hooks=hooks)
+            grid[t, l] = float(_seq_prob(logits[:, tpos], st.tgt).mean())
+    return grid
+
+
+@torch.no_grad()
+def _grid_exact(model, st: _Setup, p_noised: float, cache, batch_size: int, cells_sel=None) -> Tensor:
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as KVEntry
+
+    L, S = st.L, st.samples
+    grid = torch.full((len(st.pt_tokens), L), p_noised, dtype=torch.float64)
+    resid_pre = [cache[f"blocks.{j}.hook_resid_pre"] for j in range(L)]  # [S, N', d]
+    keys = [cache[f"blocks.{j}.attn.hook_k"] for j in range(L)]  # [S, N', kv_heads, d_head] (pre-rotary)
+    values = [cache[f"blocks.{j}.attn.hook_v"] for j in range(L)]
+    m = len(st.tgt)
+    state: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def make_hook(j):
+        def restore(act, hook):
+            if j in state:
+                rows, vec = state[j]
+                act[rows, 0] = vec  # position 0 of the computed suffix is the restored token
+            return act
+
+        return restore
+
+    fwd_hooks = [(f"blocks.{j}.{st.hook}", make_hook(j)) for j in range(L)]
+    cells_per_chunk = max(1, batch_size // S)
+    with model.hooks(fwd_hooks=fwd_hooks):
+        for t, tp in st.pos_map.items():
+            rel_tpos = _target_positions(st.np_corrupt, m) - tp  # target positions within the suffix tp..N'-1
+            layers = _layers_of(cells_sel, t, L)
+            for c0 in range(0, len(layers), cells_per_chunk):
+                cells = layers[c0 : c0 + cells_per_chunk]  # centre layers, sorted → window starts sorted
+                if not cells:
+                    continue
+                wins = [window_layers(l, st.window, L) for l in cells]
+                starts = [w.start for w in wins]
+                resid = None
+                n_act = 0
+                for j in range(starts[0], L):
+                    new = [i for i, a in enumerate(starts) if a == j]
+                    if new:
+                        fresh = resid_pre[j][:, tp:].repeat(len(new), 1, 1)
+                        resid = fresh if resid is None else torch.cat([resid, fresh])
+                        n_act += len(new)
+                    restore_cells = [i for i in range(n_act) if j in wins[i]]
+                    if restore_cells:
+                        rows = torch.cat([torch.arange(i * S, (i + 1) * S) for i in restore_cells])
+                        state[j] = (rows.to(resid.device), st.clean_acts[j, t])
+                    entry = None
+                    if tp > 0:
+                        entry = KVEntry(
+                            past_keys=keys[j][:, :tp].repeat(n_act, 1, 1, 1),
+                            past_values=values[j][:, :tp].repeat(n_act, 1, 1, 1),
+                            frozen=True,
+                        )
+                    resid = model.blocks[j](resid, past_kv_cache_entry=entry)
+                    state.pop(j, None)
+                logits = model.unembed(model.ln_final(resid[:, rel_tpos]))
+                p = _seq_prob(logits, st.tgt).view(len(cells), S).mean(-1)
+                grid[t, cells] = p.double().cpu()
+    return grid
+
+
+def _grid_attribution(model, st: _Setup, p_noised: float) -> Tensor:
+    L, S = st.L, st.samples
+    toks = _corrupt_batch(st, model.cfg.device)
+    tpos = _target_positions(st.np_corrupt, len(st.tgt))
+    n, d = toks.shape[1], model.cfg.d_model
+    deltas = [torch.zeros(S, n, d, device=model.cfg.device, dtype=model.cfg.dtype, requires_grad=True) for _ in range(L)]
+    acts: dict[int, Tensor] = {}
+
+    def make_hook(j):
+        def add(act, hook):
+            acts[j] = act.detach()
+            return act + deltas[j]
+
+        return add
+
+    hooks = _corrupt_hooks(st) + [(f"blocks.{j}.{st.hook}", make_hook(j)) for j in range(L)]
+    with torch.enable_grad():
+        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
+        objective = _seq_prob(logits[:, tpos], st.tgt).mean()  # mean over noise samples of p_s
+        grads = torch.autograd.grad(objective, deltas)
+    # contrib[j, t] = Σ_s ∇_{h_j^s(t')} (mean_s p_s) · (h_j^clean(t) − h_j^s(t'))
+    contrib = torch.zeros(L, len(st.pt_tokens), dtype=torch.float64)
+    for t, tp in st.pos_map.items():
+        for j in range(L):
+            diff = st.clean_acts[j, t][None] - acts[j][:, tp]
+            contrib[j, t] = float((grads[j][:, tp].double() * diff.double()).sum())
+    grid = torch.full((len(st.pt_tokens), L), p_noised, dtype=torch.float64)
+    for t in st.pos_map:
+        for l in range(L):
+            w = window_layers(l, st.window, L)
+            grid[t, l] = p_noised + float(contrib[w.start : w.stop, t].sum())
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------- public
+@jaxtyped(typechecker=beartype)
+def trace(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    target: str,
+    *,
+    kind: str = "mlp",
+    window: int | None = None,
+    samples: int = 10,
+    noise: float | int | Float[Tensor, "samples n_subject d_model"] = 3.0,
+    sigma: float | int | None = None,
+    seed: int = 0,
+    method: str = "exact",
+    corrupt: str = "noise",
+    flip_subject: str | None = None,
+    batch_size: int = _DEFAULT_BATCH,
+    cells: dict[int, list[int]] | None = None,
+) -> TraceResult:
+    """Causal trace of ``target`` after ``prompt`` with ``subject`` corrupted: a ``[T, L]`` grid of restored
+    probabilities (Meng et al. 2022; Hase et al. 2023 §3.2).
+
+    grid[t, l] = mean_s p(o | s_noise^(s), r; h_j(t) := h_j^clean(t) for j in window(l)), with
+    window(l) = ``range(max(0, l - w//2), min(L, l - (-w//2)))`` and h the output ``kind`` restores:
+    "mlp" ``blocks.{j}.hook_mlp_out``, "attn" ``blocks.{j}.hook_attn_out``, "resid" ``blocks.{j}.hook_resid_post``.
+    Fractional effect (§4.1): ``res.fractional()`` = max(0, (grid − p_noised) / |p_clean − p_noised|).
+
+    Args:
+        model: a HookedTransformer (no BOS is ever added).
+        prompt, subject, target: the fact; ``subject`` must occur in ``prompt`` (first occurrence, located by
+            character offsets); ``target`` gets its own leading space (``" French"``); multi-token targets are
+            teacher-forced, p = exp(Σ log p(o_i | P, o_<i)).
+        kind: "mlp" | "attn" | "resid".
+        window: layers restored per cell; default 5 (mlp/attn) and 1 (resid, which requires 1).
+        samples: noise samples (rows) for ``corrupt="noise"``; ignored for flip (1).
+        noise: multiplier of std(W_E) (default 3, ROME's rule), or an explicit ``[samples, n_subject, d_model]``
+            noise tensor (then ``samples`` = its first dimension).
+        sigma: absolute noise std (e.g. 0.094 for GPT-J); overrides the ``noise`` multiplier.
+        seed: seed of the single noise draw reused for every cell.
+        method: "exact" (fast, = naive to ~1e-6), "naive" (one forward per cell), "attribution"
+            (first-order estimate, see module docstring; grid = p_noised + estimated Δp).
+        corrupt: "noise" (Gaussian subject noise) or "flip" (replace the subject by ``flip_subject``). For flip,
+            the grid's rows are the *original* prompt's tokens; the corrupted run uses the flipped prompt; tokens
+            before the subject and after it align one-to-one (else :class:`FlipAlignmentError`), subject tokens
+            align from the subject's end (last ↔ last); original subject tokens without a counterpart (flip
+            subject shorter) are not traced (row = p_noised, ``traced`` False).
+        batch_size: rows (cells × samples) per stacked forward of the exact method (memory knob).
+        cells: optional ``{token_index: [centre layers]}`` restriction of the cells computed by "exact" and
+            "naive" (for spot checks and tests); cells left out are NaN in the grid.
+
+    Returns:
+        :class:`TraceResult` with ``grid`` ``[T, L]`` (float64, T = prompt tokens), rows before the subject
+        (and untraced rows) equal to p_noised.
+
+    Raises:
+        SubjectNotFoundError, EmptyTargetError, UnknownKindError, UnknownMethodError, FlipAlignmentError,
+        ValueError (bad window / samples / corrupt) — all ValueError subclasses.
+    """
+    window = _validate(kind, window, method)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    st = _prepare(model, prompt, subject, target, kind, window, samples, noise, sigma, seed, corrupt, flip_subject)
+    L = st.L
+    if method == "exact":
+        names = [f"blocks.{j}.{h}" for j in range(L) for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
+        p_noised, cache = _corrupted_run(model, st, names)
+        grid = _grid_exact(model, st, p_noised, cache, batch_size, cells)
+    elif method == "naive":
+        p_noised, _ = _corrupted_run(model, st)
+        grid = _grid_naive(model, st, p_noised, cells)
+    else:
+        p_noised, _ = _corrupted_run(model, st)
+        grid = _grid_attribution(model, st, p_noised)
+    traced = torch.zeros(len(st.pt_tokens), dtype=torch.bool)
+    traced[list(st.pos_map)] = True
+    if cells is not None and method != "attribution":
+        keep = torch.zeros_like(grid, dtype=torch.bool)
+        keep[~traced] = True
+        for t, ls in cells.items():
+            keep[t, list(ls)] = True
+        grid = grid.masked_fill(~keep, float("nan"))
+    return TraceResult(
+        tokens=st.pt_tokens,
+        subject_span=st.span,
+        grid=grid,
+        p_clean=st.p_clean,
+        p_noised=p_noised,
+        kind=kind,
+        window=window,
+        method=method,
+        sigma=st.sigma,
+        samples=st.samples,
+        corrupt=corrupt,
+        traced=traced,
+        prompt=prompt,
+        subject=subject,
+        target=target,
+        flip_subject=st.flip_subject,
+    )
+
+
+@jaxtyped(typechecker=beartype)
+@torch.no_grad()
+def zero(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    target: str,
+    *,
+    kind: str = "mlp",
+    window: int | None = None,
+    per_token: bool = False,
+    batch_size: int = 64,
+) -> TraceResult:
+    """Representation zeroing (Hase et al. 2023 App. B): on the *clean* run, set the ``kind`` outputs to 0 at the
+    subject tokens for the window of layers around each layer l, and measure the share of p_clean deleted.
+
+    grid[t, l] = p(o | P; h_j(t*) := 0 for j in window(l), t* in Z_t), where Z_t = all subject tokens
+    (``per_token=False``, the paper's variant: every subject row of the grid holds the same value) or Z_t = {t}
+    for each token t from the subject's first token on (``per_token=True``). Untouched rows (before the subject,
+    and non-subject rows when ``per_token=False``) hold p_clean. ``res.fractional()`` =
+    clip((p_clean − grid) / p_clean, 0, 1), the deleted fraction; ``p_noised`` is 0.0 and ``method`` "zero".
+    """
+    window = _validate(kind, window)
+    pt = locate_subject(model, prompt, subject)
+    tgt = target_tokens(model, target)
+    L, T = model.cfg.n_layers, pt.n_tokens
+    s0, s1 = pt.subject_span
+    seq = torch.cat([pt.tokens, tgt[:-1]]).to(model.cfg.device)
+    tpos = _target_positions(T, len(tgt))
+    p_clean = float(_seq_prob(model(seq[None])[:, tpos], tgt)[0])
+    token_sets = [list(range(s0, s1))] if not per_token else [[t] for t in range(s0, T)]
+    cells = [(i, l) for i in range(len(token_sets)) for l in range(L)]
+    probs = torch.empty(len(cells), dtype=torch.float64)
+    for c0 in range(0, len(cells), batch_size):
+        chunk = cells[c0 : c0 + batch_size]
+        masks = torch.zeros(L, len(chunk), seq.shape[0], dtype=torch.bool)
+        for r, (i, l) in enumerate(chunk):
+            for j in window_layers(l, window, L):
+                masks[j, r, token_sets[i]] = True
+        masks = masks.to(model.cfg.device)
+
+        def make_hook(j):
+            def zero_out(act, hook):
+                return act.masked_fill(masks[j][..., None], 0.0)
+
+            return zero_out
+
+        hooks = [(f"blocks.{j}.{KINDS[kind]}", make_hook(j)) for j in range(L)]
+        logits = model.run_with_hooks(seq[None].expand(len(chunk), -1), fwd_hooks=hooks)
+        probs[c0 : c0 + len(chunk)] = _seq_prob(logits[:, tpos], tgt).double().cpu()
+    grid = torch.full((T, L), p_clean, dtype=torch.float64)
+    traced = torch.zeros(T, dtype=torch.bool)
+    if per_token:
+        grid[s0:] = probs.view(T - s0, L)
+        traced[s0:] = True
+    else:
+        grid[s0:s1] = probs.view(1, L)
+        traced[s0:s1] = True
+    return TraceResult(
+        tokens=pt.str_tokens,
+        subject_span=pt.subject_span,
+        grid=grid,
+        p_clean=p_clean,
+        p_noised=0.0,
+        kind=kind,
+        window=window,
+        method="zero",
+        sigma=None,
+        samples=1,
+        corrupt="zero",
+        traced=traced,
+        prompt=prompt,
+        subject=subject,
+        target=target,
+        extra={"per_token": per_token},
+    )
+
+
+def flop_fraction(
+    n_layers: int,
+    window: int,
+    n_prompt: int,
+    subject_start: int,
+    n_target: int,
+    d_model: int,
+    n_block_params: int,
+    d_vocab: int,
+) -> float:
+    """Theoretical FLOPs of the exact grid relative to the naive one (matmul FLOPs, 2 per multiply-add,
+    attention score/value FLOPs included; the corrupted run and the clean run are counted for both).
+
+    naive: every traced cell runs all L blocks on all N = n_prompt + n_target − 1 positions and unembeds N
+    positions; exact: a cell (t, l) runs blocks window(l).start..L−1 on positions t..N−1 (attending to t..N−1
+    plus the cached prefix) and unembeds n_target positions.
+    """
+    N = n_prompt + n_target - 1
+
+    def block(q_len, k_len):
+        return 2 * n_block_params // n_layers * q_len + 4 * d_model * q_len * k_len
+
+    unembed = 2 * d_model * d_vocab
+    base = 2 * (n_layers * block(N, N) + N * unembed)  # clean + corrupted runs
+    naive = exact = base
+    for t in range(subject_start, n_prompt):
+        for l in range(n_layers):
+            a = window_layers(l, window, n_layers).start
+            naive += n_layers * block(N, N) + N * unembed
+            exact += (n_layers - a) * block(N - t, N) + n_target * unembed
+    return exact / naive
