@@ -1,0 +1,44 @@
+"""locedit.editors: ROME, MEMIT and constrained finetuning on TransformerLens models, with exact undo.
+
+    from editors import EditRequest, edit, apply
+    request = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target=" English")
+    with edit(model, request, method="rome", layers=[6]) as result:
+        ...
+"""
+
+from editors.context import apply, edit, edited_parameter_names, with_hparams
+from editors.covariance import key_second_moment, key_second_moments
+from editors.deltas import EditResult, apply_deltas, restore
+from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
+from editors.requests import (
+    METHODS,
+    EditRequest,
+    EmptyTargetError,
+    LayerOutOfRangeError,
+    SubjectNotFoundError,
+    window_layers,
+)
+from editors.templates import context_templates
+
+__all__ = [
+    "METHODS",
+    "EditRequest",
+    "EditResult",
+    "EmptyTargetError",
+    "FTHyperParams",
+    "LayerOutOfRangeError",
+    "MEMITHyperParams",
+    "ROMEHyperParams",
+    "SubjectNotFoundError",
+    "apply",
+    "apply_deltas",
+    "context_templates",
+    "default_hparams",
+    "edit",
+    "edited_parameter_names",
+    "key_second_moment",
+    "key_second_moments",
+    "restore",
+    "window_layers",
+    "with_hparams",
+]

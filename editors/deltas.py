@@ -1,0 +1,111 @@
+"""Edit results: weight deltas with metadata, exact apply/undo, save/load.
+
+Deltas are stored in float64 as the *exact* difference ``W_new − W_old`` of the float32 (or other) parameters, so
+that ``(W_old + Δ).to(dtype) == W_new`` and ``(W_new − Δ).to(dtype) == W_old`` bit for bit (the difference of two
+float32 numbers of similar magnitude is exactly representable in float64; :func:`exact_delta` checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+__all__ = ["EditResult", "apply_deltas", "restore", "exact_delta", "parameter", "snapshot", "load_snapshot"]
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an edit did.
+
+    Attributes:
+        method: "rome", "memit" or "ft".
+        layers: edited layers.
+        deltas: parameter name (e.g. ``"blocks.6.mlp.W_out"``) → float64 delta of the parameter's shape.
+        losses: the loss at every optimisation step (v*/z steps for ROME/MEMIT, FT steps).
+        seconds: wall time of the edit.
+        objective: "maximize" or "minimize".
+        info: method-specific tensors/values (ROME: k_star, u, v_star, v_init; MEMIT: z, z_init; FT: steps).
+    """
+
+    method: str
+    layers: tuple[int, ...]
+    deltas: Mapping[str, Tensor]
+    losses: tuple[float, ...]
+    seconds: float
+    objective: str = "maximize"
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """``torch.save`` of the deltas and metadata."""
+        torch.save(
+            {
+                "format": 1,
+                "method": self.method,
+                "layers": list(self.layers),
+                "deltas": {k: v.detach().cpu() for k, v in self.deltas.items()},
+                "losses": list(self.losses),
+                "seconds": self.seconds,
+                "objective": self.objective,
+                "info": {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.info.items()},
+            },
+            Path(path),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EditResult":
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        return cls(
+            method=d["method"],
+            layers=tuple(d["layers"]),
+            deltas=dict(d["deltas"]),
+            losses=tuple(d["losses"]),
+            seconds=float(d["seconds"]),
+            objective=d["objective"],
+            info=dict(d["info"]),
+        )
+
+
+def parameter(model: HookedTransformer, name: str) -> torch.nn.Parameter:
+    """The model parameter called ``name`` (``KeyError`` with the name when it does not exist)."""
+    params = dict(model.named_parameters())
+    if name not in params:
+        raise KeyError(f"model has no parameter {name!r}")
+    return params[name]
+
+
+def exact_delta(new: Tensor, old: Tensor) -> Tensor:
+    """``new − old`` in float64, checked to reproduce ``new`` from ``old`` and ``old`` from ``new`` exactly."""
+    d = new.detach().double() - old.detach().double()
+    if not torch.equal((old.double() + d).to(new.dtype), new) or not torch.equal((new.double() - d).to(old.dtype), old):
+        raise ArithmeticError("the weight delta is not exactly representable in float64")
+    return d
+
+
+@torch.no_grad()
+def apply_deltas(model: HookedTransformer, deltas: Mapping[str, Tensor], sign: float = 1.0) -> None:
+    """W ← (W + sign·Δ) for every named parameter, computed in float64 and cast back (exact for edit deltas)."""
+    for name, d in deltas.items():
+        p = parameter(model, name)
+        p.copy_((p.double() + sign * d.to(p.device, torch.float64)).to(p.dtype))
+
+
+def restore(model: HookedTransformer, result: EditResult) -> None:
+    """Undo ``result``'s edit exactly (the model must currently hold the edited weights)."""
+    apply_deltas(model, result.deltas, sign=-1.0)
+
+
+def snapshot(model: HookedTransformer, names: list[str]) -> dict[str, Tensor]:
+    """Clones of the named parameters (for a bit-exact restore with :func:`load_snapshot`)."""
+    return {n: parameter(model, n).detach().clone() for n in names}
+
+
+@torch.no_grad()
+def load_snapshot(model: HookedTransformer, snap: Mapping[str, Tensor]) -> None:
+    for n, v in snap.items():
+        parameter(model, n).copy_(v)

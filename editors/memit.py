@@ -1,0 +1,102 @@
+"""MEMIT (Meng et al. 2023) for one fact over a window of layers.
+
+1. z = z_init + δ at ``blocks.{L}.hook_resid_post`` (L = last window layer) at the last subject token, δ from
+   :func:`editors.vstar.optimize_target` (z_init = the plain prompt's residual there).
+2. For each window layer l_i (i = 0..n−1, in order), with the earlier layers already updated:
+   k = mean over context-template prompts of ``blocks.{l_i}.mlp.hook_post`` at the last subject token,
+   r = (z − h_L) / (n − i) with h_L the plain prompt's current ``resid_post[L]``, and
+
+       ΔW_out(l_i) = (λ C_l + k kᵀ)⁻¹ k ⊗ r        [d_mlp, d_model], solved in float64,
+
+   λ = mom2_update_weight, C_l = E[k kᵀ]. (The reference's W [d_model, d_mlp] update r (adj_k)ᵀ, transposed for
+   TransformerLens's k @ W_out.) Each update is applied before the next layer's k and h_L are computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from editors.deltas import EditResult, exact_delta, parameter, snapshot
+from editors.hparams import MEMITHyperParams
+from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
+from editors.requests import EditRequest
+from editors.templates import context_templates
+from editors.vstar import optimize_target
+from tracer.noise import SubjectNoise
+from tracer.tokens import target_tokens
+
+__all__ = ["memit_update", "execute_memit"]
+
+
+@jaxtyped(typechecker=beartype)
+def memit_update(
+    C: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, " d_mlp"], r: Float[Tensor, " d_model"], lam: float
+) -> Float[Tensor, "d_mlp d_model"]:
+    """ΔW_out = (λC + kkᵀ)⁻¹k ⊗ r, solved in float64, returned in r's dtype."""
+    k64 = k.double().to(C.device)
+    A = lam * C.double() + torch.outer(k64, k64)
+    adj = torch.linalg.solve(A, k64).to(r.device)
+    return torch.outer(adj, r.double()).to(r.dtype)
+
+
+def execute_memit(
+    model: HookedTransformer,
+    request: EditRequest,
+    layers: Sequence[int],
+    hp: MEMITHyperParams,
+    objective: str = "maximize",
+    noise: SubjectNoise | None = None,
+    *,
+    covariance=None,
+    fast: bool = True,
+) -> EditResult:
+    """Edit ``blocks.{l}.mlp.W_out`` for every l in ``layers`` in place; return exact deltas and info (z, z_init)."""
+    t0 = time.perf_counter()
+    if covariance is None:
+        from editors.covariance import key_second_moments
+
+        covs = key_second_moments(model, list(layers))
+        covariance = lambda m, layer: covs[layer]  # noqa: E731
+    layers = sorted(layers)
+    L = layers[-1]
+    templates = context_templates(model, hp.context_lengths)
+    tgt = target_tokens(model, request.target).to(model.cfg.device)
+    texts = [t.format(request.text) for t in templates]
+    batch = build_batch(
+        model, texts + [f"{request.subject} is a"], request.subject, [tgt] * len(texts) + [None], noise
+    )
+    names = [f"blocks.{layer}.mlp.W_out" for layer in layers]
+    old = snapshot(model, names)
+    with frozen_params(model):
+        opt = optimize_target(
+            model, batch, L, int(tgt.shape[0]),
+            steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+            clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, objective=objective,
+            early_stop_loss=hp.early_stop_loss, v_hook="hook_resid_post", fast=fast,
+        )
+        z = opt.v_init + opt.delta
+        rw = batch.group < len(texts)
+        rows = torch.arange(batch.n_rows)
+        for i, layer in enumerate(layers):
+            acts = cache_acts(
+                model, batch, [f"blocks.{layer}.mlp.hook_post", f"blocks.{L}.hook_resid_post"], stop_at_layer=L + 1
+            )
+            k = acts[f"blocks.{layer}.mlp.hook_post"][rows, batch.lookup][rw].mean(0)
+            h = group_mean(acts[f"blocks.{L}.hook_resid_post"][rows, batch.lookup], batch, 0)
+            r = (z - h) / (len(layers) - i)
+            dW = memit_update(covariance(model, layer), k, r, hp.mom2_update_weight)
+            with torch.no_grad():
+                parameter(model, f"blocks.{layer}.mlp.W_out").add_(dW)
+    deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
+    return EditResult(
+        method="memit", layers=tuple(layers), deltas=deltas, losses=opt.losses,
+        seconds=time.perf_counter() - t0, objective=objective,
+        info={"z": z.cpu(), "z_init": opt.v_init.cpu(), "n_templates": len(texts), "noise_samples": batch.reps},
+    )

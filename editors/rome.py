@@ -1,0 +1,103 @@
+"""ROME (Meng et al. 2022): a rank-one update of one layer's MLP output matrix.
+
+TransformerLens applies ``W_out`` [d_mlp, d_model] as ``mlp_out = k @ W_out + b_out`` (k = ``hook_post``). With
+k* = mean over context-template prompts of k at the last subject token, C = E[k kᵀ] (key second moment), and
+v* = v_init + δ from :func:`editors.vstar.optimize_target` (v_init = MLP output at the plain prompt):
+
+    u = C⁻¹k* / ‖C⁻¹k*‖                     (u = k*/‖k*‖ without mom2_adjustment)
+    ΔW_out = u ⊗ (v* − W_outᵀk − b_out) / (k·u)  = u ⊗ δ / (k·u)         [d_mlp, d_model]
+
+where k is the plain prompt's key, so that the edited layer maps k to exactly v*:
+k @ (W_out + ΔW_out) + b_out = k @ W_out + b_out + (k·u) δ/(k·u) = v*.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from jaxtyping import Float, jaxtyped
+from beartype import beartype
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from editors.deltas import EditResult, exact_delta, parameter
+from editors.hparams import ROMEHyperParams
+from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
+from editors.requests import EditRequest
+from editors.templates import context_templates
+from editors.vstar import optimize_target
+from tracer.noise import SubjectNoise
+from tracer.tokens import target_tokens
+
+__all__ = ["rome_update", "execute_rome"]
+
+
+@jaxtyped(typechecker=beartype)
+def rome_update(
+    C: Float[Tensor, "d_mlp d_mlp"],
+    k_star: Float[Tensor, " d_mlp"],
+    k: Float[Tensor, " d_mlp"],
+    delta: Float[Tensor, " d_model"],
+    mom2_adjustment: bool = True,
+) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, " d_mlp"]]:
+    """ΔW_out = u ⊗ δ/(k·u) with u = C⁻¹k*/‖C⁻¹k*‖ (solved in float64); returns (ΔW_out, u) in δ's dtype."""
+    if mom2_adjustment:
+        u = torch.linalg.solve(C.double(), k_star.double().to(C.device))
+    else:
+        u = k_star.double()
+    u = (u / u.norm()).to(delta.device)
+    right = delta.double() / (k.double().to(u.device) @ u)
+    return torch.outer(u, right).to(delta.dtype), u.to(delta.dtype)
+
+
+def execute_rome(
+    model: HookedTransformer,
+    request: EditRequest,
+    layer: int,
+    hp: ROMEHyperParams,
+    objective: str = "maximize",
+    noise: SubjectNoise | None = None,
+    *,
+    covariance=None,
+    fast: bool = True,
+) -> EditResult:
+    """Edit ``blocks.{layer}.mlp.W_out`` in place; return the exact delta and info (k_star, k, u, v_init, v_star).
+
+    ``covariance``: callable ``layer -> C`` (default :func:`editors.covariance.key_second_moment`).
+    """
+    t0 = time.perf_counter()
+    if covariance is None:
+        from editors.covariance import key_second_moment as covariance
+    templates = context_templates(model, hp.context_lengths)
+    tgt = target_tokens(model, request.target).to(model.cfg.device)
+    texts = [t.format(request.text) for t in templates]
+    kl_text = f"{request.subject} is a"
+    batch = build_batch(model, texts + [kl_text], request.subject, [tgt] * len(texts) + [None], noise)
+    with frozen_params(model):
+        acts = cache_acts(model, batch, [f"blocks.{layer}.mlp.hook_post"], stop_at_layer=layer + 1)
+        keys = acts[f"blocks.{layer}.mlp.hook_post"][torch.arange(batch.n_rows), batch.lookup]
+        rw = batch.group < len(texts)
+        k_star = keys[rw].mean(0)  # mean over templates (equal noise rows per template)
+        k = group_mean(keys, batch, 0)
+        opt = optimize_target(
+            model, batch, layer, int(tgt.shape[0]),
+            steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+            clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, objective=objective,
+            early_stop_loss=hp.early_stop_loss, v_hook="hook_mlp_out", fast=fast,
+        )
+    C = covariance(model, layer) if hp.mom2_adjustment else torch.eye(model.cfg.d_mlp, dtype=torch.float64)
+    dW, u = rome_update(C.to(keys.device), k_star, k, opt.delta, hp.mom2_adjustment)
+    name = f"blocks.{layer}.mlp.W_out"
+    W = parameter(model, name)
+    with torch.no_grad():
+        old = W.detach().clone()
+        W.add_(dW.to(W.dtype))
+        d = exact_delta(W.detach(), old)
+    return EditResult(
+        method="rome", layers=(layer,), deltas={name: d}, losses=opt.losses,
+        seconds=time.perf_counter() - t0, objective=objective,
+        info={"k_star": k_star.cpu(), "k": k.cpu(), "u": u.cpu(), "v_init": opt.v_init.cpu(),
+              "v_star": (opt.v_init + opt.delta).cpu(), "n_templates": len(texts),
+              "noise_samples": batch.reps},
+    )

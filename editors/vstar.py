@@ -1,0 +1,137 @@
+"""The target-vector optimisation shared by ROME (v* at ``hook_mlp_out`` of the edit layer) and MEMIT (z at
+``hook_resid_post`` of the window's last layer).
+
+A vector δ is added at the last subject token of every prompt (context-template prompts and the KL prompt
+"{subject} is a") to the residual stream after layer ``layer`` — for ROME that is the same as adding δ to the
+MLP output of that layer. δ minimizes (Meng et al. 2022, compute_v)
+
+    L(δ) = NLL(δ) + kl_factor · KL(p_δ ‖ p_0)["{s} is a"] + wd · ‖δ‖ / ‖v_init‖²,
+    NLL(δ) = mean_prompts  −(1/m) log p_δ(o | prompt)            (objective="maximize")
+           = mean_prompts  exp((1/m) log p_δ(o | prompt))         (objective="minimize": the probability)
+
+with Adam, and after each step ‖δ‖ is clamped to ``clamp_norm_factor · ‖v_init‖``. With noise, p(o | prompt) is the
+mean over the prompt's noise rows and the KL is averaged over the KL prompt's noise rows (batchmean).
+As in the reference, the loss is evaluated ``steps`` times and the last evaluation takes no step; maximizing stops
+early once L < early_stop_loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from editors.inputs import (
+    EditBatch,
+    cache_acts,
+    group_mean,
+    plan_suffix,
+    run_plain,
+    scored_logits,
+    suffix_scored_logits,
+)
+
+__all__ = ["TargetOpt", "optimize_target", "target_loss_terms"]
+
+
+@dataclass(frozen=True)
+class TargetOpt:
+    """Result: ``delta`` [d_model], ``v_init`` [d_model] (value at the plain prompt), per-step losses."""
+
+    delta: Tensor
+    v_init: Tensor
+    losses: tuple[float, ...]
+
+
+def target_loss_terms(
+    logits: Float[Tensor, "n d_vocab"], batch: EditBatch, n_target: int
+) -> tuple[Float[Tensor, "prompts"], Float[Tensor, "kl_rows d_vocab"]]:
+    """Per-prompt log p(o | prompt) (log of the mean over noise rows) and the KL rows' next-token log-probs."""
+    logp = logits.log_softmax(-1)
+    rw = batch.score_targets >= 0
+    lp_tok = logp[rw].gather(1, batch.score_targets[rw][:, None])[:, 0]
+    seq = lp_tok.view(-1, n_target).sum(1)  # [rewrite rows]
+    prompt_lp = torch.logsumexp(seq.view(-1, batch.reps), 1) - math.log(batch.reps)
+    return prompt_lp, logp[~rw]
+
+
+def optimize_target(
+    model: HookedTransformer,
+    batch: EditBatch,
+    layer: int,
+    n_target: int,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    clamp_norm_factor: float,
+    kl_factor: float,
+    objective: str = "maximize",
+    early_stop_loss: float = 5e-2,
+    v_hook: str = "hook_mlp_out",
+    fast: bool = True,
+) -> TargetOpt:
+    """Optimise δ added to ``blocks.{layer}.hook_resid_post`` at every row's last subject token (see module doc).
+
+    ``v_init`` is ``blocks.{layer}.{v_hook}`` at the last subject token of prompt 0 (the plain prompt; mean over
+    its noise rows): ROME ``hook_mlp_out`` (v* = v_init + δ), MEMIT ``hook_resid_post`` (z = z_init + δ).
+
+    ``fast``: cache ``resid_post[layer]`` and the keys/values above it once, and per step run only blocks
+    ``layer+1..`` on the positions from each row's last subject token on (:func:`editors.inputs.plan_suffix`);
+    else the whole model
+    each step with δ added by a hook at ``blocks.{layer}.hook_mlp_out`` (plain reference path; identical maths,
+    summation order differs by float rounding).
+    """
+    name = f"blocks.{layer}.hook_resid_post"
+    v_name = f"blocks.{layer}.{v_hook}"
+    acts = cache_acts(model, batch, sorted({name, v_name}), stop_at_layer=layer + 1)
+    resid = acts[name]
+    rows = torch.arange(batch.n_rows, device=resid.device)
+    v_init = group_mean(acts[v_name][rows, batch.lookup], batch, 0)
+    delta = torch.zeros(model.cfg.d_model, device=resid.device, dtype=resid.dtype, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    kl_init = None
+    losses: list[float] = []
+
+    plan = plan_suffix(model, batch, layer + 1) if fast else None
+
+    def forward(d: Tensor) -> Tensor:
+        if fast:
+            r = resid.clone()
+            r[rows, batch.lookup] = r[rows, batch.lookup] + d
+            if layer + 1 >= model.cfg.n_layers:
+                return scored_logits(model, r, batch)
+            return suffix_scored_logits(model, r, batch, plan)
+
+        def add(x: Tensor, hook) -> Tensor:
+            x = x.clone()
+            x[rows, batch.lookup] = x[rows, batch.lookup] + d
+            return x
+
+        return scored_logits(model, run_plain(model, batch, [(v_name, add)]), batch)
+
+    max_norm = clamp_norm_factor * v_init.norm()
+    for it in range(steps):
+        prompt_lp, kl_lp = target_loss_terms(forward(delta), batch, n_target)
+        if kl_init is None:
+            kl_init = kl_lp.detach().clone()
+        nll_each = -prompt_lp / n_target
+        main = nll_each.mean() if objective == "maximize" else torch.exp(-nll_each).mean()
+        kl = torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+        loss = main + kl_factor * kl + weight_decay * (delta.norm() / v_init.norm() ** 2)
+        losses.append(loss.item())
+        if objective == "maximize" and losses[-1] < early_stop_loss:
+            break
+        if it == steps - 1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta[...] = delta * max_norm / delta.norm()
+    return TargetOpt(delta=delta.detach().clone(), v_init=v_init, losses=tuple(losses))
