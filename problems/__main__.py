@@ -1,0 +1,6 @@
+"""``python -m problems [limit]``: run (and cache) the correctness filter on the vendored CounterFact facts and print
+how many the embedded model knows."""
+
+from problems.filters import _main
+
+_main()

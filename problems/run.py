@@ -1,0 +1,280 @@
+"""``run_edit``: edit one fact for one problem with one method at one layer, and score every metric.
+
+Scoring (all target probabilities teacher-forced through :func:`tracer.probs.target_probs`, batched: one call for
+the clean prompts and one for the noised ones, before the edit and again inside the edit context):
+
+* rewrite: p(target | fact.prompt); paraphrase: p(target | each paraphrase), averaged over *all* paraphrases
+  (``paraphrase_score_first`` keeps the reference code's first-only value). Fact Erasure uses the erasure form.
+  Fact Forcing scores these prompts on the noised subject (the noise at each prompt's own subject tokens, mean of p
+  over the noise samples); paraphrases that do not contain the subject verbatim (some zsRE rephrasings) are then
+  left out.
+* neighborhood: 1 − |p* − p|/(0.5 + |p − 0.5|) with p = p(edit target | neighbour prompt) — the paper's formula
+  with the edit target in place of o_false (for Error Injection these coincide). Rationale: a neighbour prompt
+  moving towards/away from the very object the edit pushes is the over-generalisation the metric is meant to catch
+  (for Fact Erasure/Amplification that object is o_true, which CounterFact neighbours share). Neighbour prompts are
+  always clean (their subject is a different entity). ``neighborhood_score_first``: first prompt only.
+* overall: mean of rewrite, paraphrase, neighborhood (Hase et al.); ``overall_hmean``: harmonic mean of the three,
+  each clipped to [0, 1] (Meng et al.'s aggregation); ``meng_score``: harmonic mean of ES, PS, NS.
+* essence: 5 top-k-5 samples of 20 tokens from "{subject} is a", sampled *before* the edit (cached on disk),
+  perplexity before and after; score 1 − clip(Δppl, 0, 5)/5.
+* Meng et al.'s unscaled metrics with the problem's (new, old) pair (see :mod:`problems.variants`): efficacy
+  success/magnitude on the rewrite prompt, paraphrase success/magnitude averaged over paraphrases, neighborhood
+  success/magnitude with the inequality reversed (p(neighbour's true object) > p(the pair's other object)). NaN when
+  the fact lacks an object of the pair (e.g. o_false on known_1000).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformer_lens import HookedTransformer
+
+from problems import metrics as M
+from problems.essence import essence_perplexity, essence_texts
+from problems.facts import Fact
+from problems.variants import PROBLEMS, STUDY_METHODS, default_noise, editor_method, problem_hparams
+from tracer.noise import SubjectNoise
+from tracer.probs import target_probs
+
+__all__ = ["EditOutcome", "run_edit", "edit_layers"]
+
+
+def edit_layers(n_layers: int, method: str, layer: int) -> tuple[int, ...]:
+    """Layers a study method edits: rome/ft-1 → (layer,); memit/ft-5 → range(max(0,l−2), min(L,l+3)).
+
+    Raises:
+        editors.LayerOutOfRangeError: ``layer`` not in [0, n_layers).
+    """
+    from editors.requests import LayerOutOfRangeError
+
+    m = str(method).lower()
+    editor_method(m)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise LayerOutOfRangeError(
+            f"edit layer {layer!r} is out of range: the model has n_layers={n_layers} (valid: 0..{n_layers - 1})"
+        )
+    if m in ("rome", "ft-1"):
+        return (layer,)
+    return tuple(range(max(0, layer - 2), min(n_layers, layer + 3)))
+
+
+@dataclass(frozen=True)
+class EditOutcome:
+    """One edit's flat record (one row of the edit-outcomes table). Probabilities of paraphrase/neighbour prompts
+    are means over the prompts; ``seconds`` is the whole run (scoring included), ``edit_seconds`` the edit alone."""
+
+    fact_id: str
+    problem: str
+    method: str
+    layer: int
+    layers: tuple[int, ...]
+    target: str
+    objective: str
+    rewrite_score: float
+    paraphrase_score: float
+    neighborhood_score: float
+    overall_score: float
+    overall_hmean: float
+    essence_score: float
+    paraphrase_score_first: float
+    neighborhood_score_first: float
+    p_rewrite_pre: float
+    p_rewrite_post: float
+    p_paraphrase_pre: float
+    p_paraphrase_post: float
+    p_neighborhood_pre: float
+    p_neighborhood_post: float
+    ppl_pre: float
+    ppl_post: float
+    efficacy_success: float
+    efficacy_magnitude: float
+    paraphrase_success: float
+    paraphrase_magnitude: float
+    neighborhood_success: float
+    neighborhood_magnitude: float
+    meng_score: float
+    n_paraphrases: int
+    n_neighborhood: int
+    edit_seconds: float
+    seconds: float
+
+    def as_row(self) -> dict:
+        """A plain dict (``layers`` as a list) ready for ``polars.DataFrame([o.as_row() for o in outcomes])``."""
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+class _Scorer:
+    """Collects (prompt, target, noised) queries and scores them all in two batched calls."""
+
+    def __init__(self, model: HookedTransformer, subject: str, noise: SubjectNoise | None):
+        self.model, self.subject, self.noise = model, subject, noise
+        self.keys: list[tuple[str, str, bool]] = []
+
+    def add(self, prompt: str, target: str | None, noised: bool = False) -> None:
+        if target is not None and (prompt, target, noised) not in self.keys:
+            self.keys.append((prompt, target, noised))
+
+    @torch.no_grad()
+    def run(self) -> dict[tuple[str, str, bool], float]:
+        out: dict[tuple[str, str, bool], float] = {}
+        for noised in (False, True):
+            ks = [k for k in self.keys if k[2] == noised]
+            if not ks:
+                continue
+            p = target_probs(
+                self.model,
+                [k[0] for k in ks],
+                [k[1] for k in ks],
+                subjects=[self.subject] * len(ks) if noised else None,
+                noise=self.noise if noised else None,
+            )
+            out.update({k: float(v) for k, v in zip(ks, p.tolist())})
+        return out
+
+
+def run_edit(
+    model: HookedTransformer,
+    fact: Fact,
+    problem: str,
+    method: str,
+    layer: int,
+    hparams=None,
+    noise: SubjectNoise | float | None = None,
+    essence: bool = True,
+    **edit_kwargs,
+) -> EditOutcome:
+    """Edit ``fact`` for ``problem`` with ``method`` at ``layer``, score, restore the weights, return the outcome.
+
+    Args:
+        problem: one of ``problems.PROBLEMS``.
+        method: "rome", "memit", "ft-1" or "ft-5" (memit/ft-5 edit the 5-layer window centred on ``layer``).
+        layer: the edit (centre) layer, in [0, n_layers).
+        hparams: editor hyper-parameters; default: the editors' defaults with the problem's App. A overrides
+            (:func:`problems.variants.problem_hparams`).
+        noise: the subject noise for Tracing Reversal's o_noise and Fact Forcing: a :class:`SubjectNoise`, an
+            absolute σ, or None (σ = 3 × std(W_E), 10 samples, seed 0).
+        essence: compute the essence score (costs sampling once per subject, cached, and two forward passes).
+        edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
+
+    Raises:
+        ValueError: unknown problem/method; ``LayerOutOfRangeError`` for a bad layer; ``MissingTargetError`` when the
+        fact lacks the object the problem needs.
+    """
+    from editors import EditRequest, edit
+
+    t0 = time.perf_counter()
+    if problem not in PROBLEMS:
+        raise ValueError(f"unknown problem {problem!r}; choose one of {tuple(PROBLEMS)}")
+    method = str(method).lower()
+    if method not in STUDY_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {STUDY_METHODS}")
+    layers = edit_layers(model.cfg.n_layers, method, layer)
+    prob = PROBLEMS[problem]
+    needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
+    snoise = default_noise(model, noise) if needs_noise else None
+    target = prob.target(model, fact, snoise)
+    new, old = prob.scoring_pair(model, fact, target, snoise)
+    if hparams is None:
+        hparams = problem_hparams(problem, method, model.cfg.model_name)
+
+    noised = prob.noised_input
+    rewrite = fact.prompt
+    paraphrases = [p for p in fact.paraphrases if not noised or fact.subject in p]
+    neighbors = list(fact.neighborhood)
+    n_true = list(fact.neighborhood_answers) if fact.neighborhood_answers else [fact.o_true] * len(neighbors)
+    n_other = old if new == fact.o_true else new  # the pair's object that is not o_true
+
+    sc = _Scorer(model, fact.subject, snoise)
+    for p in [rewrite, *paraphrases]:
+        for t in (target, new, old):
+            sc.add(p, t, noised)
+    for p, tt in zip(neighbors, n_true):
+        for t in (target, tt, n_other):
+            sc.add(p, t, False)
+
+    texts = essence_texts(model, fact.subject) if essence else None
+    pre = sc.run()
+    ppl_pre = essence_perplexity(model, texts) if texts is not None else math.nan
+    request = EditRequest(prompt=fact.template, subject=fact.subject, target=target)
+    with edit(
+        model, request, method=editor_method(method), layers=list(layers), hparams=hparams,
+        objective=prob.objective, noise=snoise if noised else None, **edit_kwargs,
+    ) as result:
+        post = sc.run()
+        ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan
+    edit_seconds = float(result.seconds)
+
+    def probs(d, ps, t):
+        return [d[(p, t, noised)] for p in ps] if t is not None else []
+
+    score = M.erasure_score if prob.erase else M.rewrite_score
+    r_pre, r_post = pre[(rewrite, target, noised)], post[(rewrite, target, noised)]
+    pp_pre, pp_post = probs(pre, paraphrases, target), probs(post, paraphrases, target)
+    nb_pre = [pre[(p, target, False)] for p in neighbors]
+    nb_post = [post[(p, target, False)] for p in neighbors]
+    rw = float(score(r_pre, r_post))
+    ps = M.paraphrase_score(pp_pre, pp_post, erase=prob.erase) if paraphrases else math.nan
+    ps1 = M.paraphrase_score(pp_pre, pp_post, erase=prob.erase, first_only=True) if paraphrases else math.nan
+    ns = M.neighborhood_score(nb_pre, nb_post) if neighbors else math.nan
+    ns1 = M.neighborhood_score(nb_pre, nb_post, first_only=True) if neighbors else math.nan
+
+    nan = math.nan
+    if new is not None and old is not None:
+        es = float(M.success(post[(rewrite, new, noised)], post[(rewrite, old, noised)]))
+        em = float(M.magnitude(post[(rewrite, new, noised)], post[(rewrite, old, noised)]))
+        pas = _mean(M.success(post[(p, new, noised)], post[(p, old, noised)]) for p in paraphrases) if paraphrases else nan
+        pam = _mean(M.magnitude(post[(p, new, noised)], post[(p, old, noised)]) for p in paraphrases) if paraphrases else nan
+    else:
+        es = em = pas = pam = nan
+    if n_other is not None and neighbors:
+        nbs = _mean(M.success(post[(p, tt, False)], post[(p, n_other, False)]) for p, tt in zip(neighbors, n_true))
+        nbm = _mean(M.magnitude(post[(p, tt, False)], post[(p, n_other, False)]) for p, tt in zip(neighbors, n_true))
+    else:
+        nbs = nbm = nan
+
+    return EditOutcome(
+        fact_id=fact.id,
+        problem=problem,
+        method=method,
+        layer=int(layer),
+        layers=tuple(layers),
+        target=target,
+        objective=prob.objective,
+        rewrite_score=rw,
+        paraphrase_score=ps,
+        neighborhood_score=ns,
+        overall_score=M.overall_score(rw, ps, ns),
+        overall_hmean=M.harmonic_mean(rw, ps, ns),
+        essence_score=float(M.essence_score(ppl_pre, ppl_post)) if texts is not None else nan,
+        paraphrase_score_first=ps1,
+        neighborhood_score_first=ns1,
+        p_rewrite_pre=r_pre,
+        p_rewrite_post=r_post,
+        p_paraphrase_pre=_mean(pp_pre),
+        p_paraphrase_post=_mean(pp_post),
+        p_neighborhood_pre=_mean(nb_pre),
+        p_neighborhood_post=_mean(nb_post),
+        ppl_pre=ppl_pre,
+        ppl_post=ppl_post,
+        efficacy_success=es,
+        efficacy_magnitude=em,
+        paraphrase_success=pas,
+        paraphrase_magnitude=pam,
+        neighborhood_success=nbs,
+        neighborhood_magnitude=nbm,
+        meng_score=M.harmonic_mean(es, pas, nbs),
+        n_paraphrases=len(paraphrases),
+        n_neighborhood=len(neighbors),
+        edit_seconds=edit_seconds,
+        seconds=time.perf_counter() - t0,
+    )
