@@ -39,7 +39,7 @@ __all__ = ["StudySummary", "run_study", "select_facts", "collect_tables", "unit_
 
 log = logging.getLogger("locedit.study")
 
-_FILTER_CHUNK = 64  # facts checked per cached known-filter call while sampling
+_FILTER_CHUNK = 32  # facts checked per cached known-filter call while sampling
 
 
 class StudyConfigMismatch(ValueError):

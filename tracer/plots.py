@@ -68,7 +68,7 @@ def save_html(res, path, which: str = "plotly") -> None:
     """Write the plotly figure (``which="plotly"``) or the circuitsvis view (``"circuitsvis"``) to ``path``."""
     path = Path(path)
     if which == "plotly":
-        plotly_heatmap(res).write_html(str(path), include_plotlyjs="cdn")
+        plotly_heatmap(res).write_html(str(path), include_plotlyjs=True)  # inline: the file works offline
     elif which == "circuitsvis":
         path.write_text(str(circuitsvis_heatmap(res)))
     else:
