@@ -13,6 +13,7 @@ curves, peak-layer agreement).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import time
@@ -20,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(os.environ.get("LOCEDIT_SHARED", "/work/shared")) / "data" / "counterfact_subset.json"
+DATA = Path(__file__).resolve().parent.parent / "problems" / "data" / "counterfact.json.gz"
 
 
 def load_facts(path: Path = DATA) -> list[dict]:
     """CounterFact records → {id, prompt, subject, target} (target gets a leading space)."""
     out = []
-    for r in json.loads(Path(path).read_text()):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        records = json.load(f)
+    for r in records:
         rw = r["requested_rewrite"]
         out.append(
             {
