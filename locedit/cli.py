@@ -80,13 +80,12 @@ def cmd_report(args) -> int:
 
 def cmd_info(args) -> int:
     import torch
-    import transformer_lens
-
     from tracer import cache_dir
     from tracer.models import EMBEDDED_MODEL
 
-    print(f"locedit {__import__('locedit').__version__}; torch {torch.__version__}; "
-          f"transformer-lens {transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?'}")
+    from importlib.metadata import version
+
+    print(f"locedit {version('locedit')}; torch {torch.__version__}; transformer-lens {version('transformer-lens')}")
     print(f"cuda available: {torch.cuda.is_available()}; threads: {torch.get_num_threads()}")
     root = cache_dir()
     print(f"cache: {root} ({'exists' if root.exists() else 'empty'})")
