@@ -75,12 +75,13 @@ def load_dataset(name: str):
     raise ValueError(f"unknown dataset {name!r}: use counterfact, zsre, known or a path to a CounterFact JSON")
 
 
-def select_facts(model, config: StudyConfig) -> list:
+def select_facts(model, config: StudyConfig, facts: Sequence | None = None) -> list:
     """Shuffle the dataset with ``data.seed`` and keep, in that order, the first ``data.sample`` facts passing
-    ``data.filter``. The filter runs lazily in cached chunks, so a 20-fact study does not decode 3,284 prompts."""
+    ``data.filter``. The filter runs lazily in cached chunks, so a 20-fact study does not decode 3,284 prompts.
+    ``facts``: the dataset, if already loaded."""
     from problems.filters import known_mask, min_target_prob_mask
 
-    facts = list(load_dataset(config.data.dataset))
+    facts = list(load_dataset(config.data.dataset) if facts is None else facts)
     random.Random(config.data.seed).shuffle(facts)
     want = config.data.sample if config.data.sample is not None else len(facts)
     if config.data.filter == "none":
@@ -169,7 +170,7 @@ def _journal_path(run_dir: Path, table: str, shard: tuple[int, int]) -> Path:
     return run_dir / "journal" / f"{table}.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def _prepare_run_dir(run_dir: Path, config: StudyConfig, model) -> list[str]:
+def _prepare_run_dir(run_dir: Path, config: StudyConfig, model, facts: Sequence) -> list[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path, facts_path = run_dir / "config.json", run_dir / "facts.json"
     cfg = json.loads(json.dumps(config.to_dict()))
@@ -184,7 +185,7 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, model) -> list[str]:
         _write_text_atomic(cfg_path, json.dumps(cfg, indent=2))
     if facts_path.exists():
         return json.loads(facts_path.read_text())
-    ids = [f.id for f in select_facts(model, config)]
+    ids = [f.id for f in select_facts(model, config, facts)]
     _write_text_atomic(facts_path, json.dumps(ids))
     return ids
 
@@ -224,12 +225,14 @@ def run_study(
                 _hparams_for(model, config, problem, method)
             except TypeError as e:
                 raise ConfigError(f"[hparams] for {method}: {e}") from e
-    fact_ids = _prepare_run_dir(run_dir, config, model)
+    dataset = load_dataset(config.data.dataset)
+    fact_ids = _prepare_run_dir(run_dir, config, model, dataset)
     _setup_log(run_dir)
     if limit is not None:
         fact_ids = fact_ids[:limit]
     fact_ids = fact_ids[i::n]
-    by_id = {f.id: f for f in load_dataset(config.data.dataset) if f.id in set(fact_ids)}
+    wanted = set(fact_ids)
+    by_id = {f.id: f for f in dataset if f.id in wanted}
     journals = {t: Journal(_journal_path(run_dir, t, shard)) for t in ("tracing", "edits", "failures")}
     finished = _finished(run_dir)
     failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))} - finished
