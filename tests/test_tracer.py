@@ -211,3 +211,33 @@ def test_flop_fraction():
     f = flop_fraction(30, 5, n_prompt=10, subject_start=4, n_target=1, d_model=576, n_block_params=106_000_000,
                       d_vocab=49152)
     assert 0 < f < 0.3
+
+
+def test_exact_tl_fallback_equals_naive(model, monkeypatch):
+    """Models the lean blocks do not support use TransformerLens blocks with a frozen KV-cache entry."""
+    import tracer.tracing as tracing
+
+    kw = dict(kind="mlp", window=5, samples=2, cells={4: [0, 13], 9: [29]})
+    n = trace(model, P, S, O, method="naive", **kw)
+    monkeypatch.setattr(tracing, "lean_supported", lambda m: False)
+    e = trace(model, P, S, O, method="exact", **kw)
+    ok = ~n.grid.isnan()
+    assert (e.grid[ok] - n.grid[ok]).abs().max() < 1e-5
+
+
+def test_lean_block_matches_transformer_lens(model):
+    """LeanBlocks.block on a suffix with a rotated prefix cache = model.blocks[j] on the whole sequence."""
+    from tracer.lean import LeanBlocks
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, model.cfg.d_model)
+    j, p = 7, 4
+    lean = LeanBlocks(model, layers=[j])
+    _, cache = model.run_with_cache(x, start_at_layer=j, stop_at_layer=j + 1)
+    full = model.blocks[j](x)
+    pk, pv = lean.prefix_keys_values(j, cache[f"blocks.{j}.attn.hook_k"][:, :p], cache[f"blocks.{j}.attn.hook_v"][:, :p])
+    out = lean.block(j, x[:, p:], pk, pv)
+    assert (out - full[:, p:]).abs().max() < 1e-4
+    last = lean.block(j, x[:, p:], pk, pv, query_positions=torch.tensor([4]))
+    assert (last[:, 0] - full[:, -1]).abs().max() < 1e-4
+    assert (lean.block(j, x) - full).abs().max() < 1e-4

@@ -40,6 +40,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tracer.lean import lean_supported
 from tracer.noise import SubjectNoise, noise_hook, resolve_sigma
 from tracer.result import TraceResult
 from tracer.tokens import encode, locate_subject, target_tokens
@@ -306,6 +307,92 @@ def _grid_exact(model, st: _Setup, p_noised: float, cache, batch_size: int, cell
     return grid
 
 
+def _join_state(st: _Setup, cache_tensors, t: int, tp: int, win: range, mlp_first):
+    """Where a cell's computation starts and its residual there (positions tp.. of every noise sample).
+
+    Restoring token t's output at the window's first layer a changes, within layer a, only position t (other
+    positions' keys/values at layer a come from the unchanged resid_pre(a)); so a cell joins at layer a + 1 with
+    the corrupted resid_pre(a + 1) and position t set to what layer a makes of the restoration.
+    """
+    resid_pre, resid_mid = cache_tensors
+    a = win.start
+    x = resid_pre[a + 1][:, tp:].clone()
+    if st.kind == "mlp":
+        x[:, 0] = resid_mid[a][:, tp] + st.clean_acts[a, t]
+    elif st.kind == "resid":
+        x[:, 0] = st.clean_acts[a, t]
+    else:  # attn: resid_mid = resid_pre + clean attn_out, then the block's own MLP on that one position
+        x[:, 0] = mlp_first(a, resid_pre[a][:, tp : tp + 1] + st.clean_acts[a, t])[:, 0]
+    return a + 1, x
+
+
+@torch.no_grad()
+def _grid_exact_lean(model, st: _Setup, p_noised: float, cache, batch_size: int, cells_sel=None) -> Tensor:
+    """The exact grid with :class:`tracer.lean.LeanBlocks` (see the module docstring for the reuse)."""
+    from tracer.lean import LeanBlocks
+
+    L, S = st.L, st.samples
+    lean = LeanBlocks(model)
+    grid = torch.full((len(st.pt_tokens), L), p_noised, dtype=torch.float64)
+    resid_pre = [cache[f"blocks.{j}.hook_resid_pre"] for j in range(L)] + [cache[f"blocks.{L - 1}.hook_resid_post"]]
+    resid_mid = [cache[f"blocks.{j}.hook_resid_mid"] for j in range(L)]
+    prefix = [lean.prefix_keys_values(j, cache[f"blocks.{j}.attn.hook_k"], cache[f"blocks.{j}.attn.hook_v"]) for j in range(L)]
+    m = len(st.tgt)
+    dev = resid_pre[0].device
+
+    def mlp_first(a, mid):
+        blk = model.blocks[a]
+        return mid + blk.mlp(blk.ln2(mid))
+
+    cells_per_chunk = max(1, batch_size // S)
+    for t, tp in st.pos_map.items():
+        rel_tpos = (_target_positions(st.np_corrupt, m) - tp).to(dev)  # scored positions within the suffix
+        layers = _layers_of(cells_sel, t, L)
+        for c0 in range(0, len(layers), cells_per_chunk):
+            cells = layers[c0 : c0 + cells_per_chunk]  # sorted centre layers → sorted join layers
+            if not cells:
+                continue
+            wins = [window_layers(l, st.window, L) for l in cells]
+            joins, states = zip(*(_join_state(st, (resid_pre, resid_mid), t, tp, w, mlp_first) for w in wins))
+            x = torch.cat(states)  # [cells·S, P, d], cell-major rows
+            for j in range(min(joins), L):
+                n_cells = sum(1 for a in joins if a <= j)
+                n = n_cells * S
+                pk, pv = prefix[j]
+                past_k = pk[:, :, :tp].repeat(n_cells, 1, 1, 1) if tp > 0 else None
+                past_v = pv[:, :, :tp].repeat(n_cells, 1, 1, 1) if tp > 0 else None
+                restore = [c for c in range(n_cells) if j in wins[c] and j >= joins[c]]
+                qpos = rel_tpos if j == L - 1 else None
+                override = None
+                if restore and st.kind in ("mlp", "attn"):
+                    mask = torch.zeros(n, dtype=torch.bool, device=dev)
+                    for c in restore:
+                        mask[c * S : (c + 1) * S] = True
+                    local0 = 0  # the restored token is local position 0; at the last block, only if it is scored
+                    if qpos is not None:
+                        hit = torch.nonzero(qpos == 0)
+                        local0 = int(hit[0, 0]) if len(hit) else None
+                    clean = st.clean_acts[j, t]
+
+                    def override(out, mask=mask, local0=local0, clean=clean):
+                        if local0 is not None:
+                            out[mask, local0] = clean
+                        return out
+
+                kw = {"mlp_override": override} if st.kind == "mlp" else {"attn_override": override}
+                out = lean.block(j, x[:n], past_k, past_v, query_positions=qpos, **kw)
+                if qpos is None:
+                    x[:n] = out
+                else:  # last block: keep only the scored positions from here on
+                    x = torch.cat([out, x[n:, rel_tpos]]) if n < x.shape[0] else out
+                    rel_tpos = torch.arange(m, device=dev)
+            logits = model.unembed(model.ln_final(x[:, rel_tpos]))
+            p = _seq_prob(logits, st.tgt).view(len(cells), S).mean(-1)
+            grid[t, cells] = p.double().cpu()
+            rel_tpos = (_target_positions(st.np_corrupt, m) - tp).to(dev)
+    return grid
+
+
 def _grid_attribution(model, st: _Setup, p_noised: float) -> Tensor:
     L, S = st.L, st.samples
     toks = _corrupt_batch(st, model.cfg.device)
@@ -404,7 +491,12 @@ def trace(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     st = _prepare(model, prompt, subject, target, kind, window, samples, noise, sigma, seed, corrupt, flip_subject)
     L = st.L
-    if method == "exact":
+    if method == "exact" and lean_supported(model):
+        hooks = ("hook_resid_pre", "hook_resid_mid", "attn.hook_k", "attn.hook_v")
+        names = [f"blocks.{j}.{h}" for j in range(L) for h in hooks] + [f"blocks.{L - 1}.hook_resid_post"]
+        p_noised, cache = _corrupted_run(model, st, names)
+        grid = _grid_exact_lean(model, st, p_noised, cache, batch_size, cells)
+    elif method == "exact":  # TransformerLens blocks with a frozen KV-cache entry
         names = [f"blocks.{j}.{h}" for j in range(L) for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
         p_noised, cache = _corrupted_run(model, st, names)
         grid = _grid_exact(model, st, p_noised, cache, batch_size, cells)

@@ -1,0 +1,180 @@
+"""A lean, hook-free forward of TransformerLens blocks over a *suffix* of positions, for the exact tracer and the
+editors' fast paths.
+
+Both causal tracing and ROME/MEMIT's v* optimisation change the residual stream at one position ``p`` of a prompt
+and then need the model above some layer. Causal attention means positions ``< p`` are unchanged, so each block only
+has to run on positions ``p..N-1``, attending to the unchanged keys/values of the prefix. TransformerLens can do
+this (a frozen ``TransformerLensKeyValueCacheEntry``), but its attention re-projects keys and queries with one
+einsum per matrix, re-applies rotary to the whole cache at every call, repeats grouped KV heads and runs every hook
+point; on a 135M-parameter model those overheads cost as much as the matmuls. :class:`LeanBlocks` packs
+``W_Q | W_K | W_V`` of each block into one ``[d_model, (n_heads + 2·n_kv_heads)·d_head]`` matrix (one GEMM), keeps
+prefix keys *after* rotary (applied once per prompt, not per call), and uses
+:func:`torch.nn.functional.scaled_dot_product_attention` with grouped KV heads. Norms and MLPs are the model's
+own modules (so the copy-free MLP and in-place ``W_out`` edits apply). Results equal ``model.blocks[j]`` up to float
+summation order (~1e-6 relative).
+
+Supported: causal attention with standard or rotary positions (GPT-2, GPT-J, Llama/SmolLM2 families), MHA or GQA,
+sequential or parallel attention/MLP. :func:`lean_supported` says whether a model qualifies; callers fall back to
+TransformerLens blocks otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+
+__all__ = ["LeanBlocks", "lean_supported"]
+
+
+def lean_supported(model: HookedTransformer) -> bool:
+    """True when every block is a plain causal pre-norm block that :class:`LeanBlocks` reproduces exactly."""
+    cfg = model.cfg
+    unsupported = (
+        cfg.positional_embedding_type not in ("standard", "rotary")
+        or cfg.attention_dir != "causal"
+        or getattr(cfg, "use_logn_attn", False)
+        or getattr(cfg, "use_dynamic_ntk_rope", False)
+        or getattr(cfg, "clip_qkv", None) is not None
+        or getattr(cfg, "use_qk_norm", False)
+        or (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
+        or getattr(cfg, "use_normalization_before_and_after", False)
+        or getattr(cfg, "use_local_attn", False)
+        or getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+        or getattr(cfg, "original_architecture", None) in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+        or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
+        or cfg.attn_only
+    )
+    return not unsupported
+
+
+@dataclass(frozen=True)
+class _PackedAttention:
+    w_qkv: Tensor  # [d_model, (H + 2 Hkv) d_head]
+    b_qkv: Tensor  # [(H + 2 Hkv) d_head]
+    w_o: Tensor  # [H d_head, d_model]
+    b_o: Tensor  # [d_model]
+
+
+class LeanBlocks:
+    """Packed attention weights of ``model``'s blocks ``layers`` (a snapshot of ``W_Q/W_K/W_V/W_O``; build it
+    after any edit of those; ``W_out``/``b_out`` and the norms are read live from the model).
+
+    Args:
+        model: the HookedTransformer (must satisfy :func:`lean_supported`).
+        layers: the blocks to pack (default all).
+    """
+
+    def __init__(self, model: HookedTransformer, layers=None):
+        if not lean_supported(model):
+            raise ValueError("LeanBlocks does not support this model's configuration; use model.blocks")
+        cfg = model.cfg
+        self.model = model
+        self.n_heads = cfg.n_heads
+        self.n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        self.d_head = cfg.d_head
+        self.rotary = cfg.positional_embedding_type == "rotary"
+        self.parallel = bool(cfg.parallel_attn_mlp)
+        self.scale = 1.0 / float(cfg.attn_scale) if cfg.use_attn_scale else 1.0
+        self.packed: dict[int, _PackedAttention] = {}
+        for j in range(cfg.n_layers) if layers is None else layers:
+            self.packed[j] = self._pack(model.blocks[j].attn)
+
+    @torch.no_grad()
+    def _pack(self, attn) -> _PackedAttention:
+        d = self.model.cfg.d_model
+        wk = getattr(attn, "_W_K", attn.W_K)
+        wv = getattr(attn, "_W_V", attn.W_V)
+        bk = getattr(attn, "_b_K", attn.b_K)
+        bv = getattr(attn, "_b_V", attn.b_V)
+        mats = [attn.W_Q, wk, wv]  # [heads, d_model, d_head] each
+        w = torch.cat([m.permute(1, 0, 2).reshape(d, -1) for m in mats], dim=1).contiguous()
+        b = torch.cat([attn.b_Q.reshape(-1), bk.reshape(-1), bv.reshape(-1)])
+        w_o = attn.W_O.reshape(-1, d).contiguous()
+        return _PackedAttention(w, b, w_o, attn.b_O.detach())
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def keys_values(
+        self, layer: int, normed: Float[Tensor, "rows pos d_model"], offset: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``[rows, H, pos, d_head]``, k/v ``[rows, Hkv, pos, d_head]`` (q and k rotated at ``offset``)."""
+        pk = self.packed[layer]
+        H, Hkv, dh = self.n_heads, self.n_kv, self.d_head
+        rows, pos, _ = normed.shape
+        qkv = torch.addmm(pk.b_qkv, normed.reshape(rows * pos, -1), pk.w_qkv).view(rows, pos, H + 2 * Hkv, dh)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        if self.rotary:
+            attn = self.model.blocks[layer].attn
+            q = attn.apply_rotary(q, offset)
+            k = attn.apply_rotary(k, offset)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    @torch.no_grad()
+    def prefix_keys_values(
+        self, layer: int, keys: Float[Tensor, "rows pos n_kv d_head"], values: Float[Tensor, "rows pos n_kv d_head"]
+    ) -> tuple[Tensor, Tensor]:
+        """TransformerLens's cached ``attn.hook_k`` / ``hook_v`` (keys before rotary) → the ``[rows, Hkv, pos,
+        d_head]`` keys (rotated at their absolute positions) and values this class attends to."""
+        if self.rotary:
+            keys = self.model.blocks[layer].attn.apply_rotary(keys, 0)
+        return keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+
+    def block(
+        self,
+        layer: int,
+        x: Float[Tensor, "rows pos d_model"],
+        past_k: Tensor | None = None,
+        past_v: Tensor | None = None,
+        *,
+        query_positions: Tensor | None = None,
+        attn_override=None,
+        mlp_override=None,
+    ) -> Float[Tensor, "rows out_pos d_model"]:
+        """``model.blocks[layer]`` on positions ``offset..offset+pos-1`` of each row (``offset`` = prefix length),
+        attending to the prefix ``past_k``/``past_v`` ``[rows, Hkv, offset, d_head]`` (rotated, see
+        :meth:`prefix_keys_values`) and causally to ``x`` itself.
+
+        ``query_positions`` (local indices): compute the block's output only there (keys/values still come from all
+        positions) — for the last block, where only the scored positions matter. ``attn_override`` /
+        ``mlp_override``: callables ``f(out [rows, pos', d_model]) -> out`` applied to the attention / MLP output
+        (the tracer's restoration; positions are local to the returned positions).
+        """
+        blk = self.model.blocks[layer]
+        offset = 0 if past_k is None else int(past_k.shape[2])
+        normed = blk.ln1(x)
+        q, k, v = self.keys_values(layer, normed, offset)
+        pos = x.shape[1]
+        if past_k is not None:
+            k = torch.cat([past_k, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+        if query_positions is not None:
+            q = q[:, :, query_positions]
+            qidx = query_positions.to(x.device)
+            x = x[:, query_positions]
+        else:
+            qidx = torch.arange(pos, device=x.device)
+        # causal: local query i sees the whole prefix and local keys ≤ i
+        mask = torch.arange(offset + pos, device=x.device)[None, :] <= (qidx[:, None] + offset)
+        z = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
+        )  # [rows, H, q, d_head]
+        rows, nq = z.shape[0], z.shape[2]
+        pk = self.packed[layer]
+        attn_out = torch.addmm(pk.b_o, z.transpose(1, 2).reshape(rows * nq, -1), pk.w_o).view(rows, nq, -1)
+        if attn_override is not None:
+            attn_out = attn_override(attn_out)
+        if self.parallel:
+            mlp_out = blk.mlp(blk.ln2(x))
+            if mlp_override is not None:
+                mlp_out = mlp_override(mlp_out)
+            return x + attn_out + mlp_out
+        mid = x + attn_out
+        mlp_out = blk.mlp(blk.ln2(mid))
+        if mlp_override is not None:
+            mlp_out = mlp_override(mlp_out)
+        return mid + mlp_out
