@@ -24,10 +24,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tracer.lean import LeanBlocks, lean_supported
 from tracer.noise import SubjectNoise, noise_hook
 from tracer.tokens import locate_subject
 
-__all__ = ["EditBatch", "SuffixPlan", "build_batch", "frozen_params", "plan_suffix", "suffix_scored_logits"]
+__all__ = [
+    "EditBatch", "SuffixPlan", "build_batch", "frozen_params", "plan_suffix", "suffix_cache_names",
+    "suffix_scored_logits",
+]
 
 
 @dataclass(frozen=True)
@@ -155,14 +159,21 @@ class SuffixPlan:
 
     Attributes:
         groups: per group ``(p, rows [g], scored index into the batch's flat scored pairs [n_g])``.
-        keys, values: per block ``j`` (``start..L-1``) the unedited ``attn.hook_k``/``hook_v`` ``[rows, pos, kv, d_head]``.
+        keys, values: per block ``j`` (``start..L-1``) the unedited ``attn.hook_k``/``hook_v`` ``[rows, pos, kv, d_head]``
+            (TransformerLens blocks), or with ``lean`` the rotated ``[rows, kv, pos, d_head]`` keys/values.
         start: the first block run (edit layer + 1).
+        lean: packed blocks (:class:`tracer.lean.LeanBlocks`) when the model supports them, else ``None``. Then
+            rows are ragged instead of grouped: row r computes only positions ``lookup[r]..`` up to its last scored
+            position (``gather`` ``[rows, P]``: the absolute positions, clamped), attending to its own first
+            ``lookup[r]`` prefix keys.
     """
 
     groups: tuple[tuple[int, Tensor, Tensor], ...]
     keys: dict[int, Tensor]
     values: dict[int, Tensor]
     start: int
+    lean: LeanBlocks | None = None
+    gather: Tensor | None = None
 
 
 # Cost model for grouping rows (in token-positions of one block): a block call re-reads the block's weights,
@@ -190,12 +201,21 @@ def _split_points(lookup: list[int], width: int, overhead: int = _GROUP_OVERHEAD
     return sorted(starts)
 
 
+def suffix_cache_names(model: HookedTransformer, start: int) -> list[str]:
+    """The activations :func:`plan_suffix` needs: keys/values of blocks ``start..``."""
+    return [f"blocks.{j}.attn.hook_{kv}" for j in range(start, model.cfg.n_layers) for kv in "kv"]
+
+
 @torch.no_grad()
-def plan_suffix(model: HookedTransformer, batch: EditBatch, start: int) -> SuffixPlan:
-    """Cache the unedited keys/values of blocks ``start..`` and group rows by last-subject position (rows of a
-    group run from the group's smallest position; groups chosen by :func:`_split_points`)."""
-    names = [f"blocks.{j}.attn.hook_{kv}" for j in range(start, model.cfg.n_layers) for kv in "kv"]
-    acts = cache_acts(model, batch, names) if names else {}
+def plan_suffix(
+    model: HookedTransformer, batch: EditBatch, start: int, acts: dict[str, Tensor] | None = None
+) -> SuffixPlan:
+    """Cache the unedited keys/values of blocks ``start..`` (or take them from ``acts``, see
+    :func:`suffix_cache_names`) and plan the rows: ragged with lean blocks, else grouped by last-subject position
+    (rows of a group run from the group's smallest position; groups chosen by :func:`_split_points`)."""
+    names = suffix_cache_names(model, start)
+    if acts is None or not all(n in acts for n in names):
+        acts = cache_acts(model, batch, names) if names else {}
     lookup = batch.lookup.tolist()
     starts = _split_points(lookup, int(batch.tokens.shape[1]))
     bounds = starts[1:] + [int(batch.tokens.shape[1]) + 1]
@@ -204,12 +224,19 @@ def plan_suffix(model: HookedTransformer, batch: EditBatch, start: int) -> Suffi
         rows = torch.nonzero((batch.lookup >= p) & (batch.lookup < nxt))[:, 0]
         scored = torch.nonzero(torch.isin(batch.score_rows, rows))[:, 0]
         groups.append((int(p), rows, scored))
-    return SuffixPlan(
-        groups=tuple(groups),
-        keys={j: acts[f"blocks.{j}.attn.hook_k"] for j in range(start, model.cfg.n_layers)},
-        values={j: acts[f"blocks.{j}.attn.hook_v"] for j in range(start, model.cfg.n_layers)},
-        start=start,
-    )
+    keys = {j: acts[f"blocks.{j}.attn.hook_k"] for j in range(start, model.cfg.n_layers)}
+    values = {j: acts[f"blocks.{j}.attn.hook_v"] for j in range(start, model.cfg.n_layers)}
+    lean = gather = None
+    if lean_supported(model) and start < model.cfg.n_layers:
+        lean = LeanBlocks(model, layers=range(start, model.cfg.n_layers))
+        p0 = int(batch.lookup.max())
+        for j in keys:  # rotated once here, not at every optimisation step; only the longest prefix is needed
+            keys[j], values[j] = lean.prefix_keys_values(j, keys[j][:, :p0], values[j][:, :p0])
+        last = torch.zeros_like(batch.lookup).scatter_reduce(0, batch.score_rows, batch.score_pos, "amax")
+        width = int((last - batch.lookup).max()) + 1
+        local = torch.arange(width, device=batch.lookup.device)
+        gather = (batch.lookup[:, None] + local[None, :]).clamp(max=int(batch.tokens.shape[1]) - 1)
+    return SuffixPlan(groups=tuple(groups), keys=keys, values=values, start=start, lean=lean, gather=gather)
 
 
 def suffix_scored_logits(
@@ -220,10 +247,21 @@ def suffix_scored_logits(
     the frozen prefix keys/values; equal to :func:`run_from` + :func:`scored_logits` up to float rounding."""
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as KVEntry
 
+    L = model.cfg.n_layers
+    if plan.lean is not None:  # ragged rows: each row from its own last subject token
+        rows = torch.arange(batch.n_rows, device=resid.device)
+        x = resid[rows[:, None], plan.gather]
+        qpos, local = torch.unique(batch.score_pos - batch.lookup[batch.score_rows], return_inverse=True)
+        has_prefix = int(batch.lookup.max()) > 0
+        for j in range(plan.start, L):
+            past = (plan.keys[j], plan.values[j]) if has_prefix else (None, None)
+            x = plan.lean.block(j, x, *past, starts=batch.lookup, query_positions=qpos if j == L - 1 else None)
+        return model.unembed(model.ln_final(x[batch.score_rows, local][None]))[0]
+
     chunks, order = [], []
     for p, rows, scored in plan.groups:
         x = resid[rows, p:]
-        for j in range(plan.start, model.cfg.n_layers):
+        for j in range(plan.start, L):
             entry = None
             if p > 0:
                 entry = KVEntry(past_keys=plan.keys[j][rows, :p], past_values=plan.values[j][rows, :p], frozen=True)

@@ -26,7 +26,7 @@ from editors.hparams import ROMEHyperParams
 from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
 from editors.templates import context_templates
-from editors.vstar import optimize_target
+from editors.vstar import optimize_target, target_cache_names
 from tracer.noise import SubjectNoise
 from tracer.tokens import target_tokens
 
@@ -75,7 +75,8 @@ def execute_rome(
     kl_text = f"{request.subject} is a"
     batch = build_batch(model, texts + [kl_text], request.subject, [tgt] * len(texts) + [None], noise)
     with frozen_params(model):
-        acts = cache_acts(model, batch, [f"blocks.{layer}.mlp.hook_post"], stop_at_layer=layer + 1)
+        names = [f"blocks.{layer}.mlp.hook_post"] + target_cache_names(model, layer, "hook_mlp_out", fast)
+        acts = cache_acts(model, batch, names)  # the only pass over the unedited batch
         keys = acts[f"blocks.{layer}.mlp.hook_post"][torch.arange(batch.n_rows), batch.lookup]
         rw = batch.group < len(texts)
         k_star = keys[rw].mean(0)  # mean over templates (equal noise rows per template)
@@ -84,7 +85,7 @@ def execute_rome(
             model, batch, layer, int(tgt.shape[0]),
             steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
             clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, objective=objective,
-            early_stop_loss=hp.early_stop_loss, v_hook="hook_mlp_out", fast=fast,
+            early_stop_loss=hp.early_stop_loss, v_hook="hook_mlp_out", fast=fast, acts=acts,
         )
     C = covariance(model, layer) if hp.mom2_adjustment else torch.eye(model.cfg.d_mlp, dtype=torch.float64)
     dW, u = rome_update(C.to(keys.device), k_star, k, opt.delta, hp.mom2_adjustment)

@@ -32,10 +32,11 @@ from editors.inputs import (
     plan_suffix,
     run_plain,
     scored_logits,
+    suffix_cache_names,
     suffix_scored_logits,
 )
 
-__all__ = ["TargetOpt", "optimize_target", "target_loss_terms"]
+__all__ = ["TargetOpt", "optimize_target", "target_cache_names", "target_loss_terms"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ def target_loss_terms(
     return prompt_lp, logp[~rw]
 
 
+def target_cache_names(model: HookedTransformer, layer: int, v_hook: str = "hook_mlp_out", fast: bool = True) -> list[str]:
+    """Activations :func:`optimize_target` reads from the unedited batch (one forward pass provides them all)."""
+    names = {f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.{v_hook}"}
+    if fast:
+        names |= set(suffix_cache_names(model, layer + 1))
+    return sorted(names)
+
+
 def optimize_target(
     model: HookedTransformer,
     batch: EditBatch,
@@ -74,11 +83,15 @@ def optimize_target(
     early_stop_loss: float = 5e-2,
     v_hook: str = "hook_mlp_out",
     fast: bool = True,
+    acts: dict[str, Tensor] | None = None,
 ) -> TargetOpt:
     """Optimise δ added to ``blocks.{layer}.hook_resid_post`` at every row's last subject token (see module doc).
 
     ``v_init`` is ``blocks.{layer}.{v_hook}`` at the last subject token of prompt 0 (the plain prompt; mean over
     its noise rows): ROME ``hook_mlp_out`` (v* = v_init + δ), MEMIT ``hook_resid_post`` (z = z_init + δ).
+
+    ``acts``: activations of the unedited batch already computed by the caller (one pass; see
+    :func:`target_cache_names`); missing ones are computed here.
 
     ``fast``: cache ``resid_post[layer]`` and the keys/values above it once, and per step run only blocks
     ``layer+1..`` on the positions from each row's last subject token on (:func:`editors.inputs.plan_suffix`);
@@ -88,7 +101,9 @@ def optimize_target(
     """
     name = f"blocks.{layer}.hook_resid_post"
     v_name = f"blocks.{layer}.{v_hook}"
-    acts = cache_acts(model, batch, sorted({name, v_name}), stop_at_layer=layer + 1)
+    needed = target_cache_names(model, layer, v_hook, fast)
+    if acts is None or not all(n in acts for n in needed):
+        acts = cache_acts(model, batch, needed)  # one pass for everything below
     resid = acts[name]
     rows = torch.arange(batch.n_rows, device=resid.device)
     v_init = group_mean(acts[v_name][rows, batch.lookup], batch, 0)
@@ -97,7 +112,7 @@ def optimize_target(
     kl_init = None
     losses: list[float] = []
 
-    plan = plan_suffix(model, batch, layer + 1) if fast else None
+    plan = plan_suffix(model, batch, layer + 1, acts) if fast else None
 
     def forward(d: Tensor) -> Tensor:
         if fast:

@@ -99,16 +99,31 @@ class LeanBlocks:
         return _PackedAttention(w, b, w_o, attn.b_O.detach())
 
     # ------------------------------------------------------------------------------------------------ pieces
+    def _rotate(self, layer: int, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotary at per-row absolute ``positions`` ``[rows, pos]`` (TransformerLens's tables and rotation)."""
+        attn = self.model.blocks[layer].attn
+        if int(positions.max()) >= attn.rotary_cos.shape[0]:
+            attn.apply_rotary(x[:1, :1], int(positions.max()))  # lets TransformerLens extend its tables
+        rd = self.model.cfg.rotary_dim
+        cos = attn.rotary_cos[positions][:, :, None, :]
+        sin = attn.rotary_sin[positions][:, :, None, :]
+        x_rot = x[..., :rd]
+        rotated = x_rot * cos + attn.rotate_every_two(x_rot) * sin
+        return rotated if rd == x.shape[-1] else torch.cat([rotated, x[..., rd:]], dim=-1)
+
     def keys_values(
-        self, layer: int, normed: Float[Tensor, "rows pos d_model"], offset: int = 0
+        self, layer: int, normed: Float[Tensor, "rows pos d_model"], offset: int = 0, positions: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[rows, H, pos, d_head]``, k/v ``[rows, Hkv, pos, d_head]`` (q and k rotated at ``offset``)."""
+        """q ``[rows, H, pos, d_head]``, k/v ``[rows, Hkv, pos, d_head]`` (q and k rotated at ``offset``, or at
+        per-row absolute ``positions`` ``[rows, pos]``)."""
         pk = self.packed[layer]
         H, Hkv, dh = self.n_heads, self.n_kv, self.d_head
         rows, pos, _ = normed.shape
         qkv = torch.addmm(pk.b_qkv, normed.reshape(rows * pos, -1), pk.w_qkv).view(rows, pos, H + 2 * Hkv, dh)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
-        if self.rotary:
+        if self.rotary and positions is not None:
+            q, k = self._rotate(layer, q, positions), self._rotate(layer, k, positions)
+        elif self.rotary:
             attn = self.model.blocks[layer].attn
             q = attn.apply_rotary(q, offset)
             k = attn.apply_rotary(k, offset)
@@ -134,6 +149,7 @@ class LeanBlocks:
         query_positions: Tensor | None = None,
         attn_override=None,
         mlp_override=None,
+        starts: Tensor | None = None,
     ) -> Float[Tensor, "rows out_pos d_model"]:
         """``model.blocks[layer]`` on positions ``offset..offset+pos-1`` of each row (``offset`` = prefix length),
         attending to the prefix ``past_k``/``past_v`` ``[rows, Hkv, offset, d_head]`` (rotated, see
@@ -143,12 +159,18 @@ class LeanBlocks:
         positions) — for the last block, where only the scored positions matter. ``attn_override`` /
         ``mlp_override``: callables ``f(out [rows, pos', d_model]) -> out`` applied to the attention / MLP output
         (the tracer's restoration; positions are local to the returned positions).
+
+        ``starts`` ``[rows]`` (ragged rows): row r's local position 0 is its absolute position ``starts[r]``; it
+        attends only to the first ``starts[r]`` prefix entries (``past_k`` holds at least ``max(starts)``, rows
+        padded with anything). Rows then need no common offset, so each computes only its own suffix.
         """
         blk = self.model.blocks[layer]
         offset = 0 if past_k is None else int(past_k.shape[2])
         normed = blk.ln1(x)
-        q, k, v = self.keys_values(layer, normed, offset)
         pos = x.shape[1]
+        local = torch.arange(pos, device=x.device)
+        positions = None if starts is None else starts[:, None] + local[None, :]
+        q, k, v = self.keys_values(layer, normed, offset, positions)
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)
             v = torch.cat([past_v, v], dim=2)
@@ -157,9 +179,14 @@ class LeanBlocks:
             qidx = query_positions.to(x.device)
             x = x[:, query_positions]
         else:
-            qidx = torch.arange(pos, device=x.device)
-        # causal: local query i sees the whole prefix and local keys ≤ i
-        mask = torch.arange(offset + pos, device=x.device)[None, :] <= (qidx[:, None] + offset)
+            qidx = local
+        # causal: local query i sees the (row's) prefix and local keys ≤ i
+        key_idx = torch.arange(offset + pos, device=x.device)
+        mask = key_idx[None, :] <= (qidx[:, None] + offset)  # [q, keys]
+        if starts is not None:
+            in_prefix = key_idx[None, :] < starts[:, None]  # [rows, keys]
+            valid = torch.cat([in_prefix[:, :offset], torch.ones(len(starts), pos, dtype=torch.bool, device=x.device)], 1)
+            mask = (mask[None] & valid[:, None, :])[:, None]  # [rows, 1, q, keys]
         z = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
         )  # [rows, H, q, d_head]
