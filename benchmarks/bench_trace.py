@@ -4,10 +4,12 @@
     python benchmarks/bench_trace.py --facts 3 --samples 3 --no-naive
     python benchmarks/bench_trace.py --agreement 50       # attribution-vs-exact study on 50 correct facts
     python benchmarks/bench_trace.py --smoke              # tiny equality check (used by the tests)
+    python benchmarks/bench_trace.py --device cuda        # model on the GPU (default: cuda when available)
 
 Prints per fact: p_clean, p_noised, peak layer, naive / exact / attribution seconds, speed-up, max |grid diff|,
 the theoretical FLOP fraction of exact vs naive, and attribution agreement (Spearman ρ of the per-layer max
-curves, peak-layer agreement).
+curves, peak-layer agreement). On CUDA the device is synchronized before every timer read, and one small exact /
+naive / attribution trace warms the kernels up before the timed ones.
 """
 
 from __future__ import annotations
@@ -72,6 +74,37 @@ def pick_facts(model, facts, n: int, spread: bool = True) -> list[dict]:
     return [ok[round(i * (len(ok) - 1) / (n - 1))] for i in range(n)] if n > 1 else ok[:1]
 
 
+def _sync(model) -> None:
+    """Wait for the model's device (CUDA kernels run asynchronously) so that a timer read covers the work."""
+    dev = torch.device(model.cfg.device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _clock(model) -> float:
+    _sync(model)
+    return time.perf_counter()
+
+
+def _device_name(model) -> str:
+    dev = torch.device(model.cfg.device)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return f"{dev} (threads={torch.get_num_threads()})"
+
+
+def warmup(model) -> None:
+    """One tiny trace per method, so that first-call costs (CUDA context, cuBLAS/SDPA kernel choice, autograd) are
+    not charged to the first timed fact."""
+    from tracer.tracing import trace
+
+    args = (model, "Danielle Darrieux spoke", "Danielle Darrieux", " French")
+    for method in ("exact", "naive"):
+        trace(*args, samples=2, cells={4: [14]}, method=method)
+    trace(*args, samples=2, method="attribution")
+    _sync(model)
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     from scipy.stats import spearmanr
 
@@ -92,7 +125,8 @@ def flops(model, fact, window) -> float:
 def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, naive_facts=None) -> None:
     from tracer.tracing import trace
 
-    print(f"kind={kind} window={window} samples={samples} threads={torch.get_num_threads()}")
+    print(f"kind={kind} window={window} samples={samples} threads={torch.get_num_threads()} "
+          f"device={_device_name(model)}")
     print(
         f"{'fact':>5} {'T':>3} {'subj':>7} {'p_clean':>8} {'p_noised':>9} {'peak':>4} {'naive_s':>8} {'exact_s':>8} "
         f"{'speedup':>7} {'max|diff|':>9} {'flop_frac':>9} {'attr_s':>7} {'rho':>6} {'peak_attr':>9}"
@@ -101,22 +135,22 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
     for i, f in enumerate(facts):
         args = (model, f["prompt"], f["subject"], f["target"])
         kw = dict(kind=kind, window=window, samples=samples)
-        t0 = time.perf_counter()
+        t0 = _clock(model)
         e = trace(*args, method="exact", **kw)
-        te = time.perf_counter() - t0
+        te = _clock(model) - t0
         tn, diff = float("nan"), float("nan")
         if naive and (naive_facts is None or i < naive_facts):
-            t0 = time.perf_counter()
+            t0 = _clock(model)
             n = trace(*args, method="naive", **kw)
-            tn = time.perf_counter() - t0
+            tn = _clock(model) - t0
             diff = float((e.grid - n.grid).abs().max())
             tot_n += tn
             tot_e += te
         ta, rho, pa = float("nan"), float("nan"), -1
         if attribution:
-            t0 = time.perf_counter()
+            t0 = _clock(model)
             a = trace(*args, method="attribution", **kw)
-            ta = time.perf_counter() - t0
+            ta = _clock(model) - t0
             rho = spearman(e.per_layer(), a.per_layer())
             pa = a.peak_layer()
         print(
@@ -176,15 +210,19 @@ def main() -> None:
     ap.add_argument("--naive-facts", type=int, default=None, help="run naive on the first N facts only")
     ap.add_argument("--agreement", type=int, default=0, help="run the attribution-vs-exact study on N facts")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device of the model (default: cuda when available, else cpu)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from tracer import load_model
 
-    model = load_model()
+    model = load_model(device=a.device)
     if a.smoke:
         print(f"smoke: max |exact - naive| = {smoke(model):.2e}")
         return
     facts = load_facts()
+    if torch.device(a.device).type == "cuda":
+        warmup(model)
     if a.agreement:
         agreement(model, pick_facts(model, facts, a.agreement, spread=False),
                   kind=a.kind, window=a.window, samples=a.samples)

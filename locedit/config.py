@@ -71,6 +71,7 @@ class EditingConfig:
     methods: tuple[str, ...] = ("rome",)
     layers: tuple[int, ...] | None = None  # None: default_edit_layers(n_layers)
     essence: bool = True
+    forcing_edit_samples: int | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
 
 
 @dataclass(frozen=True)

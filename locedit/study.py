@@ -159,6 +159,7 @@ def _edit_record(model, fact, problem: str, method: str, layer: int, config: Stu
     outcome = run_edit(
         model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method),
         noise=_study_noise(model, config), essence=config.editing.essence,
+        edit_samples=config.editing.forcing_edit_samples,
     )
     return outcome.as_row()
 

@@ -25,6 +25,8 @@ the clean prompts and one for the noised ones, before the edit and again inside 
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -113,6 +115,17 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def _edit_noise(noise: SubjectNoise, samples: int | None) -> SubjectNoise:
+    """The first ``samples`` samples of ``noise``'s draw (the same values: one seeded stream)."""
+    if samples is None or samples >= noise.samples:
+        return noise
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"edit_samples must be an int >= 1, got {samples!r}")
+    if noise.values is not None:
+        return dataclasses.replace(noise, samples=samples, values=noise.values[:samples])
+    return dataclasses.replace(noise, samples=samples, of=noise.of or noise.samples)
+
+
 class _Scorer:
     """Collects (prompt, target, noised) queries and scores them all in two batched calls."""
 
@@ -151,6 +164,7 @@ def run_edit(
     hparams=None,
     noise: SubjectNoise | float | None = None,
     essence: bool = True,
+    edit_samples: int | None = None,
     **edit_kwargs,
 ) -> EditOutcome:
     """Edit ``fact`` for ``problem`` with ``method`` at ``layer``, score, restore the weights, return the outcome.
@@ -163,6 +177,9 @@ def run_edit(
             (:func:`problems.variants.problem_hparams`).
         noise: the subject noise for Tracing Reversal's o_noise and Fact Forcing: a :class:`SubjectNoise`, an
             absolute σ, or None (σ = 3 × std(W_E), 10 samples, seed 0).
+        edit_samples: Fact Forcing only: the edit optimizes over the first ``edit_samples`` noise samples of the
+            same draw (a cost knob: the edit's cost grows linearly with the samples); scoring always uses all of
+            them, so the rewrite score then also measures transfer to unseen noise draws. Default: all.
         essence: compute the essence score (costs sampling once per subject, cached, and two forward passes).
         edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
 
@@ -208,7 +225,7 @@ def run_edit(
     request = EditRequest(prompt=fact.template, subject=fact.subject, target=target)
     with edit(
         model, request, method=editor_method(method), layers=list(layers), hparams=hparams,
-        objective=prob.objective, noise=snoise if noised else None, **edit_kwargs,
+        objective=prob.objective, noise=_edit_noise(snoise, edit_samples) if noised else None, **edit_kwargs,
     ) as result:
         post = sc.run()
         ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan

@@ -208,9 +208,13 @@ def test_attribution_agrees_with_exact(model, resid_full):
 
 
 def test_flop_fraction():
+    # hand count, L=2, w=1, N=2, d_model=d_vocab=1, 1 param per block: block(q, k) = 2q + 4qk, unembed = 2;
+    # clean+corrupted = 2·(2·block(2,2) + 2·2) = 88; naive 4 cells × 44; exact (t=0: 22 + 2, t=1: 12 + 2)
+    f = flop_fraction(2, 1, n_prompt=2, subject_start=0, n_target=1, d_model=1, n_block_params=2, d_vocab=1)
+    assert f == pytest.approx((88 + 38) / (88 + 176))
     f = flop_fraction(30, 5, n_prompt=10, subject_start=4, n_target=1, d_model=576, n_block_params=106_000_000,
                       d_vocab=49152)
-    assert 0 < f < 0.3
+    assert 0.1 < f < 0.3
 
 
 def test_exact_tl_fallback_equals_naive(model, monkeypatch):

@@ -48,18 +48,23 @@ class SubjectNoise:
         seed: seed of the draw; the same (seed, samples, n_tokens) always gives the same ε.
         values: optional explicit ``[samples, n_subject_tokens, d_model]`` tensor used instead of a draw
             (its first dimension must equal ``samples``; its second the subject length it is used with).
+        of: draw ``of`` samples and keep the first ``samples`` of them (the same values as in the ``of``-sample
+            draw, e.g. a subset of the tracer's noise); default ``samples``.
     """
 
     sigma: float
     samples: int = 10
     seed: int = 0
     values: Tensor | None = None
+    of: int | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.values is not None and self.values.shape[0] != self.samples:
             raise ValueError(f"noise tensor has {self.values.shape[0]} samples, expected {self.samples}")
+        if self.of is not None and self.of < self.samples:
+            raise ValueError(f"of ({self.of}) must be >= samples ({self.samples})")
 
     def draw(
         self, n_tokens: int, d_model: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -73,7 +78,8 @@ class SubjectNoise:
                 )
             return self.values.to(device=device, dtype=dtype)
         gen = torch.Generator().manual_seed(self.seed)
-        eps = torch.randn(self.samples, n_tokens, d_model, generator=gen, dtype=torch.float32)
+        eps = torch.randn(self.of or self.samples, n_tokens, d_model, generator=gen, dtype=torch.float32)
+        eps = eps[: self.samples]
         return (eps * self.sigma).to(device=device, dtype=dtype)
 
 

@@ -626,8 +626,10 @@ def flop_fraction(
     attention score/value FLOPs included; the corrupted run and the clean run are counted for both).
 
     naive: every traced cell runs all L blocks on all N = n_prompt + n_target − 1 positions and unembeds N
-    positions; exact: a cell (t, l) runs blocks window(l).start..L−1 on positions t..N−1 (attending to t..N−1
-    plus the cached prefix) and unembeds n_target positions.
+    positions; exact: a cell (t, l) with window start a runs blocks a+1..L−1 on positions t..N−1 (attending to
+    t..N−1 plus the cached prefix; block a changes only position t, which costs no block pass for "mlp"/"resid"
+    and one position's MLP for "attn", not counted) and unembeds n_target positions. The last block's saving
+    (only the target positions need its queries and MLP) is not counted either, so this slightly overstates exact.
     """
     N = n_prompt + n_target - 1
 
@@ -641,5 +643,5 @@ def flop_fraction(
         for l in range(n_layers):
             a = window_layers(l, window, n_layers).start
             naive += n_layers * block(N, N) + N * unembed
-            exact += (n_layers - a) * block(N - t, N) + n_target * unembed
+            exact += (n_layers - a - 1) * block(N - t, N) + n_target * unembed
     return exact / naive
