@@ -1,4 +1,4 @@
-"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``info``."""
+"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``summary``, ``info``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    import polars as pl
+
+    from locedit.study import collect_tables
+    from stats.tables import score_summary, to_markdown
+
+    edits = collect_tables(*args.run_dirs)["edits"]
+    if edits.is_empty():
+        raise SystemExit(f"no finished edits in {', '.join(args.run_dirs)}")
+    table = score_summary(edits, by=[c.strip() for c in args.by.split(",") if c.strip()])
+    if args.markdown:
+        print(to_markdown(table))
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=3):
+            print(table)
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
     from tracer import cache_dir
@@ -142,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default=None, help="default: <first run dir>/report.html")
     rep.set_defaults(func=cmd_report)
+
+    sm = sub.add_parser("summary", help="mean scores, probabilities and seconds per problem × method × layer")
+    sm.add_argument("run_dirs", nargs="+")
+    sm.add_argument("--by", default="problem,method,layer", help="comma-separated grouping columns")
+    sm.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    sm.set_defaults(func=cmd_summary)
 
     i = sub.add_parser("info", help="versions, cache, data, and optionally a model's config")
     i.add_argument("--model", default=None)

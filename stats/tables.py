@@ -34,6 +34,7 @@ __all__ = [
     "correlation_table",
     "to_markdown",
     "paper_tables",
+    "score_summary",
 ]
 
 PROBLEM_ORDER = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing")
@@ -214,6 +215,36 @@ def to_markdown(
         prev = row
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+SUMMARY_COLUMNS = (
+    "rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "essence_score",
+    "p_rewrite_pre", "p_rewrite_post", "edit_seconds",
+)
+
+
+def score_summary(
+    edits: pl.DataFrame, by: Sequence[str] = ("problem", "method", "layer"), columns: Sequence[str] = SUMMARY_COLUMNS
+) -> pl.DataFrame:
+    """Means of ``columns`` (those present; NaN ignored) per group of ``by``, with ``n`` edits per group, in the
+    paper's problem and method order — e.g. mean rewrite/paraphrase/neighborhood/essence per problem × layer."""
+    missing = [c for c in by if c not in edits.columns]
+    if missing:
+        raise ValueError(f"edits table has no column(s) {missing}; columns: {edits.columns}")
+    cols = [c for c in columns if c in edits.columns]
+    out = edits.group_by(list(by)).agg(
+        pl.len().alias("n"), *[pl.col(c).fill_nan(None).mean().alias(c) for c in cols]
+    )
+    keys = []
+    for c in by:
+        if c == "problem":
+            out = out.with_columns(pl.col(c).map_elements(lambda v: _order(v, PROBLEM_ORDER), return_dtype=pl.Int64).alias("_o_" + c))
+        elif c == "method":
+            out = out.with_columns(pl.col(c).map_elements(lambda v: _order(v, METHOD_ORDER), return_dtype=pl.Int64).alias("_o_" + c))
+        else:
+            out = out.with_columns(pl.col(c).alias("_o_" + c))
+        keys.append("_o_" + c)
+    return out.sort(keys).drop(keys)
 
 
 def paper_tables(

@@ -504,3 +504,27 @@ def test_single_blas_thread_is_transparent():
         with stats.regressions.single_blas_thread():  # nests
             b = fit_regression(an, "rewrite_score")
     assert a == b
+
+
+def test_score_summary_means_and_order():
+    import polars as pl
+
+    from stats.tables import score_summary
+
+    edits = pl.DataFrame(
+        {
+            "problem": ["fact_forcing", "error_injection", "error_injection", "error_injection"],
+            "method": ["rome", "rome", "rome", "ft-1"],
+            "layer": [4, 12, 12, 12],
+            "rewrite_score": [0.1, 0.2, float("nan"), 0.9],
+            "edit_seconds": [1.0, 2.0, 4.0, 3.0],
+        }
+    )
+    t = score_summary(edits)
+    assert t["problem"].to_list() == ["error_injection", "error_injection", "fact_forcing"]
+    assert t["method"].to_list() == ["ft-1", "rome", "rome"]
+    assert t["n"].to_list() == [1, 2, 1]
+    assert t["rewrite_score"].to_list() == pytest.approx([0.9, 0.2, 0.1])  # NaN ignored
+    assert t["edit_seconds"].to_list() == pytest.approx([3.0, 3.0, 1.0])
+    with pytest.raises(ValueError, match="no column"):
+        score_summary(edits, by=["nope"])
