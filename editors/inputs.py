@@ -158,7 +158,8 @@ class SuffixPlan:
     length). A group of rows runs as one batch from its smallest ``p``.
 
     Attributes:
-        groups: per group ``(p, rows [g], scored index into the batch's flat scored pairs [n_g])``.
+        groups: per group ``(p, rows [g], scored index into the batch's flat scored pairs [n_g])`` (TransformerLens
+            blocks only; empty with ``lean``).
         keys, values: per block ``j`` (``start..L-1``) the unedited ``attn.hook_k``/``hook_v`` ``[rows, pos, kv, d_head]``
             (TransformerLens blocks), or with ``lean`` the rotated ``[rows, kv, pos, d_head]`` keys/values.
         start: the first block run (edit layer + 1).
@@ -216,18 +217,18 @@ def plan_suffix(
     names = suffix_cache_names(model, start)
     if acts is None or not all(n in acts for n in names):
         acts = cache_acts(model, batch, names) if names else {}
-    lookup = batch.lookup.tolist()
-    starts = _split_points(lookup, int(batch.tokens.shape[1]))
-    bounds = starts[1:] + [int(batch.tokens.shape[1]) + 1]
-    groups = []
-    for p, nxt in zip(starts, bounds):
-        rows = torch.nonzero((batch.lookup >= p) & (batch.lookup < nxt))[:, 0]
-        scored = torch.nonzero(torch.isin(batch.score_rows, rows))[:, 0]
-        groups.append((int(p), rows, scored))
     keys = {j: acts[f"blocks.{j}.attn.hook_k"] for j in range(start, model.cfg.n_layers)}
     values = {j: acts[f"blocks.{j}.attn.hook_v"] for j in range(start, model.cfg.n_layers)}
     lean = gather = None
-    if lean_supported(model) and start < model.cfg.n_layers:
+    groups = []
+    if not (lean_supported(model) and start < model.cfg.n_layers):  # TransformerLens blocks: rows in groups
+        starts = _split_points(batch.lookup.tolist(), int(batch.tokens.shape[1]))
+        bounds = starts[1:] + [int(batch.tokens.shape[1]) + 1]
+        for p, nxt in zip(starts, bounds):
+            rows = torch.nonzero((batch.lookup >= p) & (batch.lookup < nxt))[:, 0]
+            scored = torch.nonzero(torch.isin(batch.score_rows, rows))[:, 0]
+            groups.append((int(p), rows, scored))
+    else:  # lean blocks: ragged rows
         lean = LeanBlocks(model, layers=range(start, model.cfg.n_layers))
         p0 = int(batch.lookup.max())
         for j in keys:  # rotated once here, not at every optimisation step; only the longest prefix is needed

@@ -235,15 +235,13 @@ def score_summary(
     out = edits.group_by(list(by)).agg(
         pl.len().alias("n"), *[pl.col(c).fill_nan(None).mean().alias(c) for c in cols]
     )
-    keys = []
-    for c in by:
-        if c == "problem":
-            out = out.with_columns(pl.col(c).map_elements(lambda v: _order(v, PROBLEM_ORDER), return_dtype=pl.Int64).alias("_o_" + c))
-        elif c == "method":
-            out = out.with_columns(pl.col(c).map_elements(lambda v: _order(v, METHOD_ORDER), return_dtype=pl.Int64).alias("_o_" + c))
-        else:
-            out = out.with_columns(pl.col(c).alias("_o_" + c))
-        keys.append("_o_" + c)
+    orders = {"problem": PROBLEM_ORDER, "method": METHOD_ORDER}
+    keys = [f"_o_{c}" for c in by]
+    out = out.with_columns(
+        pl.col(c).map_elements(lambda v, o=orders[c]: _order(v, o), return_dtype=pl.Int64).alias(k)
+        if c in orders else pl.col(c).alias(k)
+        for c, k in zip(by, keys)
+    )
     return out.sort(keys).drop(keys)
 
 

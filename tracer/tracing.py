@@ -383,13 +383,12 @@ def _grid_exact_lean(model, st: _Setup, p_noised: float, cache, batch_size: int,
                 out = lean.block(j, x[:n], past_k, past_v, query_positions=qpos, **kw)
                 if qpos is None:
                     x[:n] = out
-                else:  # last block: keep only the scored positions from here on
+                else:  # last block: only the scored positions remain
                     x = torch.cat([out, x[n:, rel_tpos]]) if n < x.shape[0] else out
-                    rel_tpos = torch.arange(m, device=dev)
-            logits = model.unembed(model.ln_final(x[:, rel_tpos]))
+            final = x if min(joins) < L else x[:, rel_tpos]  # cells joining after the last block skip it
+            logits = model.unembed(model.ln_final(final))
             p = _seq_prob(logits, st.tgt).view(len(cells), S).mean(-1)
             grid[t, cells] = p.double().cpu()
-            rel_tpos = (_target_positions(st.np_corrupt, m) - tp).to(dev)
     return grid
 
 
