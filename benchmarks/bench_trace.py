@@ -4,10 +4,12 @@
     python benchmarks/bench_trace.py --facts 3 --samples 3 --no-naive
     python benchmarks/bench_trace.py --agreement 50       # attribution-vs-exact study on 50 correct facts
     python benchmarks/bench_trace.py --smoke              # tiny equality check (used by the tests)
+    python benchmarks/bench_trace.py --stock --threads 2  # also naive on stock TransformerLens modules
     python benchmarks/bench_trace.py --device cuda        # model on the GPU (default: cuda when available)
 
 Prints per fact: p_clean, p_noised, peak layer, naive / exact / attribution seconds, speed-up, max |grid diff|,
-the theoretical FLOP fraction of exact vs naive, and attribution agreement (Spearman ρ of the per-layer max
+the theoretical FLOP fraction of exact vs naive and its inverse (the speed-up at equal FLOP/s), with ``--stock`` the
+naive loop on TransformerLens's stock modules too, and attribution agreement (Spearman ρ of the per-layer max
 curves, peak-layer agreement). On CUDA the device is synchronized before every timer read, and one small exact /
 naive / attribution trace warms the kernels up before the timed ones.
 """
@@ -122,23 +124,28 @@ def flops(model, fact, window) -> float:
     return flop_fraction(cfg.n_layers, window, pt.n_tokens, pt.subject_span[0], m, cfg.d_model, n_block, cfg.d_vocab)
 
 
-def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, naive_facts=None) -> None:
+def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, naive_facts=None, stock=False) -> None:
+    """One row per fact. ``stock``: also time the naive loop on TransformerLens's stock GatedMLP/Unembed modules
+    (per-call weight copies; what a hand-written hook loop or ``transformer_lens.patching`` runs), beside the naive
+    loop on this package's copy-free modules (the same model ``exact`` uses)."""
+    from tracer.fast_modules import stock_modules
     from tracer.tracing import trace
 
     print(f"kind={kind} window={window} samples={samples} threads={torch.get_num_threads()} "
           f"device={_device_name(model)}")
     print(
         f"{'fact':>5} {'T':>3} {'subj':>7} {'p_clean':>8} {'p_noised':>9} {'peak':>4} {'naive_s':>8} {'exact_s':>8} "
-        f"{'speedup':>7} {'max|diff|':>9} {'flop_frac':>9} {'attr_s':>7} {'rho':>6} {'peak_attr':>9}"
+        f"{'speedup':>7} {'max|diff|':>9} {'flop_frac':>9} {'1/flop':>6} {'stock_s':>8} {'vs_stock':>8} "
+        f"{'attr_s':>7} {'rho':>6} {'peak_attr':>9}"
     )
-    tot_n = tot_e = 0.0
+    tot_n = tot_e = tot_s = tot_es = 0.0
     for i, f in enumerate(facts):
         args = (model, f["prompt"], f["subject"], f["target"])
         kw = dict(kind=kind, window=window, samples=samples)
         t0 = _clock(model)
         e = trace(*args, method="exact", **kw)
         te = _clock(model) - t0
-        tn, diff = float("nan"), float("nan")
+        tn, diff, ts = float("nan"), float("nan"), float("nan")
         if naive and (naive_facts is None or i < naive_facts):
             t0 = _clock(model)
             n = trace(*args, method="naive", **kw)
@@ -146,6 +153,14 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
             diff = float((e.grid - n.grid).abs().max())
             tot_n += tn
             tot_e += te
+            if stock:
+                with stock_modules(model):
+                    t0 = _clock(model)
+                    s = trace(*args, method="naive", **kw)
+                    ts = _clock(model) - t0
+                diff = max(diff, float((e.grid - s.grid).abs().max()))
+                tot_s += ts
+                tot_es += te
         ta, rho, pa = float("nan"), float("nan"), -1
         if attribution:
             t0 = _clock(model)
@@ -153,14 +168,18 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
             ta = _clock(model) - t0
             rho = spearman(e.per_layer(), a.per_layer())
             pa = a.peak_layer()
+        frac = flops(model, f, window)
         print(
             f"{f['id']:>5} {len(e.tokens):>3} {str(e.subject_span):>7} {e.p_clean:8.4f} {e.p_noised:9.5f} "
-            f"{e.peak_layer():>4} {tn:8.2f} {te:8.2f} {tn / te:7.1f} {diff:9.2e} {flops(model, f, window):9.3f} "
-            f"{ta:7.2f} {rho:6.3f} {pa:>9}",
+            f"{e.peak_layer():>4} {tn:8.2f} {te:8.2f} {tn / te:7.1f} {diff:9.2e} {frac:9.3f} {1 / frac:6.1f} "
+            f"{ts:8.2f} {ts / te:8.1f} {ta:7.2f} {rho:6.3f} {pa:>9}",
             flush=True,
         )
     if naive and tot_e > 0:
         print(f"total: naive {tot_n:.1f}s exact {tot_e:.1f}s speed-up {tot_n / tot_e:.1f}x")
+    if stock and tot_es > 0:
+        print(f"total: naive on stock TransformerLens modules {tot_s:.1f}s exact {tot_es:.1f}s speed-up "
+              f"{tot_s / tot_es:.1f}x")
 
 
 def agreement(model, facts, *, kind, window, samples) -> None:
@@ -208,6 +227,8 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-attribution", action="store_true")
     ap.add_argument("--naive-facts", type=int, default=None, help="run naive on the first N facts only")
+    ap.add_argument("--stock", action="store_true",
+                    help="also time naive on TransformerLens's stock MLP/unembed modules (per-call weight copies)")
     ap.add_argument("--agreement", type=int, default=0, help="run the attribution-vs-exact study on N facts")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -228,7 +249,7 @@ def main() -> None:
                   kind=a.kind, window=a.window, samples=a.samples)
         return
     bench(model, pick_facts(model, facts, a.facts), kind=a.kind, window=a.window, samples=a.samples,
-          naive=not a.no_naive, attribution=not a.no_attribution, naive_facts=a.naive_facts)
+          naive=not a.no_naive, attribution=not a.no_attribution, naive_facts=a.naive_facts, stock=a.stock)
 
 
 if __name__ == "__main__":

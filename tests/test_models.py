@@ -54,3 +54,19 @@ def test_unknown_model_name_is_a_clear_error():
 
         load_model("definitely-not-a-model-xyz")
     assert EMBEDDED_MODEL == "smollm2-135m"
+
+
+def test_copy_free_modules_match_stock_and_switch_back(model):
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    from tracer.fast_modules import CopyFreeGatedMLP, CopyFreeUnembed, stock_modules
+
+    tokens = model.to_tokens("The mother tongue of Danielle Darrieux is")
+    assert type(model.blocks[0].mlp) is CopyFreeGatedMLP and type(model.unembed) is CopyFreeUnembed
+    with torch.no_grad():
+        fast = model(tokens)
+        with stock_modules(model):
+            assert type(model.blocks[7].mlp) is GatedMLP and type(model.unembed) is not CopyFreeUnembed
+            stock = model(tokens)
+    assert type(model.blocks[7].mlp) is CopyFreeGatedMLP and type(model.unembed) is CopyFreeUnembed
+    assert (fast - stock).abs().max().item() < 1e-4

@@ -12,13 +12,15 @@ the 113 MB unembedding of SmolLM2 on every call).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.unembed import Unembed
 
-__all__ = ["CopyFreeGatedMLP", "CopyFreeUnembed", "use_copy_free_modules"]
+__all__ = ["CopyFreeGatedMLP", "CopyFreeUnembed", "use_copy_free_modules", "stock_modules"]
 
 
 class CopyFreeGatedMLP(GatedMLP):
@@ -55,3 +57,19 @@ def use_copy_free_modules(model: HookedTransformer) -> int:
         model.unembed.__class__ = CopyFreeUnembed
         n += 1
     return n
+
+
+@contextmanager
+def stock_modules(model: HookedTransformer):
+    """Inside the context, ``model`` runs TransformerLens's stock ``GatedMLP`` / ``Unembed`` (with their per-call
+    weight copies) instead of the copy-free classes; on exit the copy-free classes are back. For benchmarks that
+    compare against what a hand-written hook loop on a stock HookedTransformer gets. Parameters are untouched."""
+    swapped = [m for m in [*(b.mlp for b in model.blocks), model.unembed] if type(m) in (CopyFreeGatedMLP, CopyFreeUnembed)]
+    old = [type(m) for m in swapped]
+    try:
+        for m, cls in zip(swapped, old):
+            m.__class__ = GatedMLP if cls is CopyFreeGatedMLP else Unembed
+        yield model
+    finally:
+        for m, cls in zip(swapped, old):
+            m.__class__ = cls

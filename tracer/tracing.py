@@ -21,10 +21,14 @@ Three methods compute the grid:
 * ``"exact"`` (default): the same numbers, faster. Restoring token t at layers [a, b) cannot change (i) anything
   before layer a, so each cell starts from the corrupted run's cached ``blocks.{a}.hook_resid_pre``; (ii) any
   position < t (causal attention), so each cell only computes positions t..N-1, attending to the corrupted run's
-  cached keys/values of positions < t (a frozen TransformerLens KV-cache entry); (iii) logits other than the m
-  target positions, so only those are unembedded. Cells sharing a token are stacked on the batch dimension (rows
-  join the batch at their window's first layer) in chunks of ``batch_size`` rows. Cells of tokens before the
-  subject are p_noised without a pass (in all methods).
+  cached keys/values of positions < t; (iii) anything but position t inside layer a (the other positions' keys and
+  values there come from the unchanged resid_pre(a)), so a cell joins at layer a + 1 from the cached resid_mid(a);
+  (iv) logits and last-block outputs other than the m target positions, so only those are computed. Cells sharing a
+  token are stacked on the batch dimension (rows join at their own layer) in chunks of ``batch_size`` rows. Blocks
+  run through :class:`tracer.lean.LeanBlocks` (packed QKV, prefix keys rotated once, SDPA); models it does not
+  support use TransformerLens blocks with a frozen KV-cache entry (same numbers, without (iii) and the last-block
+  saving). Cells of tokens before the subject are p_noised without a pass (in all methods, as in the reference
+  code). :func:`flop_fraction` gives exact's FLOPs relative to naive.
 * ``"attribution"``: first-order (attribution-patching) estimate from one corrupted forward + backward pass:
   Δp(t, l) ≈ Σ_{j ∈ window(l)} mean_s ∇_{h_j(t)} p_s · (h_j^clean(t) − h_j^s(t)), the gradient of the
   *probability* (not the log-prob) of the target for noise sample s; grid = p_noised + Δp (may leave [0, 1]).
