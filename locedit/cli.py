@@ -1,4 +1,4 @@
-"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``summary``, ``info``."""
+"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``summary``, ``tune-ft``, ``info``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,27 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_tune_ft(args) -> int:
+    import polars as pl
+
+    from locedit.study import load_dataset
+    from problems.tuning import first_known, tune_norm_constraint
+    from tracer import load_model
+
+    model = load_model(args.model, device=args.device)
+    layer = args.layer if args.layer is not None else round(5 * model.cfg.n_layers / 28)  # GPT-J's layer 5 of 28
+    facts = first_known(model, load_dataset(args.dataset), args.facts)
+    print(f"tuning {args.method} for {args.problem} at layer {layer} on the first {len(facts)} known facts of "
+          f"{args.dataset} (ceiling {args.ceiling})", flush=True)
+    res = tune_norm_constraint(model, facts, args.problem, args.method, layer, bounds=args.bounds,
+                               ceiling=args.ceiling, progress=lambda line: print(line, flush=True))
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=4):
+        print(res.table)
+    verdict = "" if res.within_ceiling else f" (every bound exceeded {args.ceiling}: smallest scanned)"
+    print(f"chosen norm_constraint for {args.problem} {args.method}: {res.chosen:g}{verdict}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
     from tracer import cache_dir
@@ -166,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--by", default="problem,method,layer", help="comma-separated grouping columns")
     sm.add_argument("--markdown", action="store_true", help="print a Markdown table")
     sm.set_defaults(func=cmd_summary)
+
+    tf = sub.add_parser("tune-ft", help="tune FT's L-inf bound by Hase et al.'s rule (mean rewrite <= 0.99)")
+    tf.add_argument("--model", default="smollm2-135m")
+    tf.add_argument("--device", default=None)
+    tf.add_argument("--problem", default="error_injection")
+    tf.add_argument("--method", default="ft-1", choices=["ft-1", "ft-5"])
+    tf.add_argument("--layer", type=int, default=None, help="default: the paper's layer 5 of 28, scaled")
+    tf.add_argument("--facts", type=int, default=100, help="the first N known facts (the paper: 100)")
+    tf.add_argument("--dataset", default="counterfact")
+    tf.add_argument("--bounds", type=float, nargs="+", default=None, help="candidate bounds (default: 1e-5..1e-2)")
+    tf.add_argument("--ceiling", type=float, default=0.99)
+    tf.set_defaults(func=cmd_tune_ft)
 
     i = sub.add_parser("info", help="versions, cache, data, and optionally a model's config")
     i.add_argument("--model", default=None)

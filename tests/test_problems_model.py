@@ -44,7 +44,13 @@ def test_problem_targets_on_a_real_fact(model, facts):
 def test_problem_hparams_follow_appendix_a():
     assert problem_hparams("error_injection", "rome").kl_factor == 1.0
     assert problem_hparams("error_injection", "memit").kl_factor == 0.9
-    assert problem_hparams("error_injection", "ft-5").norm_constraint == 2e-5
+    gptj = "EleutherAI/gpt-j-6B"
+    assert problem_hparams("error_injection", "ft-1", gptj).norm_constraint == 1e-4
+    assert problem_hparams("error_injection", "ft-5", gptj).norm_constraint == 2e-5
+    # the embedded model's Error Injection FT bounds, re-tuned by the paper's rule (problems.tuning)
+    assert problem_hparams("error_injection", "ft-1", "SmolLM2-135M-Instruct").norm_constraint == 1e-2
+    assert problem_hparams("error_injection", "ft-5").norm_constraint == 1e-3
+    assert problem_hparams("error_injection", "ft-1", "gpt2-xl").norm_constraint == 1e-3
     assert problem_hparams("tracing_reversal", "ft-1").norm_constraint == 1e-5
     ff = problem_hparams("fact_forcing", "ft-1")
     assert ff.num_steps == 50 and ff.norm_constraint == 1e-4
