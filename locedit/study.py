@@ -79,24 +79,15 @@ def select_facts(model, config: StudyConfig, facts: Sequence | None = None) -> l
     """Shuffle the dataset with ``data.seed`` and keep, in that order, the first ``data.sample`` facts passing
     ``data.filter``. The filter runs lazily in cached chunks, so a 20-fact study does not decode 3,284 prompts.
     ``facts``: the dataset, if already loaded."""
-    from problems.filters import known_mask, min_target_prob_mask
+    from problems.filters import first_passing, known_mask, min_target_prob_mask
 
     facts = list(load_dataset(config.data.dataset) if facts is None else facts)
     random.Random(config.data.seed).shuffle(facts)
     want = config.data.sample if config.data.sample is not None else len(facts)
     if config.data.filter == "none":
         return facts[:want]
-    chosen = []
-    for lo in range(0, len(facts), _FILTER_CHUNK):
-        chunk = facts[lo : lo + _FILTER_CHUNK]
-        if config.data.filter == "known":
-            mask = known_mask(model, chunk)
-        else:
-            mask = min_target_prob_mask(model, chunk)
-        chosen += [f for f, ok in zip(chunk, mask) if ok]
-        if len(chosen) >= want:
-            break
-    return chosen[:want]
+    mask = known_mask if config.data.filter == "known" else min_target_prob_mask
+    return first_passing(model, facts, want, mask, chunk=_FILTER_CHUNK)
 
 
 # ---------------------------------------------------------------- units

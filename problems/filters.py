@@ -36,6 +36,7 @@ __all__ = [
     "filter_known",
     "min_target_prob_mask",
     "filter_min_target_prob",
+    "first_passing",
 ]
 
 KNOWN_N_TOKENS = 36
@@ -184,3 +185,22 @@ def _main() -> None:  # `python -m problems [limit]`: run and cache the CounterF
 
 if __name__ == "__main__":
     _main()
+
+
+def first_passing(
+    model: HookedTransformer,
+    facts: Sequence[Fact],
+    n: int,
+    mask: Callable[[HookedTransformer, Sequence[Fact]], list[bool]] | None = None,
+    chunk: int = 32,
+) -> list[Fact]:
+    """The first ``n`` facts, in the given order, passing ``mask`` (default :func:`known_mask`), checked lazily in
+    chunks of ``chunk`` facts so that a small selection does not filter a whole dataset (``known_mask`` caches)."""
+    mask = known_mask if mask is None else mask
+    out: list[Fact] = []
+    for lo in range(0, len(facts), chunk):
+        part = list(facts[lo : lo + chunk])
+        out += [f for f, ok in zip(part, mask(model, part)) if ok]
+        if len(out) >= n:
+            break
+    return out[:n]

@@ -25,11 +25,9 @@ the clean prompts and one for the noised ones, before the edit and again inside 
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformer_lens import HookedTransformer
@@ -122,8 +120,8 @@ def _edit_noise(noise: SubjectNoise, samples: int | None) -> SubjectNoise:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"edit_samples must be an int >= 1, got {samples!r}")
     if noise.values is not None:
-        return dataclasses.replace(noise, samples=samples, values=noise.values[:samples])
-    return dataclasses.replace(noise, samples=samples, of=noise.of or noise.samples)
+        return replace(noise, samples=samples, values=noise.values[:samples])
+    return replace(noise, samples=samples, of=noise.of or noise.samples)
 
 
 class _Scorer:

@@ -13,14 +13,14 @@ Adam at a fixed learning rate the reachable set, and in practice the rewrite sco
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 from transformer_lens import HookedTransformer
 
 from problems.facts import Fact
+from problems.filters import first_passing
 from problems.run import run_edit
 from problems.variants import PROBLEMS, problem_hparams
 
@@ -68,18 +68,10 @@ def choose_norm_constraint(bounds: Sequence[float], mean_rewrites: Sequence[floa
     return min(bounds), False
 
 
-def first_known(model: HookedTransformer, facts: Sequence[Fact], n: int, chunk: int = 32) -> list[Fact]:
-    """The first ``n`` facts, in dataset order, that the model knows (:func:`problems.filters.known_mask`,
-    cached), checked lazily in chunks."""
-    from problems.filters import known_mask
-
-    out: list[Fact] = []
-    for lo in range(0, len(facts), chunk):
-        part = list(facts[lo : lo + chunk])
-        out += [f for f, ok in zip(part, known_mask(model, part)) if ok]
-        if len(out) >= n:
-            break
-    return out[:n]
+def first_known(model: HookedTransformer, facts: Sequence[Fact], n: int) -> list[Fact]:
+    """The first ``n`` facts, in dataset order, that the model knows (the paper's "first 100 points";
+    :func:`problems.filters.first_passing` with the cached :func:`problems.filters.known_mask`)."""
+    return first_passing(model, facts, n)
 
 
 def tune_norm_constraint(
@@ -119,7 +111,7 @@ def tune_norm_constraint(
     base = problem_hparams(problem, m, model.cfg.model_name)
     rows = []
     for bound in scan:
-        hp = dataclasses.replace(base, norm_constraint=bound)
+        hp = replace(base, norm_constraint=bound)
         outs = [run_edit(model, f, problem, m, layer, hparams=hp, essence=False) for f in facts]
         row = pl.DataFrame(
             {

@@ -122,3 +122,20 @@ def test_edit_noise_is_a_prefix_of_the_scoring_noise():
         _edit_noise(full, 0)
     with pytest.raises(ValueError):
         SubjectNoise(0.5, samples=4, of=2)
+
+
+def test_first_passing_is_ordered_and_lazy():
+    from problems.filters import first_passing
+
+    facts = load_counterfact(limit=10)
+    calls = []
+
+    def every_other(model, part):
+        calls.append(len(part))
+        return [int(f.id.split(":")[1]) % 2 == 0 for f in part]
+
+    evens = [f for f in facts if int(f.id.split(":")[1]) % 2 == 0]
+    got = first_passing(None, facts, 2, every_other, chunk=3)
+    assert [f.id for f in got] == [f.id for f in evens[:2]]
+    assert sum(calls) < len(facts)  # stopped once 2 passed
+    assert [f.id for f in first_passing(None, facts, 100, every_other, chunk=4)] == [f.id for f in evens]
