@@ -82,7 +82,9 @@ def build_batch(
     For a text with an appended target ``t`` (= target ids without the last token, teacher forcing), the scored
     positions are ``n-1 .. n-1+len(target)-1`` (pass the *full* target ids in ``appended``; the last is dropped
     from the tokens and used as the last score target). With ``appended[i] = None`` the row scores the whole
-    next-token distribution at its last position (KL prompts; target −1).
+    next-token distribution at its *last subject token* (KL prompts; target −1): the reference codebases read the
+    KL prompt "{subject} is a" there (``rome/compute_v.py`` and ``memit/compute_z.py`` index the logits of the KL
+    prompts at their lookup index), not at the prompt's last token.
     """
     reps = 1 if noise is None else noise.samples
     rows, lookups, groups, spans, eps_rows = [], [], [], [], []
@@ -104,7 +106,7 @@ def build_batch(
             if eps is not None:
                 eps_rows.append(eps[r])
             if tgt is None:
-                s_rows.append(b), s_pos.append(n - 1), s_tgt.append(-1)
+                s_rows.append(b), s_pos.append(pt.last_subject_index), s_tgt.append(-1)
             else:
                 for j in range(int(tgt.shape[0])):
                     s_rows.append(b), s_pos.append(n - 1 + j), s_tgt.append(int(tgt[j]))

@@ -3,7 +3,10 @@
 1. z = z_init + δ at ``blocks.{L}.hook_resid_post`` (L = last window layer) at the last subject token, δ from
    :func:`editors.vstar.optimize_target` (z_init = the plain prompt's residual there).
 2. For each window layer l_i (i = 0..n−1, in order), with the earlier layers already updated:
-   k = mean over context-template prompts of ``blocks.{l_i}.mlp.hook_post`` at the last subject token,
+   k = ``blocks.{l_i}.mlp.hook_post`` at the last subject token, averaged *within* each context-template group
+   first and then over the groups (:func:`mean_of_group_means`, as ``memit/compute_ks.py``): with MEMIT's
+   templates ``[["{}"], [5 prefixed]]`` the plain prompt weighs 1/2 and each prefixed one 1/10 (a flat mean
+   would give 1/6 each),
    r = (z − h_L) / (n − i) with h_L the plain prompt's current ``resid_post[L]``, and
 
        ΔW_out(l_i) = (λ C_l + k kᵀ)⁻¹ k ⊗ r        [d_mlp, d_model], solved in float64,
@@ -27,12 +30,12 @@ from editors.deltas import EditResult, exact_delta, parameter, snapshot
 from editors.hparams import MEMITHyperParams
 from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
-from editors.templates import context_templates
+from editors.templates import context_templates, template_group_sizes
 from editors.vstar import optimize_target
 from tracer.noise import SubjectNoise
 from tracer.tokens import target_tokens
 
-__all__ = ["memit_update", "execute_memit"]
+__all__ = ["memit_update", "execute_memit", "mean_of_group_means"]
 
 
 @jaxtyped(typechecker=beartype)
@@ -44,6 +47,15 @@ def memit_update(
     A = lam * C.double() + torch.outer(k64, k64)
     adj = torch.linalg.solve(A, k64).to(r.device)
     return torch.outer(adj, r.double()).to(r.dtype)
+
+
+@jaxtyped(typechecker=beartype)
+def mean_of_group_means(x: Float[Tensor, "prompts d"], sizes: Sequence[int]) -> Float[Tensor, " d"]:
+    """Mean over groups of the mean within each group; ``sizes`` are the consecutive group sizes of ``x``'s rows
+    (``memit/compute_ks.py``'s averaging of keys over context-template types)."""
+    if sum(sizes) != x.shape[0] or any(n < 1 for n in sizes):
+        raise ValueError(f"group sizes {tuple(sizes)} do not partition {x.shape[0]} rows")
+    return torch.stack([g.mean(0) for g in x.split(list(sizes))]).mean(0)
 
 
 def execute_memit(
@@ -82,13 +94,14 @@ def execute_memit(
             early_stop_loss=hp.early_stop_loss, v_hook="hook_resid_post", fast=fast,
         )
         z = opt.v_init + opt.delta
-        rw = batch.group < len(texts)
         rows = torch.arange(batch.n_rows)
         for i, layer in enumerate(layers):
             acts = cache_acts(
                 model, batch, [f"blocks.{layer}.mlp.hook_post", f"blocks.{L}.hook_resid_post"], stop_at_layer=L + 1
             )
-            k = acts[f"blocks.{layer}.mlp.hook_post"][rows, batch.lookup][rw].mean(0)
+            keys = acts[f"blocks.{layer}.mlp.hook_post"][rows, batch.lookup]
+            per_prompt = torch.stack([group_mean(keys, batch, g) for g in range(len(texts))])
+            k = mean_of_group_means(per_prompt, template_group_sizes(hp.context_lengths))
             h = group_mean(acts[f"blocks.{L}.hook_resid_post"][rows, batch.lookup], batch, 0)
             r = (z - h) / (len(layers) - i)
             dW = memit_update(covariance(model, layer), k, r, hp.mom2_update_weight)

@@ -19,7 +19,7 @@ from transformer_lens import HookedTransformer
 from tracer.models import cache_dir, model_id
 from tracer.tokens import encode
 
-__all__ = ["START_WORDS", "context_templates", "sample_texts"]
+__all__ = ["START_WORDS", "context_templates", "sample_texts", "template_group_sizes"]
 
 START_WORDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -40,6 +40,12 @@ def sample_texts(
         nxt = idx.gather(1, choice).to(toks.device)
         toks = torch.cat([toks, nxt], dim=1)
     return [model.tokenizer.decode(t.tolist()) for t in toks]
+
+
+def template_group_sizes(context_lengths: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    """Sizes of the template groups :func:`context_templates` returns, in order: ``"{}"`` alone, then ``n`` per
+    ``(length, n)``. E.g. MEMIT's ``((10, 5),)`` → ``(1, 5)``; ROME's ``((5, 10), (10, 10))`` → ``(1, 10, 10)``."""
+    return (1, *(int(n) for _, n in context_lengths))
 
 
 def context_templates(
