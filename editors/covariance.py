@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
+from tracer.atomic import atomic_path
 
 __all__ = ["DEFAULT_CORPUS", "DEFAULT_N_TOKENS", "corpus_tokens", "key_second_moment", "key_second_moments"]
 
@@ -134,11 +134,8 @@ def key_second_moments(
         c = acc[layer] / n_tokens
         out[layer] = c
         if cache:
-            p = _cache_path(model, layer, h, n_tokens, seq_len)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{p}.tmp{os.getpid()}")
-            torch.save(c.float(), tmp)  # float32 on disk (as the reference); float64 in memory
-            tmp.replace(p)
+            with atomic_path(_cache_path(model, layer, h, n_tokens, seq_len)) as tmp:
+                torch.save(c.float(), tmp)  # float32 on disk (as the reference); float64 in memory
             out[layer] = c.float().double()  # identical whether computed now or loaded
     return out
 

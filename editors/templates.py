@@ -10,13 +10,12 @@ Templates are cached as JSON under ``cache_dir()/"templates"`` keyed by model id
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
+from tracer.atomic import write_atomic
 from tracer.tokens import encode
 
 __all__ = ["START_WORDS", "context_templates", "sample_texts", "template_group_sizes"]
@@ -65,8 +64,5 @@ def context_templates(
         texts = sample_texts(model, starts, length, seed=seed + 1000 * i)
         out += [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(out))
     return tuple(out)

@@ -17,6 +17,8 @@ from typing import Any
 
 import polars as pl
 
+from tracer.atomic import atomic_path
+
 __all__ = ["Journal", "read_journal", "read_journals", "write_parquet_atomic"]
 
 
@@ -102,7 +104,5 @@ def read_journals(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> None:
     """Write ``df`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from locedit.config import ConfigError, StudyConfig, default_edit_layers
 from locedit.journal import Journal, read_journals, write_parquet_atomic
+from tracer.atomic import write_atomic
 
 __all__ = ["StudySummary", "run_study", "select_facts", "collect_tables", "unit_keys"]
 
@@ -174,18 +175,12 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, model, facts: Sequence)
                 f"{sorted(k for k in cfg if cfg.get(k) != old.get(k))})"
             )
     else:
-        _write_text_atomic(cfg_path, json.dumps(cfg, indent=2))
+        write_atomic(cfg_path, json.dumps(cfg, indent=2))
     if facts_path.exists():
         return json.loads(facts_path.read_text())
     ids = [f.id for f in select_facts(model, config, facts)]
-    _write_text_atomic(facts_path, json.dumps(ids))
+    write_atomic(facts_path, json.dumps(ids))
     return ids
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def run_study(

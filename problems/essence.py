@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import torch
 from transformer_lens import HookedTransformer
 
 from problems.facts import essence_prompt
 from tracer.models import cache_dir, model_id
+from tracer.atomic import write_atomic
 from tracer.tokens import encode
 
 __all__ = ["EssenceTexts", "essence_texts", "essence_perplexity"]
@@ -77,10 +77,7 @@ def essence_texts(
         ).cpu()
     out = EssenceTexts(gen, int(prompt.numel()))
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"subject": subject, "prompt_len": out.prompt_len, "tokens": gen.tolist()}))
-        tmp.replace(path)
+        write_atomic(path, json.dumps({"subject": subject, "prompt_len": out.prompt_len, "tokens": gen.tolist()}))
     return out
 
 

