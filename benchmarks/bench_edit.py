@@ -39,7 +39,7 @@ def main() -> None:
     L = model.cfg.n_layers
     request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
     layer_sets = {
-        (m, c): ((c,) if m in ("rome", "ft") else window_layers(L, c)) for m in args.methods for c in args.layers
+        (m, c): ((c,) if m in ("rome", "ft") else tuple(window_layers(c, 5, L))) for m in args.methods for c in args.layers
     }
     t = time.perf_counter()
     for m in args.methods:

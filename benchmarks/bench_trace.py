@@ -102,8 +102,8 @@ def warmup(model) -> None:
 
     args = (model, "Danielle Darrieux spoke", "Danielle Darrieux", " French")
     for method in ("exact", "naive"):
-        trace(*args, samples=2, cells={4: [14]}, method=method)
-    trace(*args, samples=2, method="attribution")
+        trace(*args, samples=2, cells={4: [14]}, algorithm=method)
+    trace(*args, samples=2, algorithm="attribution")
     _sync(model)
 
 
@@ -143,12 +143,12 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
         args = (model, f["prompt"], f["subject"], f["target"])
         kw = dict(kind=kind, window=window, samples=samples)
         t0 = _clock(model)
-        e = trace(*args, method="exact", **kw)
+        e = trace(*args, algorithm="exact", **kw)
         te = _clock(model) - t0
         tn, diff, ts = float("nan"), float("nan"), float("nan")
         if naive and (naive_facts is None or i < naive_facts):
             t0 = _clock(model)
-            n = trace(*args, method="naive", **kw)
+            n = trace(*args, algorithm="naive", **kw)
             tn = _clock(model) - t0
             diff = float((e.grid - n.grid).abs().max())
             tot_n += tn
@@ -156,7 +156,7 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
             if stock:
                 with stock_modules(model):
                     t0 = _clock(model)
-                    s = trace(*args, method="naive", **kw)
+                    s = trace(*args, algorithm="naive", **kw)
                     ts = _clock(model) - t0
                 diff = max(diff, float((e.grid - s.grid).abs().max()))
                 tot_s += ts
@@ -164,7 +164,7 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
         ta, rho, pa = float("nan"), float("nan"), -1
         if attribution:
             t0 = _clock(model)
-            a = trace(*args, method="attribution", **kw)
+            a = trace(*args, algorithm="attribution", **kw)
             ta = _clock(model) - t0
             rho = spearman(e.per_layer(), a.per_layer())
             pa = a.peak_layer()
@@ -190,8 +190,8 @@ def agreement(model, facts, *, kind, window, samples) -> None:
     for i, f in enumerate(facts):
         args = (model, f["prompt"], f["subject"], f["target"])
         kw = dict(kind=kind, window=window, samples=samples)
-        e = trace(*args, method="exact", **kw)
-        a = trace(*args, method="attribution", **kw)
+        e = trace(*args, algorithm="exact", **kw)
+        a = trace(*args, algorithm="attribution", **kw)
         rhos.append(spearman(e.per_layer(), a.per_layer()))
         rhos_last.append(spearman(e.per_layer("last_subject"), a.per_layer("last_subject")))
         same += e.peak_layer() == a.peak_layer()
@@ -212,7 +212,7 @@ def smoke(model) -> float:
     args = (model, "Danielle Darrieux spoke", "Danielle Darrieux", " French")
     cells = {0: [0], 4: [14], 5: [29]}
     e = trace(*args, samples=2, cells=cells)
-    n = trace(*args, samples=2, cells=cells, method="naive")
+    n = trace(*args, samples=2, cells=cells, algorithm="naive")
     ok = ~e.grid.isnan()
     return float((e.grid[ok] - n.grid[ok]).abs().max())
 

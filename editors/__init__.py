@@ -1,7 +1,7 @@
 """locedit.editors: ROME, MEMIT and constrained finetuning on TransformerLens models, with exact undo.
 
     from editors import EditRequest, edit, apply
-    request = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target=" English")
+    request = EditRequest(template="The mother tongue of {} is", subject="Danielle Darrieux", target=" English")
     with edit(model, request, method="rome", layers=[6]) as result:
         ...
 """
@@ -10,18 +10,15 @@ from editors.context import apply, edit, edited_parameter_names, with_hparams
 from editors.covariance import key_second_moment, key_second_moments
 from editors.deltas import EditResult, apply_deltas, restore
 from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
-from editors.requests import (
-    METHODS,
-    EditRequest,
-    EmptyTargetError,
-    LayerOutOfRangeError,
-    SubjectNotFoundError,
-    window_layers,
-)
+from editors.methods import EDIT_METHODS, EditMethod, EditMethodName, method_layers, resolve_method
+from editors.requests import EditRequest, EmptyTargetError, LayerOutOfRangeError, SubjectNotFoundError
+from tracer.vocab import window_layers
 from editors.templates import context_templates
 
 __all__ = [
-    "METHODS",
+    "EDIT_METHODS",
+    "EditMethod",
+    "EditMethodName",
     "EditRequest",
     "EditResult",
     "EmptyTargetError",
@@ -38,6 +35,8 @@ __all__ = [
     "edited_parameter_names",
     "key_second_moment",
     "key_second_moments",
+    "method_layers",
+    "resolve_method",
     "restore",
     "window_layers",
     "with_hparams",

@@ -15,32 +15,23 @@ from contextlib import contextmanager
 from transformer_lens import HookedTransformer
 
 from editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot
-from editors.finetune import execute_ft
-from editors.hparams import FTHyperParams, HyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
-from editors.memit import execute_memit
-from editors.requests import EditRequest, validate_layers, validate_method, validate_request
-from editors.rome import execute_rome
-from tracer.noise import SubjectNoise
+from editors.hparams import HyperParams, default_hparams
+from editors.methods import EditMethod, resolve_method
+from editors.requests import EditRequest, validate_layers, validate_request
+from tracer.corruption import GaussianNoise, as_corruption
 
 __all__ = ["apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
 
-_HP_TYPES = {"rome": ROMEHyperParams, "memit": MEMITHyperParams, "ft": FTHyperParams}
-
-
 def edited_parameter_names(method: str, layers: Sequence[int]) -> list[str]:
     """The parameters ``method`` changes: ``blocks.{l}.mlp.W_out`` (+ ``b_out`` for FT)."""
-    ws = ("W_out", "b_out") if validate_method(method) == "ft" else ("W_out",)
-    return [f"blocks.{layer}.mlp.{w}" for layer in layers for w in ws]
+    return resolve_method(method).parameter_names(layers)
 
 
-def _resolve_hparams(model: HookedTransformer, method: str, hparams: HyperParams | None) -> HyperParams:
+def _resolve_hparams(model: HookedTransformer, entry: EditMethod, hparams: HyperParams | None) -> HyperParams:
     if hparams is None:
-        try:
-            return default_hparams(method, model.cfg.model_name)
-        except ValueError:
-            return _HP_TYPES[method]()  # unknown model: the reference (GPT-J) values
-    if not isinstance(hparams, _HP_TYPES[method]):
-        raise TypeError(f"method {method!r} needs {_HP_TYPES[method].__name__}, got {type(hparams).__name__}")
+        return default_hparams(entry.name, model)
+    if not isinstance(hparams, entry.hparams):
+        raise TypeError(f"method {entry.name!r} needs {entry.hparams.__name__}, got {type(hparams).__name__}")
     return hparams
 
 
@@ -51,7 +42,7 @@ def apply(
     layers: Sequence[int],
     hparams: HyperParams | None = None,
     objective: str = "maximize",
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     *,
     covariance=None,
     fast: bool = True,
@@ -59,7 +50,8 @@ def apply(
     """Edit ``model`` in place (permanently) and return the :class:`EditResult` (exact float64 deltas).
 
     Args:
-        method: "rome" (exactly one layer), "memit" (the window, e.g. 5 layers), "ft" (FT-1: one layer; FT-5: five).
+        method: an :data:`editors.methods.EDIT_METHODS` name — "rome" (exactly one layer), "memit" (the window,
+            e.g. 5 layers), "ft-1"/"ft-5" (or "ft": constrained finetuning of the given layers).
         layers: layers whose MLP ``W_out`` (and ``b_out`` for FT) are edited.
         hparams: method's hyper-parameters (default: :func:`editors.hparams.default_hparams` for the model).
         objective: "maximize" p(target) (inject/amplify/force) or "minimize" it (erase).
@@ -73,24 +65,22 @@ def apply(
         ValueError: unknown method/objective; ROME with ≠ 1 layer. LayerOutOfRangeError, EmptyTargetError,
         SubjectNotFoundError: see :mod:`editors.requests`.
     """
-    method = validate_method(method)
+    entry = resolve_method(method)
     if objective not in ("maximize", "minimize"):
         raise ValueError(f"objective must be 'maximize' or 'minimize', got {objective!r}")
     layers = validate_layers(model, layers)
     validate_request(model, request)
-    if method == "rome" and len(layers) != 1:
-        raise ValueError(f"ROME edits exactly one layer, got {layers}")
-    hp = _resolve_hparams(model, method, hparams)
-    if noise is not None and not isinstance(noise, SubjectNoise):
-        raise TypeError(f"noise must be a tracer.noise.SubjectNoise, got {type(noise).__name__}")
-    names = edited_parameter_names(method, layers)
-    snap = snapshot(model, names)
+    if entry.single_layer and len(layers) != 1:
+        raise ValueError(f"{entry.label} edits exactly one layer, got {layers}")
+    hp = _resolve_hparams(model, entry, hparams)
+    if noise is not None:
+        noise = as_corruption(noise)
+        if not isinstance(noise, GaussianNoise):
+            raise TypeError(f"editing takes Gaussian subject noise (Fact Forcing), got {type(noise).__name__}")
+        noise = noise.resolve(model)
+    snap = snapshot(model, entry.parameter_names(layers))
     try:
-        if method == "rome":
-            return execute_rome(model, request, layers[0], hp, objective, noise, covariance=covariance, fast=fast)
-        if method == "memit":
-            return execute_memit(model, request, layers, hp, objective, noise, covariance=covariance, fast=fast)
-        return execute_ft(model, request, layers, hp, objective, noise, fast=fast)
+        return entry.execute(model, request, layers, hp, objective, noise, covariance=covariance, fast=fast)
     except BaseException:
         load_snapshot(model, snap)  # a failed edit leaves the model untouched
         raise
@@ -104,13 +94,12 @@ def edit(
     layers: Sequence[int],
     hparams: HyperParams | None = None,
     objective: str = "maximize",
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     **kwargs,
 ) -> Iterator[EditResult]:
     """Context manager: the model is edited inside the block (``as result``: the :class:`EditResult`); on exit
     — normal or by exception — the edited parameters are restored bit-identically from a snapshot."""
-    names = edited_parameter_names(validate_method(method), validate_layers(model, layers))
-    snap = snapshot(model, names)
+    snap = snapshot(model, edited_parameter_names(method, validate_layers(model, layers)))
     try:
         yield apply(model, request, method, layers, hparams, objective, noise, **kwargs)
     finally:

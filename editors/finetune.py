@@ -26,7 +26,7 @@ from editors.hparams import FTHyperParams
 from editors.inputs import build_batch, cache_acts, frozen_params, run_from, run_plain, scored_logits
 from editors.requests import EditRequest
 from editors.vstar import target_loss_terms
-from tracer.noise import SubjectNoise
+from tracer.corruption import GaussianNoise
 from tracer.tokens import target_tokens
 
 __all__ = ["linf_bounds", "execute_ft"]
@@ -54,7 +54,7 @@ def execute_ft(
     layers: Sequence[int],
     hp: FTHyperParams,
     objective: str = "maximize",
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     *,
     fast: bool = True,
 ) -> EditResult:

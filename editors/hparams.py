@@ -1,16 +1,16 @@
 """Hyper-parameters of the editors (frozen dataclasses) and their per-model defaults.
 
-Defaults are the reference values (Meng et al. 2022/2023 code as used by Hase et al. 2023, GPT-J) unless noted;
-``default_hparams(method, model_name)`` gives the GPT-J, gpt2-xl and the embedded SmolLM2-135M values. Problem
-specific overrides (Hase et al. App. A) are made with :func:`dataclasses.replace`, e.g. Fact Forcing:
-``replace(default_hparams("rome", name), v_num_grad_steps=25, v_lr=0.05)``, FT: ``num_steps=50``.
+Defaults are the reference values (Meng et al. 2022/2023 code as used by Hase et al. 2023, GPT-J);
+``default_hparams(method, model)`` applies the model profile's overrides (:mod:`tracer.profiles`), and
+``problems.problem_hparams`` adds the problem's App. A overrides from the same profile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ROMEHyperParams", "MEMITHyperParams", "FTHyperParams", "HyperParams", "default_hparams", "model_family"]
+__all__ = ["ROMEHyperParams", "MEMITHyperParams", "FTHyperParams", "HyperParams", "default_hparams"]
 
 
 @dataclass(frozen=True)
@@ -87,40 +87,12 @@ class FTHyperParams:
 HyperParams = ROMEHyperParams | MEMITHyperParams | FTHyperParams
 
 
-def model_family(model_name: str) -> str:
-    """``"gpt-j"``, ``"gpt2-xl"`` or ``"smollm2"`` (the embedded model) from a model or config name."""
-    n = model_name.lower().replace("_", "-")
-    if "gpt-j" in n:
-        return "gpt-j"
-    if "gpt2-xl" in n:
-        return "gpt2-xl"
-    if "smollm2" in n:
-        return "smollm2"
-    raise ValueError(f"no default hyper-parameters for model {model_name!r}; pass hparams explicitly")
+def default_hparams(method: str, model="smollm2-135m") -> HyperParams:
+    """Default hyper-parameters of edit ``method`` for a model (a HookedTransformer or a name): the method's
+    dataclass (reference GPT-J values) with the model profile's overrides (:mod:`tracer.profiles`; an unknown model
+    gets the fallback profile, i.e. the reference values)."""
+    from editors.methods import resolve_method
+    from tracer.profiles import profile_for
 
-
-def default_hparams(method: str, model_name: str = "smollm2-135m") -> HyperParams:
-    """Default hyper-parameters of ``method`` ("rome", "memit", "ft") for a model.
-
-    * GPT-J: the reference values (ROME rome/hparams/ROME/EleutherAI_gpt-j-6B.json, MEMIT .../MEMIT/EleutherAI_
-      gpt-j-6B.json; FT norm constraint 1e-4 = Hase et al.'s Error Injection FT-1 value).
-    * gpt2-xl: ROME as GPT-J; MEMIT λ 20000, 20 steps; FT norm constraint 1e-3 (Hase et al. App. A, EI FT-1).
-    * smollm2 (embedded, d_mlp 1536): ROME and FT as GPT-J (rewrite ≥ 0.5 on known CounterFact facts at the middle
-      layers, see tests); MEMIT λ scaled down to 5000 since its keys are 1536-dim (vs 16384) — tuned so that a
-      5-layer edit at layers 10..14 reaches p(target) > 0.5 on most facts.
-    """
-    from editors.requests import validate_method
-
-    method = validate_method(method)
-    fam = model_family(model_name)
-    if method == "rome":
-        return ROMEHyperParams()
-    if method == "memit":
-        if fam == "gpt2-xl":
-            return MEMITHyperParams(v_num_grad_steps=20, mom2_update_weight=20000.0)
-        if fam == "smollm2":
-            return MEMITHyperParams(mom2_update_weight=5000.0)
-        return MEMITHyperParams()
-    if fam == "gpt2-xl":
-        return FTHyperParams(norm_constraint=1e-3)
-    return FTHyperParams()
+    entry = resolve_method(method)
+    return dataclasses.replace(entry.hparams(), **profile_for(model).hparam_overrides(entry.name))

@@ -5,7 +5,7 @@
   ``ln_final`` and the unembedding *only at the scored positions*. Valid because nothing below ``start`` changes.
 * **plain**: the whole model from tokens at every step with hooks (the reference way), used for parity checks.
 
-Noise (Fact Forcing): with ``noise = SubjectNoise(sigma, samples, seed)`` every prompt becomes ``samples`` rows;
+Noise (Fact Forcing): with ``noise = GaussianNoise(sigma=..., samples=..., seed=...)`` (resolved) every prompt becomes ``samples`` rows;
 row ``r`` of a prompt gets ``noise.draw(n_subject_tokens)[r]`` added at ``hook_embed`` at *that prompt's own*
 subject positions (located with :func:`tracer.tokens.locate_subject`). Probabilities of a prompt are the mean over
 its rows, as in the tracer's evaluation. All ``noise.samples`` samples are used for every prompt the editors build.
@@ -24,8 +24,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tracer.lean import LeanBlocks, lean_supported
-from tracer.noise import SubjectNoise, noise_hook
+from tracer.corruption import GaussianNoise, noise_hook
+from tracer.suffix import SuffixRunner
 from tracer.tokens import locate_subject
 
 __all__ = [
@@ -75,7 +75,7 @@ def build_batch(
     texts: Sequence[str],
     subject: str,
     appended: Sequence[Tensor | None],
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
 ) -> EditBatch:
     """One row per (text, noise sample): ``tokens(text) + appended[i]``.
 
@@ -152,56 +152,25 @@ def run_from(
 
 @dataclass(frozen=True)
 class SuffixPlan:
-    """Rows grouped by the position of their last subject token, for the suffix-only fast path.
+    """What the fast path needs to run blocks ``start..L-1`` on each row's suffix only.
 
     A vector added at position ``p`` of a row cannot change that row's positions ``< p`` (causal attention), so
-    above the edit layer only positions ``p..`` need computing; the keys/values of positions ``< p`` are the
-    unedited run's, fed to each block as a frozen TransformerLens KV-cache entry (rotary offsets follow from its
-    length). A group of rows runs as one batch from its smallest ``p``.
+    above the edit layer each row computes only positions ``lookup[r]..`` up to its last scored position
+    (``gather`` ``[rows, P]``: their absolute positions, clamped at the row's end), attending to the unedited
+    run's keys/values of its first ``lookup[r]`` positions (:class:`tracer.suffix.SuffixRunner`, lean or
+    TransformerLens backend).
 
     Attributes:
-        groups: per group ``(p, rows [g], scored index into the batch's flat scored pairs [n_g])`` (TransformerLens
-            blocks only; empty with ``lean``).
-        keys, values: per block ``j`` (``start..L-1``) the unedited ``attn.hook_k``/``hook_v`` ``[rows, pos, kv, d_head]``
-            (TransformerLens blocks), or with ``lean`` the rotated ``[rows, kv, pos, d_head]`` keys/values.
+        runner: the suffix runner.
+        prefix: per block ``j`` (``start..L-1``) the unedited keys/values in the runner's layout.
         start: the first block run (edit layer + 1).
-        lean: packed blocks (:class:`tracer.lean.LeanBlocks`) when the model supports them, else ``None``. Then
-            rows are ragged instead of grouped: row r computes only positions ``lookup[r]..`` up to its last scored
-            position (``gather`` ``[rows, P]``: the absolute positions, clamped), attending to its own first
-            ``lookup[r]`` prefix keys.
+        gather: ``[rows, P]`` absolute positions each row computes.
     """
 
-    groups: tuple[tuple[int, Tensor, Tensor], ...]
-    keys: dict[int, Tensor]
-    values: dict[int, Tensor]
+    runner: SuffixRunner
+    prefix: dict[int, tuple[Tensor, Tensor]]
     start: int
-    lean: LeanBlocks | None = None
-    gather: Tensor | None = None
-
-
-# Cost model for grouping rows (in token-positions of one block): a block call re-reads the block's weights,
-# which on a CPU costs about as much as computing ~32 extra positions.
-_GROUP_OVERHEAD = 32
-
-
-def _split_points(lookup: list[int], width: int, overhead: int = _GROUP_OVERHEAD) -> list[int]:
-    """Partition the sorted distinct last-subject positions into contiguous ranges minimizing
-    Σ_groups (overhead + n_rows · (width − group start)) (dynamic programming); returns each group's start."""
-    ps = sorted(set(lookup))
-    count = {p: lookup.count(p) for p in ps}
-    k = len(ps)
-    best = [0.0] + [float("inf")] * k  # best[i]: cost of the first i distinct positions
-    cut = [0] * (k + 1)
-    for i in range(1, k + 1):
-        for j in range(i):  # group = ps[j:i], computed from ps[j]
-            cost = best[j] + overhead + sum(count[p] for p in ps[j:i]) * (width - ps[j])
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
-    starts, i = [], k
-    while i > 0:
-        starts.append(ps[cut[i]])
-        i = cut[i]
-    return sorted(starts)
+    gather: Tensor
 
 
 def suffix_cache_names(model: HookedTransformer, start: int) -> list[str]:
@@ -214,69 +183,34 @@ def plan_suffix(
     model: HookedTransformer, batch: EditBatch, start: int, acts: dict[str, Tensor] | None = None
 ) -> SuffixPlan:
     """Cache the unedited keys/values of blocks ``start..`` (or take them from ``acts``, see
-    :func:`suffix_cache_names`) and plan the rows: ragged with lean blocks, else grouped by last-subject position
-    (rows of a group run from the group's smallest position; groups chosen by :func:`_split_points`)."""
+    :func:`suffix_cache_names`) and each row's suffix positions."""
     names = suffix_cache_names(model, start)
     if acts is None or not all(n in acts for n in names):
         acts = cache_acts(model, batch, names) if names else {}
-    keys = {j: acts[f"blocks.{j}.attn.hook_k"] for j in range(start, model.cfg.n_layers)}
-    values = {j: acts[f"blocks.{j}.attn.hook_v"] for j in range(start, model.cfg.n_layers)}
-    lean = gather = None
-    groups = []
-    if not (lean_supported(model) and start < model.cfg.n_layers):  # TransformerLens blocks: rows in groups
-        starts = _split_points(batch.lookup.tolist(), int(batch.tokens.shape[1]))
-        bounds = starts[1:] + [int(batch.tokens.shape[1]) + 1]
-        for p, nxt in zip(starts, bounds):
-            rows = torch.nonzero((batch.lookup >= p) & (batch.lookup < nxt))[:, 0]
-            scored = torch.nonzero(torch.isin(batch.score_rows, rows))[:, 0]
-            groups.append((int(p), rows, scored))
-    else:  # lean blocks: ragged rows
-        lean = LeanBlocks(model, layers=range(start, model.cfg.n_layers))
-        p0 = int(batch.lookup.max())
-        for j in keys:  # rotated once here, not at every optimisation step; only the longest prefix is needed
-            keys[j], values[j] = lean.prefix_keys_values(j, keys[j][:, :p0], values[j][:, :p0])
-        last = torch.zeros_like(batch.lookup).scatter_reduce(0, batch.score_rows, batch.score_pos, "amax")
-        width = int((last - batch.lookup).max()) + 1
-        local = torch.arange(width, device=batch.lookup.device)
-        gather = (batch.lookup[:, None] + local[None, :]).clamp(max=int(batch.tokens.shape[1]) - 1)
-    return SuffixPlan(groups=tuple(groups), keys=keys, values=values, start=start, lean=lean, gather=gather)
+    L = model.cfg.n_layers
+    runner = SuffixRunner(model, layers=range(start, L))
+    prefix = {j: runner.prefix(j, acts[f"blocks.{j}.attn.hook_k"], acts[f"blocks.{j}.attn.hook_v"])
+              for j in range(start, L)}
+    last = torch.zeros_like(batch.lookup).scatter_reduce(0, batch.score_rows, batch.score_pos, "amax")
+    width = int((last - batch.lookup).max()) + 1
+    local = torch.arange(width, device=batch.lookup.device)
+    gather = (batch.lookup[:, None] + local[None, :]).clamp(max=int(batch.tokens.shape[1]) - 1)
+    return SuffixPlan(runner=runner, prefix=prefix, start=start, gather=gather)
 
 
 def suffix_scored_logits(
     model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], batch: EditBatch, plan: SuffixPlan
 ) -> Float[Tensor, "n d_vocab"]:
     """Scored next-token logits when ``resid`` (= ``blocks.{start}.hook_resid_pre``) differs from the unedited
-    run only at each row's last subject position: blocks ``start..`` run on positions ``p..`` of each group with
-    the frozen prefix keys/values; equal to :func:`run_from` + :func:`scored_logits` up to float rounding."""
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as KVEntry
-
+    run only at each row's last subject position: blocks ``start..`` run on each row's positions ``lookup[r]..``
+    with the frozen prefix keys/values; equal to :func:`run_from` + :func:`scored_logits` up to float rounding."""
     L = model.cfg.n_layers
-    if plan.lean is not None:  # ragged rows: each row from its own last subject token
-        rows = torch.arange(batch.n_rows, device=resid.device)
-        x = resid[rows[:, None], plan.gather]
-        qpos, local = torch.unique(batch.score_pos - batch.lookup[batch.score_rows], return_inverse=True)
-        has_prefix = int(batch.lookup.max()) > 0
-        for j in range(plan.start, L):
-            past = (plan.keys[j], plan.values[j]) if has_prefix else (None, None)
-            x = plan.lean.block(j, x, *past, starts=batch.lookup, query_positions=qpos if j == L - 1 else None)
-        return model.unembed(model.ln_final(x[batch.score_rows, local][None]))[0]
-
-    chunks, order = [], []
-    for p, rows, scored in plan.groups:
-        x = resid[rows, p:]
-        for j in range(plan.start, L):
-            entry = None
-            if p > 0:
-                entry = KVEntry(past_keys=plan.keys[j][rows, :p], past_values=plan.values[j][rows, :p], frozen=True)
-            x = model.blocks[j](x, past_kv_cache_entry=entry)
-        local_row = torch.searchsorted(rows, batch.score_rows[scored])
-        chunks.append(x[local_row, batch.score_pos[scored] - p])
-        order.append(scored)
-    flat = torch.cat(chunks)
-    idx = torch.cat(order)
-    final = torch.empty_like(flat)
-    final[idx] = flat
-    return model.unembed(model.ln_final(final[None]))[0]
+    rows = torch.arange(batch.n_rows, device=resid.device)
+    x = resid[rows[:, None], plan.gather]
+    qpos, local = torch.unique(batch.score_pos - batch.lookup[batch.score_rows], return_inverse=True)
+    for j in range(plan.start, L):
+        x = plan.runner.block(j, x, plan.prefix[j], starts=batch.lookup, query_positions=qpos if j == L - 1 else None)
+    return model.unembed(model.ln_final(x[batch.score_rows, local][None]))[0]
 
 
 def run_plain(

@@ -32,7 +32,7 @@ from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
 from editors.templates import context_templates, template_group_sizes
 from editors.vstar import optimize_target
-from tracer.noise import SubjectNoise
+from tracer.corruption import GaussianNoise
 from tracer.tokens import target_tokens
 
 __all__ = ["memit_update", "execute_memit", "mean_of_group_means"]
@@ -64,7 +64,7 @@ def execute_memit(
     layers: Sequence[int],
     hp: MEMITHyperParams,
     objective: str = "maximize",
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     *,
     covariance=None,
     fast: bool = True,

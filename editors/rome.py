@@ -27,7 +27,7 @@ from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
 from editors.templates import context_templates
 from editors.vstar import optimize_target, target_cache_names
-from tracer.noise import SubjectNoise
+from tracer.corruption import GaussianNoise
 from tracer.tokens import target_tokens
 
 __all__ = ["rome_update", "execute_rome"]
@@ -57,7 +57,7 @@ def execute_rome(
     layer: int,
     hp: ROMEHyperParams,
     objective: str = "maximize",
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     *,
     covariance=None,
     fast: bool = True,

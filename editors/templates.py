@@ -16,7 +16,7 @@ from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
 from tracer.atomic import write_atomic
-from tracer.tokens import encode
+from tracer.tokens import bos_ids, encode
 
 __all__ = ["START_WORDS", "context_templates", "sample_texts", "template_group_sizes"]
 
@@ -38,7 +38,8 @@ def sample_texts(
         choice = torch.multinomial(vals.softmax(-1), 1, generator=gen)
         nxt = idx.gather(1, choice).to(toks.device)
         toks = torch.cat([toks, nxt], dim=1)
-    return [model.tokenizer.decode(t.tolist()) for t in toks]
+    n_bos = len(bos_ids(model))  # a BOS the profile prepends is not part of the template's text
+    return [model.tokenizer.decode(t[n_bos:].tolist()) for t in toks]
 
 
 def template_group_sizes(context_lengths: tuple[tuple[int, int], ...]) -> tuple[int, ...]:

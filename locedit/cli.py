@@ -25,7 +25,7 @@ def cmd_trace(args) -> int:
 
     model = load_model(args.model, device=args.device)
     if args.fact:
-        from locedit.study import load_dataset
+        from problems import load_dataset
 
         facts = {f.id: f for f in load_dataset(args.dataset)}
         if args.fact not in facts:
@@ -38,7 +38,7 @@ def cmd_trace(args) -> int:
         prompt, subject, target = args.prompt, args.subject, args.target
     t0 = time.perf_counter()
     res = trace(model, prompt, subject, target, kind=args.kind, window=args.window, samples=args.samples,
-                noise=args.noise, method=args.method)
+                noise=args.noise, algorithm=args.algorithm)
     secs = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,12 +99,12 @@ def cmd_summary(args) -> int:
 def cmd_tune_ft(args) -> int:
     import polars as pl
 
-    from locedit.study import load_dataset
+    from problems import load_dataset
     from problems.tuning import first_known, tune_norm_constraint
-    from tracer import load_model
+    from tracer import load_model, profile_for
 
     model = load_model(args.model, device=args.device)
-    layer = args.layer if args.layer is not None else round(5 * model.cfg.n_layers / 28)  # GPT-J's layer 5 of 28
+    layer = args.layer if args.layer is not None else profile_for(model).edit_layer(model.cfg.n_layers)
     facts = first_known(model, load_dataset(args.dataset), args.facts)
     print(f"tuning {args.method} for {args.problem} at layer {layer} on the first {len(facts)} known facts of "
           f"{args.dataset} (ceiling {args.ceiling})", flush=True)
@@ -148,6 +148,10 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from problems.tuning import FT_METHODS
+    from problems.variants import PROBLEMS
+    from tracer.vocab import TRACING_ALGORITHMS, TRACING_KINDS
+
     p = argparse.ArgumentParser(prog="locedit", description="Does localization inform editing?")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -159,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt")
     t.add_argument("--subject")
     t.add_argument("--target", help="with its leading space, e.g. ' French'")
-    t.add_argument("--kind", default="mlp", choices=["mlp", "attn", "resid"])
+    t.add_argument("--kind", default="mlp", choices=list(TRACING_KINDS))
     t.add_argument("--window", type=int, default=5)
     t.add_argument("--samples", type=int, default=10)
-    t.add_argument("--noise", type=float, default=3.0)
-    t.add_argument("--method", default="exact", choices=["exact", "naive", "attribution"])
+    t.add_argument("--noise", type=float, default=3.0, help="noise scale: a multiplier of std(W_E)")
+    t.add_argument("--algorithm", default="exact", choices=list(TRACING_ALGORITHMS), help="tracing algorithm")
     t.add_argument("--out", default="trace.html")
     t.set_defaults(func=cmd_trace)
 
@@ -191,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     tf = sub.add_parser("tune-ft", help="tune FT's L-inf bound by Hase et al.'s rule (mean rewrite <= 0.99)")
     tf.add_argument("--model", default="smollm2-135m")
     tf.add_argument("--device", default=None)
-    tf.add_argument("--problem", default="error_injection")
-    tf.add_argument("--method", default="ft-1", choices=["ft-1", "ft-5"])
-    tf.add_argument("--layer", type=int, default=None, help="default: the paper's layer 5 of 28, scaled")
+    tf.add_argument("--problem", default=next(iter(PROBLEMS)), choices=list(PROBLEMS))
+    tf.add_argument("--method", default=FT_METHODS[0], choices=list(FT_METHODS), help="edit method")
+    tf.add_argument("--layer", type=int, default=None, help="default: the model profile's default edit layer")
     tf.add_argument("--facts", type=int, default=100, help="the first N known facts (the paper: 100)")
     tf.add_argument("--dataset", default="counterfact")
     tf.add_argument("--bounds", type=float, nargs="+", default=None, help="candidate bounds (default: 1e-5..1e-2)")

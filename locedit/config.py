@@ -16,16 +16,19 @@ Example (``configs/default.toml``)::
     kinds = ["mlp"]
     windows = [5]
     samples = 10
-    noise = 3.0                 # multiplier of std(W_E); or `sigma = 0.094` for an absolute sigma
+    noise = 3.0                 # GaussianNoise scale (multiplier of std(W_E)); or `sigma = 0.094` for an absolute sigma
 
     [editing]
-    problems = ["error_injection"]
+    problems = [...]            # names from problems.PROBLEMS (default: the first, Error Injection)
     methods = ["rome"]
-    layers = [0, 4, 8, 12, 16, 20]   # default: every 4th layer plus the model's default edit layer
+    layers = [0, 4, 8, 12, 16, 20]   # default: every 4th layer plus the model profile's default edit layer
     essence = true
 
-    [hparams.rome]               # overrides of the editors' defaults, per method
+    [hparams.rome]               # overrides of the editors' defaults, per edit method (editors.EDIT_METHODS)
     v_num_grad_steps = 20
+
+Every name is checked against its registry (problems: ``problems.PROBLEMS``; methods: ``editors.EDIT_METHODS``;
+kinds: ``tracer.TRACING_KINDS``; datasets: ``problems.DATASETS``).
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from editors.methods import DEFAULT_METHOD
+from problems.variants import DEFAULT_PROBLEM
+
 __all__ = ["DataConfig", "TracingConfig", "EditingConfig", "StudyConfig", "load_config", "default_edit_layers"]
 
-KNOWN_PROBLEMS = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing")
-KNOWN_METHODS = ("rome", "memit", "ft-1", "ft-5")
-KNOWN_KINDS = ("mlp", "attn", "resid")
-KNOWN_FILTERS = ("none", "known", "min_target_prob")
+FILTERS = ("none", "known", "min_target_prob")
 
 
 class ConfigError(ValueError):
@@ -60,15 +63,21 @@ class TracingConfig:
     kinds: tuple[str, ...] = ("mlp",)
     windows: tuple[int, ...] = (5,)
     samples: int = 10
-    noise: float = 3.0
-    sigma: float | None = None
+    noise: float = 3.0  # the GaussianNoise scale (a multiplier of std(W_E))
+    sigma: float | None = None  # an absolute sigma instead
     seed: int = 0
+
+    def corruption(self):
+        """The study's one corruption object (tracing, o_noise and Fact Forcing all use it)."""
+        from tracer.corruption import GaussianNoise
+
+        return GaussianNoise(scale=self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed)
 
 
 @dataclass(frozen=True)
 class EditingConfig:
-    problems: tuple[str, ...] = ("error_injection",)
-    methods: tuple[str, ...] = ("rome",)
+    problems: tuple[str, ...] = (DEFAULT_PROBLEM,)
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)
     layers: tuple[int, ...] | None = None  # None: default_edit_layers(n_layers)
     essence: bool = True
     forcing_edit_samples: int | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
@@ -89,23 +98,18 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
-# Default ROME layer per model (0-indexed): GPT-J 5 (paper "layer 6" 1-indexed), gpt2-xl 17; SmolLM2: see README.
-DEFAULT_EDIT_LAYER = {"gpt-j": 5, "gpt2-xl": 17, "smollm2": 8}
-
-
 def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
-    """Every 4th layer (0, 4, 8, ...) plus the model's default ROME layer, as in the paper's layer sweeps."""
-    layers = set(range(0, n_layers, 4))
-    for key, layer in DEFAULT_EDIT_LAYER.items():
-        if key in model_name.lower() and layer < n_layers:
-            layers.add(layer)
-    return tuple(sorted(layers))
+    """Every 4th layer (0, 4, 8, ...) plus the model profile's default edit layer, as in the paper's layer sweeps."""
+    from tracer.profiles import profile_for
+
+    return tuple(sorted(set(range(0, n_layers, 4)) | {profile_for(model_name).edit_layer(n_layers)}))
 
 
-def _check(values, allowed, what):
+def _check(values, registry, what):
+    from tracer.vocab import check_choice
+
     for v in values:
-        if v not in allowed:
-            raise ConfigError(f"unknown {what} {v!r}; expected one of {allowed}")
+        check_choice(v, registry, what, ConfigError)
 
 
 def _section(raw: dict, name: str, cls):
@@ -132,14 +136,18 @@ def parse_config(raw: dict[str, Any]) -> StudyConfig:
     data = _section(raw, "data", DataConfig)
     tracing = _section(raw, "tracing", TracingConfig)
     editing = _section(raw, "editing", EditingConfig)
-    _check([data.filter], KNOWN_FILTERS, "filter")
-    _check(tracing.kinds, KNOWN_KINDS, "tracing kind")
-    _check(editing.problems, KNOWN_PROBLEMS, "problem")
-    _check(editing.methods, KNOWN_METHODS, "method")
+    from editors.methods import EDIT_METHODS
+    from problems.variants import PROBLEMS
+    from tracer.vocab import TRACING_KINDS
+
+    _check([data.filter], FILTERS, "filter")
+    _check(tracing.kinds, TRACING_KINDS, "tracing kind")
+    _check(editing.problems, PROBLEMS, "problem")
+    _check(editing.methods, EDIT_METHODS, "edit method")
     if any(w < 1 for w in tracing.windows):
         raise ConfigError(f"tracing windows must be >= 1, got {tracing.windows}")
     hparams = {k: dict(v) for k, v in raw.get("hparams", {}).items()}
-    _check(hparams, ("rome", "memit", "ft", "ft-1", "ft-5"), "hparams section")
+    _check(hparams, EDIT_METHODS, "[hparams.<edit method>] section")
     return StudyConfig(
         name=study.get("name", "study"),
         model=study.get("model", "smollm2-135m"),

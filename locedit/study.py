@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from locedit.config import ConfigError, StudyConfig, default_edit_layers
 from locedit.journal import Journal, read_journals, write_parquet_atomic
 from tracer.atomic import write_atomic
+from tracer.result import tracing_frame
 
 __all__ = ["StudySummary", "run_study", "select_facts", "collect_tables", "unit_keys"]
 
@@ -61,25 +62,11 @@ class StudySummary:
 # ---------------------------------------------------------------- data selection
 
 
-def load_dataset(name: str):
-    """Facts of a dataset: ``counterfact``, ``zsre``, ``known`` or a path to a CounterFact-schema JSON."""
-    from problems import load_counterfact, load_known, load_zsre
-
-    if name == "counterfact":
-        return load_counterfact()
-    if name == "zsre":
-        return load_zsre()
-    if name == "known":
-        return load_known()
-    if Path(name).exists():
-        return load_counterfact(path=name)
-    raise ValueError(f"unknown dataset {name!r}: use counterfact, zsre, known or a path to a CounterFact JSON")
-
-
 def select_facts(model, config: StudyConfig, facts: Sequence | None = None) -> list:
     """Shuffle the dataset with ``data.seed`` and keep, in that order, the first ``data.sample`` facts passing
     ``data.filter``. The filter runs lazily in cached chunks, so a 20-fact study does not decode 3,284 prompts.
     ``facts``: the dataset, if already loaded."""
+    from problems import load_dataset
     from problems.filters import first_passing, known_mask, min_target_prob_mask
 
     facts = list(load_dataset(config.data.dataset) if facts is None else facts)
@@ -116,33 +103,18 @@ def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int) -> li
 def _trace_record(model, fact, kind: str, window: int, config: StudyConfig) -> dict[str, Any]:
     from tracer import trace
 
-    t = config.tracing
-    res = trace(
-        model, fact.prompt, fact.subject, fact.o_true, kind=kind, window=window, samples=t.samples,
-        noise=t.noise, sigma=t.sigma, seed=t.seed,
-    )
-    return {
-        "fact_id": fact.id, "kind": kind, "window": window, "tokens": list(res.tokens),
-        "subject_span": list(res.subject_span), "grid": res.grid.tolist(), "p_clean": float(res.p_clean),
-        "p_noised": float(res.p_noised), "sigma": float(res.sigma),
-    }
+    res = trace(model, fact.prompt, fact.subject, fact.o_true, kind=kind, window=window,
+                noise=config.tracing.corruption())
+    return {"fact_id": fact.id, **res.to_record()}
 
 
 def _hparams_for(model, config: StudyConfig, problem: str, method: str):
     """The problem's App. A hyper-parameters for ``method`` with the config's ``[hparams.<method>]`` overrides."""
     from problems.variants import problem_hparams
 
-    base = "ft" if method.startswith("ft") else method
-    overrides = {**config.hparams.get(base, {}), **config.hparams.get(method, {})}
-    hp = problem_hparams(problem, method, model.cfg.model_name)
+    hp = problem_hparams(problem, method, model)
+    overrides = config.hparams.get(method, {})
     return dataclasses.replace(hp, **overrides) if overrides else hp
-
-
-def _study_noise(model, config: StudyConfig):
-    from tracer import SubjectNoise, resolve_sigma
-
-    t = config.tracing
-    return SubjectNoise(sigma=resolve_sigma(model, t.noise, t.sigma), samples=t.samples, seed=t.seed)
 
 
 def _edit_record(model, fact, problem: str, method: str, layer: int, config: StudyConfig) -> dict[str, Any]:
@@ -150,7 +122,7 @@ def _edit_record(model, fact, problem: str, method: str, layer: int, config: Stu
 
     outcome = run_edit(
         model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method),
-        noise=_study_noise(model, config), essence=config.editing.essence,
+        noise=config.tracing.corruption(), essence=config.editing.essence,
         edit_samples=config.editing.forcing_edit_samples,
     )
     return outcome.as_row()
@@ -212,6 +184,8 @@ def run_study(
                 _hparams_for(model, config, problem, method)
             except TypeError as e:
                 raise ConfigError(f"[hparams] for {method}: {e}") from e
+    from problems import load_dataset
+
     dataset = load_dataset(config.data.dataset)
     fact_ids = _prepare_run_dir(run_dir, config, model, dataset)
     _setup_log(run_dir)
@@ -274,24 +248,6 @@ def _setup_log(run_dir: Path) -> None:
 # ---------------------------------------------------------------- tables
 
 
-def tracing_long_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
-    """Expand journal tracing records (one grid each) to the long tracing table of docs/CONTRACTS.md."""
-    from stats.collapse import with_fractional
-
-    rows = []
-    for r in records:
-        s, e = r["subject_span"]
-        for t, (tok, row) in enumerate(zip(r["tokens"], r["grid"])):
-            for layer, p in enumerate(row):
-                rows.append((r["fact_id"], r["kind"], r["window"], t, tok, s <= t < e, t == e - 1, layer, p,
-                             r["p_clean"], r["p_noised"]))
-    schema = {"fact_id": pl.String, "kind": pl.String, "window": pl.Int64, "token_index": pl.Int64,
-              "token": pl.String, "is_subject": pl.Boolean, "is_last_subject": pl.Boolean, "layer": pl.Int64,
-              "prob": pl.Float64, "p_clean": pl.Float64, "p_noised": pl.Float64}
-    df = pl.DataFrame(rows, schema=schema, orient="row")
-    return with_fractional(df)
-
-
 def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:
     """Merge the journals of one or more run directories (all shards) into the study tables; for a single
     directory also (re)write its Parquet files atomically."""
@@ -305,7 +261,7 @@ def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:
     failures = [r for r in records("failures") if r["key"] not in finished]  # a retried unit is no failure
     failure_schema = {k: pl.String for k in ("key", "stage", "fact_id", "error_type", "error")}
     tables = {
-        "tracing": tracing_long_frame(records("tracing")),
+        "tracing": tracing_frame(records("tracing")),
         "edits": pl.DataFrame(edits, infer_schema_length=None) if edits else pl.DataFrame(),
         "failures": pl.DataFrame(failures, schema=failure_schema),
     }

@@ -3,31 +3,35 @@ correctness filters and the edit-success metrics.
 
     from problems import load_counterfact, run_edit, PROBLEMS
     facts = load_counterfact()
-    outcome = run_edit(model, facts[0], "error_injection", "rome", layer=6)
+    outcome = run_edit(model, facts[0], problem, "rome", layer=6)    # problem: any name in PROBLEMS
 """
 
 from problems.facts import (
+    DATASETS,
     Fact,
     MalformedRecordWarning,
     SkippedRecord,
     essence_prompt,
     load_counterfact,
+    load_dataset,
     load_known,
     load_zsre,
 )
 from problems.filters import filter_known, filter_min_target_prob, known_mask, min_target_prob_mask
-from problems.run import EditOutcome, edit_layers, run_edit
+from problems.run import EditOutcome, run_edit
 from problems.variants import (
     PROBLEM_NAMES,
     PROBLEMS,
-    STUDY_METHODS,
     MissingTargetError,
     Problem,
+    ProblemName,
     noised_prediction,
     problem_hparams,
+    resolve_problem,
 )
 
 __all__ = [
+    "DATASETS",
     "EditOutcome",
     "Fact",
     "MalformedRecordWarning",
@@ -35,18 +39,19 @@ __all__ = [
     "PROBLEMS",
     "PROBLEM_NAMES",
     "Problem",
-    "STUDY_METHODS",
+    "ProblemName",
     "SkippedRecord",
-    "edit_layers",
     "essence_prompt",
     "filter_known",
     "filter_min_target_prob",
     "known_mask",
     "load_counterfact",
+    "load_dataset",
     "load_known",
     "load_zsre",
     "min_target_prob_mask",
     "noised_prediction",
     "problem_hparams",
+    "resolve_problem",
     "run_edit",
 ]

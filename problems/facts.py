@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DATASETS",
     "Fact",
+    "load_dataset",
     "SkippedRecord",
     "MalformedRecordWarning",
     "DATA_DIR",
@@ -240,3 +242,21 @@ def load_known(path: str | Path | None = None, errors: list | None = None) -> li
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             _skip(errors, rid, f"{type(e).__name__}: {e}")
     return out
+
+
+DATASETS = {"counterfact": load_counterfact, "zsre": load_zsre, "known": load_known}
+"""The vendored datasets by name (``load_dataset`` also takes a path to a CounterFact-schema JSON)."""
+
+
+def load_dataset(name: str | Path) -> list[Fact]:
+    """Facts of a dataset: a :data:`DATASETS` name (``counterfact``, ``zsre``, ``known``) or a path to a
+    CounterFact-schema JSON.
+
+    Raises:
+        ValueError: neither a dataset name nor an existing file.
+    """
+    if isinstance(name, str) and name in DATASETS:
+        return DATASETS[name]()
+    if Path(name).exists():
+        return load_counterfact(path=name)
+    raise ValueError(f"unknown dataset {str(name)!r}: use one of {tuple(DATASETS)} or a path to a CounterFact JSON")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from transformer_lens import HookedTransformer
@@ -35,30 +35,11 @@ from transformer_lens import HookedTransformer
 from problems import metrics as M
 from problems.essence import essence_perplexity, essence_texts
 from problems.facts import Fact
-from problems.variants import PROBLEMS, STUDY_METHODS, default_noise, editor_method, problem_hparams
-from tracer.noise import SubjectNoise
+from problems.variants import default_noise, problem_hparams, resolve_problem
+from tracer.corruption import GaussianNoise
 from tracer.probs import target_probs
 
-__all__ = ["EditOutcome", "run_edit", "edit_layers"]
-
-
-def edit_layers(n_layers: int, method: str, layer: int) -> tuple[int, ...]:
-    """Layers a study method edits: rome/ft-1 → (layer,); memit/ft-5 → range(max(0,l−2), min(L,l+3)).
-
-    Raises:
-        editors.LayerOutOfRangeError: ``layer`` not in [0, n_layers).
-    """
-    from editors.requests import LayerOutOfRangeError
-
-    m = str(method).lower()
-    editor_method(m)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise LayerOutOfRangeError(
-            f"edit layer {layer!r} is out of range: the model has n_layers={n_layers} (valid: 0..{n_layers - 1})"
-        )
-    if m in ("rome", "ft-1"):
-        return (layer,)
-    return tuple(range(max(0, layer - 2), min(n_layers, layer + 3)))
+__all__ = ["EditOutcome", "run_edit"]
 
 
 @dataclass(frozen=True)
@@ -113,21 +94,10 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _edit_noise(noise: SubjectNoise, samples: int | None) -> SubjectNoise:
-    """The first ``samples`` samples of ``noise``'s draw (the same values: one seeded stream)."""
-    if samples is None or samples >= noise.samples:
-        return noise
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"edit_samples must be an int >= 1, got {samples!r}")
-    if noise.values is not None:
-        return replace(noise, samples=samples, values=noise.values[:samples])
-    return replace(noise, samples=samples, of=noise.of or noise.samples)
-
-
 class _Scorer:
     """Collects (prompt, target, noised) queries and scores them all in two batched calls."""
 
-    def __init__(self, model: HookedTransformer, subject: str, noise: SubjectNoise | None):
+    def __init__(self, model: HookedTransformer, subject: str, noise: GaussianNoise | None):
         self.model, self.subject, self.noise = model, subject, noise
         self.keys: list[tuple[str, str, bool]] = []
 
@@ -160,7 +130,7 @@ def run_edit(
     method: str,
     layer: int,
     hparams=None,
-    noise: SubjectNoise | float | None = None,
+    noise: GaussianNoise | float | None = None,
     essence: bool = True,
     edit_samples: int | None = None,
     **edit_kwargs,
@@ -173,8 +143,9 @@ def run_edit(
         layer: the edit (centre) layer, in [0, n_layers).
         hparams: editor hyper-parameters; default: the editors' defaults with the problem's App. A overrides
             (:func:`problems.variants.problem_hparams`).
-        noise: the subject noise for Tracing Reversal's o_noise and Fact Forcing: a :class:`SubjectNoise`, an
-            absolute σ, or None (σ = 3 × std(W_E), 10 samples, seed 0).
+        noise: the subject noise for Tracing Reversal's o_noise and Fact Forcing: a
+            :class:`~tracer.corruption.GaussianNoise`, or a bare number = its *scale* (a multiplier of std(W_E), as
+            in ``trace``), or None (scale 3, 10 samples, seed 0).
         edit_samples: Fact Forcing only: the edit optimizes over the first ``edit_samples`` noise samples of the
             same draw (a cost knob: the edit's cost grows linearly with the samples); scoring always uses all of
             them, so the rewrite score then also measures transfer to unseen noise draws. Default: all.
@@ -185,22 +156,18 @@ def run_edit(
         ValueError: unknown problem/method; ``LayerOutOfRangeError`` for a bad layer; ``MissingTargetError`` when the
         fact lacks the object the problem needs.
     """
-    from editors import EditRequest, edit
+    from editors import EditRequest, edit, method_layers, resolve_method
 
     t0 = time.perf_counter()
-    if problem not in PROBLEMS:
-        raise ValueError(f"unknown problem {problem!r}; choose one of {tuple(PROBLEMS)}")
-    method = str(method).lower()
-    if method not in STUDY_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {STUDY_METHODS}")
-    layers = edit_layers(model.cfg.n_layers, method, layer)
-    prob = PROBLEMS[problem]
+    prob = resolve_problem(problem)
+    method = resolve_method(method, aliases=False).name
+    layers = method_layers(method, model.cfg.n_layers, layer)
     needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
     snoise = default_noise(model, noise) if needs_noise else None
     target = prob.target(model, fact, snoise)
     new, old = prob.scoring_pair(model, fact, target, snoise)
     if hparams is None:
-        hparams = problem_hparams(problem, method, model.cfg.model_name)
+        hparams = problem_hparams(problem, method, model)
 
     noised = prob.noised_input
     rewrite = fact.prompt
@@ -220,10 +187,10 @@ def run_edit(
     texts = essence_texts(model, fact.subject) if essence else None
     pre = sc.run()
     ppl_pre = essence_perplexity(model, texts) if texts is not None else math.nan
-    request = EditRequest(prompt=fact.template, subject=fact.subject, target=target)
+    request = EditRequest(template=fact.template, subject=fact.subject, target=target)
     with edit(
-        model, request, method=editor_method(method), layers=list(layers), hparams=hparams,
-        objective=prob.objective, noise=_edit_noise(snoise, edit_samples) if noised else None, **edit_kwargs,
+        model, request, method=method, layers=list(layers), hparams=hparams,
+        objective=prob.objective, noise=snoise.prefix(edit_samples) if noised else None, **edit_kwargs,
     ) as result:
         post = sc.run()
         ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan

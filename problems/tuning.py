@@ -22,9 +22,14 @@ from transformer_lens import HookedTransformer
 from problems.facts import Fact
 from problems.filters import first_passing
 from problems.run import run_edit
-from problems.variants import PROBLEMS, problem_hparams
+from editors.hparams import FTHyperParams
+from editors.methods import EDIT_METHODS
+from problems.variants import problem_hparams, resolve_problem
 
-__all__ = ["DEFAULT_BOUNDS", "NormConstraintTuning", "choose_norm_constraint", "first_known", "tune_norm_constraint"]
+__all__ = ["DEFAULT_BOUNDS", "FT_METHODS", "NormConstraintTuning", "choose_norm_constraint", "first_known", "tune_norm_constraint"]
+
+FT_METHODS: tuple[str, ...] = tuple(n for n, e in EDIT_METHODS.items() if e.hparams is FTHyperParams)
+"""The edit methods with an L∞ bound to tune (constrained finetuning)."""
 
 DEFAULT_BOUNDS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 """Candidate L∞ bounds. With FT's defaults (Adam, lr 5e-4, 25 steps) no entry moves by more than ~25 × 5e-4 ≈ 1.3e-2,
@@ -96,10 +101,9 @@ def tune_norm_constraint(
         ValueError: not an FT method, unknown problem, no facts, a non-positive bound or a ceiling outside (0, 1].
     """
     m = str(method).lower()
-    if m not in ("ft-1", "ft-5"):
-        raise ValueError(f"norm-constraint tuning is for 'ft-1' / 'ft-5', got {method!r}")
-    if problem not in PROBLEMS:
-        raise ValueError(f"unknown problem {problem!r}; choose one of {tuple(PROBLEMS)}")
+    if m not in FT_METHODS:
+        raise ValueError(f"norm-constraint tuning is for the constrained-finetuning methods {FT_METHODS}, got {method!r}")
+    resolve_problem(problem)
     if not facts:
         raise ValueError("no facts to tune on")
     if not 0 < ceiling <= 1:

@@ -1,4 +1,5 @@
-"""The five editing problems of Hase et al. 2023 (§5.1, Fig. 5) and their hyper-parameter overrides (App. A).
+"""The problem registry: the five editing problems of Hase et al. 2023 (§5.1, Fig. 5). Their App. A hyper-parameter
+overrides are model-profile data (:mod:`tracer.profiles`), applied by :func:`problem_hparams`.
 
 =====================  =========  ============================  =================================================
 problem                objective  edit target                   input
@@ -25,46 +26,51 @@ object) after the edit.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, get_args
 
 import torch
 from transformer_lens import HookedTransformer
 
 from problems.facts import Fact
-from tracer.noise import SubjectNoise, noise_hook, resolve_sigma
+from tracer.corruption import GaussianNoise, as_corruption, noise_hook
 from tracer.tokens import locate_subject
+from tracer.vocab import check_choice
 
 __all__ = [
+    "DEFAULT_PROBLEM",
     "Problem",
     "PROBLEMS",
     "PROBLEM_NAMES",
-    "STUDY_METHODS",
+    "ProblemName",
     "MissingTargetError",
     "default_noise",
     "noised_prediction",
     "problem_hparams",
-    "hparam_overrides",
+    "resolve_problem",
 ]
 
-STUDY_METHODS = ("rome", "memit", "ft-1", "ft-5")
+ProblemName = Literal["error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing"]
 
 
 class MissingTargetError(ValueError):
     """The fact lacks the object a problem needs (e.g. o_false for Error Injection on known_1000)."""
 
 
-def default_noise(model: HookedTransformer, noise: SubjectNoise | float | None = None) -> SubjectNoise:
-    """A :class:`SubjectNoise`: ``noise`` itself, or σ = ``noise`` (an absolute float), or (None) ROME's rule
-    σ = 3 × std(W_E) — always 10 samples, seed 0."""
-    if isinstance(noise, SubjectNoise):
-        return noise
-    if noise is None:
-        return SubjectNoise(resolve_sigma(model), samples=10, seed=0)
-    return SubjectNoise(resolve_sigma(model, sigma=float(noise)), samples=10, seed=0)
+def default_noise(model: HookedTransformer, noise: GaussianNoise | float | None = None) -> GaussianNoise:
+    """The resolved Gaussian noise for o_noise and Fact Forcing: ``noise`` itself, or a bare number read as everywhere
+    (:func:`tracer.corruption.as_corruption`: a *scale*, a multiplier of std(W_E)), or None (scale 3); 10 samples,
+    seed 0 unless the object says otherwise."""
+    noise = as_corruption(noise, samples=10, seed=0)
+    if not isinstance(noise, GaussianNoise):
+        raise TypeError(f"problems take Gaussian subject noise, got {type(noise).__name__}")
+    return noise.resolve(model)
 
 
 @torch.no_grad()
-def noised_prediction(model: HookedTransformer, fact: Fact, noise: SubjectNoise | float | None = None) -> str:
+def noised_prediction(model: HookedTransformer, fact: Fact, noise: GaussianNoise | float | None = None) -> str:
     """o_noise: argmax of the noise-sample-averaged next-token distribution for (s_noise, r), decoded."""
     noise = default_noise(model, noise)
     pt = locate_subject(model, fact.prompt, fact.subject)
@@ -88,6 +94,7 @@ class Problem:
 
     Attributes:
         name: one of :data:`PROBLEM_NAMES`.
+        label: display label ("Error Injection").
         objective: "maximize" or "minimize" p(target).
         target_kind: "o_false", "o_noise" or "o_true".
         noised_input: the edit and the rewrite/paraphrase scoring use the noised subject (Fact Forcing).
@@ -96,6 +103,7 @@ class Problem:
     """
 
     name: str
+    label: str
     objective: str
     target_kind: str
     noised_input: bool = False
@@ -109,7 +117,7 @@ class Problem:
             return fact.o_false
         return noised_prediction(model, fact, noise)
 
-    def target(self, model: HookedTransformer, fact: Fact, noise: SubjectNoise | float | None = None) -> str:
+    def target(self, model: HookedTransformer, fact: Fact, noise: GaussianNoise | float | None = None) -> str:
         """The edit target string for ``fact`` (o_noise needs the model and the noise)."""
         t = self._obj(model, fact, self.target_kind, noise)
         if t is None:
@@ -125,79 +133,37 @@ class Problem:
         )  # type: ignore[return-value]
 
 
-PROBLEMS: dict[str, Problem] = {
-    "error_injection": Problem("error_injection", "maximize", "o_false", pair=("o_false", "o_true")),
-    "tracing_reversal": Problem("tracing_reversal", "maximize", "o_noise", pair=("o_noise", "o_true")),
-    "fact_erasure": Problem("fact_erasure", "minimize", "o_true", erase=True, pair=("o_false", "o_true")),
-    "fact_amplification": Problem("fact_amplification", "maximize", "o_true", pair=("o_true", "o_false")),
-    "fact_forcing": Problem("fact_forcing", "maximize", "o_true", noised_input=True, pair=("o_true", "o_false")),
-}
-PROBLEM_NAMES = tuple(PROBLEMS)
-
-# Hase et al. App. A. GPT-J values (used for every model but gpt2-xl and SmolLM2); keys: (problem, study method).
-_OVERRIDES_GPTJ: dict[tuple[str, str], dict] = {
-    ("error_injection", "ft-1"): {"norm_constraint": 1e-4},
-    ("error_injection", "ft-5"): {"norm_constraint": 2e-5},
-    ("error_injection", "rome"): {"kl_factor": 1.0},
-    ("error_injection", "memit"): {"kl_factor": 0.9},
-    ("tracing_reversal", "ft-1"): {"norm_constraint": 1e-5},
-    ("tracing_reversal", "ft-5"): {"norm_constraint": 2e-5},
-    ("fact_erasure", "ft-1"): {"norm_constraint": 1e-5},
-    ("fact_erasure", "ft-5"): {"norm_constraint": 1e-5},
-    ("fact_amplification", "ft-1"): {"norm_constraint": 1e-5},
-    ("fact_amplification", "ft-5"): {"norm_constraint": 1e-5},
-    ("fact_forcing", "ft-1"): {"norm_constraint": 1e-4, "num_steps": 50},
-    ("fact_forcing", "ft-5"): {"norm_constraint": 1e-4, "num_steps": 50},
-    ("fact_forcing", "rome"): {"v_num_grad_steps": 25, "v_lr": 0.05},
-}
-# gpt2-xl (App. A: only EI and FF were run); ROME/MEMIT: defaults.
-_OVERRIDES_GPT2XL: dict[tuple[str, str], dict] = {
-    ("error_injection", "ft-1"): {"norm_constraint": 1e-3},
-    ("error_injection", "ft-5"): {"norm_constraint": 1e-4},
-    ("fact_forcing", "ft-1"): {"norm_constraint": 5e-4, "num_steps": 50},
-    ("fact_forcing", "ft-5"): {"norm_constraint": 5e-5, "num_steps": 50},
-    ("fact_forcing", "rome"): {"v_num_grad_steps": 25, "v_lr": 0.05},
-}
+PROBLEMS: Mapping[str, Problem] = MappingProxyType({
+    "error_injection": Problem("error_injection", "Error Injection", "maximize", "o_false", pair=("o_false", "o_true")),
+    "tracing_reversal": Problem("tracing_reversal", "Tracing Reversal", "maximize", "o_noise", pair=("o_noise", "o_true")),
+    "fact_erasure": Problem("fact_erasure", "Fact Erasure", "minimize", "o_true", erase=True, pair=("o_false", "o_true")),
+    "fact_amplification": Problem(
+        "fact_amplification", "Fact Amplification", "maximize", "o_true", pair=("o_true", "o_false")
+    ),
+    "fact_forcing": Problem(
+        "fact_forcing", "Fact Forcing", "maximize", "o_true", noised_input=True, pair=("o_true", "o_false")
+    ),
+})
+PROBLEM_NAMES: tuple[str, ...] = tuple(PROBLEMS)
+DEFAULT_PROBLEM: str = PROBLEM_NAMES[0]
+"""The problem a study or table uses when none is named: Error Injection, the paper's headline."""
+assert PROBLEM_NAMES == get_args(ProblemName)
 
 
-# SmolLM2-135M (the embedded model): the GPT-J table, except Error Injection's FT bounds, re-tuned by the paper's rule
-# (`locedit tune-ft`: the largest bound with mean rewrite ≤ 0.99 at the paper's default layer scaled, 5 of 30; first
-# known CounterFact facts). Measured: FT-1 (20 facts) 1e-4 → 0.002, 1e-3 → 0.056, 3e-3 → 0.544, 1e-2 → 0.905 (no
-# bound reaches 0.99: 1e-2 is effectively unconstrained at lr 5e-4 × 25 steps); FT-5 (10 facts) 1e-4 → 0.023,
-# 1e-3 → 0.966, 3e-3 → 0.991. The other problems keep GPT-J's bounds (not re-tuned; run `locedit tune-ft`).
-_OVERRIDES_SMOLLM2: dict[tuple[str, str], dict] = {
-    **_OVERRIDES_GPTJ,
-    ("error_injection", "ft-1"): {"norm_constraint": 1e-2},
-    ("error_injection", "ft-5"): {"norm_constraint": 1e-3},
-}
+def resolve_problem(problem: str) -> Problem:
+    """The registry entry of ``problem``; ``ValueError`` naming the choices for an unknown one."""
+    return PROBLEMS[check_choice(problem, PROBLEMS, "problem")]
 
 
-def editor_method(method: str) -> str:
-    """Study method ("rome", "memit", "ft-1", "ft-5") → editors method ("rome", "memit", "ft")."""
-    m = str(method).lower()
-    if m not in STUDY_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {STUDY_METHODS}")
-    return "ft" if m.startswith("ft") else m
+def problem_hparams(problem: str, method: str, model="smollm2-135m"):
+    """Hyper-parameters of edit ``method`` for ``problem`` on a model (a HookedTransformer or a name): the editors'
+    defaults for the model (:func:`editors.default_hparams`) with the model profile's App. A overrides for
+    (problem, method) applied (:mod:`tracer.profiles`)."""
+    from editors.hparams import default_hparams
+    from editors.methods import resolve_method
+    from tracer.profiles import profile_for
 
-
-def hparam_overrides(problem: str, method: str, model_name: str = "smollm2-135m") -> dict:
-    """The App. A overrides of ``problem`` × ``method`` (a dict of hparam field → value): gpt2-xl's table for gpt2-xl,
-    the embedded model's (GPT-J's with Error Injection's FT bounds re-tuned) for SmolLM2, GPT-J's for any other model."""
-    if problem not in PROBLEMS:
-        raise ValueError(f"unknown problem {problem!r}; choose one of {PROBLEM_NAMES}")
-    editor_method(method)
-    name = model_name.lower()
-    table = _OVERRIDES_GPT2XL if "gpt2-xl" in name else _OVERRIDES_SMOLLM2 if "smollm2" in name else _OVERRIDES_GPTJ
-    return dict(table.get((problem, method.lower()), {}))
-
-
-def problem_hparams(problem: str, method: str, model_name: str = "smollm2-135m"):
-    """The editors' default hparams for the model with the problem's overrides applied (``dataclasses.replace``)."""
-    from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
-
-    em = editor_method(method)
-    try:
-        base = default_hparams(em, model_name)
-    except ValueError:  # unknown model family: the reference (GPT-J) values
-        base = {"rome": ROMEHyperParams, "memit": MEMITHyperParams, "ft": FTHyperParams}[em]()
-    return dataclasses.replace(base, **hparam_overrides(problem, method, model_name))
+    entry = resolve_method(method, aliases=False)
+    resolve_problem(problem)
+    overrides = dict(profile_for(model).problem_hparams.get((problem, entry.name), {}))
+    return dataclasses.replace(default_hparams(entry.name, model), **overrides)

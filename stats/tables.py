@@ -17,6 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import polars as pl
 
+from editors.methods import DEFAULT_METHOD, EDIT_METHODS
+from problems.variants import DEFAULT_PROBLEM, PROBLEM_NAMES, PROBLEMS
+
 __all__ = [
     "PROBLEM_ORDER",
     "PROBLEM_LABELS",
@@ -37,16 +40,11 @@ __all__ = [
     "score_summary",
 ]
 
-PROBLEM_ORDER = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing")
-PROBLEM_LABELS = {
-    "error_injection": "Error Injection",
-    "tracing_reversal": "Tracing Reversal",
-    "fact_erasure": "Fact Erasure",
-    "fact_amplification": "Fact Amplification",
-    "fact_forcing": "Fact Forcing",
-}
-METHOD_ORDER = ("ft-1", "ft-5", "rome", "memit")
-METHOD_LABELS = {"ft-1": "FT (1 layer)", "ft-5": "FT (5 layers)", "rome": "ROME (1 layer)", "memit": "MEMIT (5 layers)"}
+# Problem and method names, order and labels come from the registries (problems.PROBLEMS, editors.EDIT_METHODS).
+PROBLEM_ORDER = PROBLEM_NAMES
+PROBLEM_LABELS = {name: p.label for name, p in PROBLEMS.items()}
+METHOD_ORDER = tuple(EDIT_METHODS)
+METHOD_LABELS = {name: m.label for name, m in EDIT_METHODS.items()}
 METRIC_LABELS = {
     "rewrite_score": "Rewrite Score",
     "paraphrase_score": "Paraphrase Score",
@@ -106,7 +104,7 @@ def _pick(results: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 
 def table1(
-    results: pl.DataFrame, *, problem: str = "error_injection", method: str = "rome", metric: str = "rewrite_score"
+    results: pl.DataFrame, *, problem: str = DEFAULT_PROBLEM, method: str = DEFAULT_METHOD, metric: str = "rewrite_score"
 ) -> pl.DataFrame:
     """Table 1 (and Table 2 on the concentrated subset): R² of Layer / Tracing Effect / Both for one method.
 
@@ -142,8 +140,8 @@ def r2_table(results: pl.DataFrame, metric: str = "rewrite_score") -> pl.DataFra
 def error_table(
     results: pl.DataFrame,
     *,
-    problem: str = "error_injection",
-    method: str = "rome",
+    problem: str = DEFAULT_PROBLEM,
+    method: str = DEFAULT_METHOD,
     metrics: Sequence[str] = ("rewrite_score", "overall_score"),
     predictors: Sequence[str] = ("layer", "trace"),
 ) -> pl.DataFrame:
@@ -162,7 +160,7 @@ def error_table(
 
 
 def correlation_table(
-    correlations: pl.DataFrame, *, problem: str = "error_injection", method: str = "rome",
+    correlations: pl.DataFrame, *, problem: str = DEFAULT_PROBLEM, method: str = DEFAULT_METHOD,
     metric: str = "rewrite_score",
 ) -> pl.DataFrame:
     """Per-layer Pearson ρ (the numbers in the Fig. 4 / 15–18 panel titles): Layer | n | rho | p-value."""
@@ -249,8 +247,8 @@ def paper_tables(
     results: pl.DataFrame,
     *,
     concentrated_results: pl.DataFrame | None = None,
-    problem: str = "error_injection",
-    method: str = "rome",
+    problem: str = DEFAULT_PROBLEM,
+    method: str = DEFAULT_METHOD,
 ) -> dict[str, str]:
     """All tables that ``results`` can fill, as Markdown, keyed "Table 1", "Table 3 (rewrite)", ...
 

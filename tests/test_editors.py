@@ -101,7 +101,7 @@ def test_memit_edits_five_layers_only(model, facts):
     req = _req(facts[0])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     p0 = float(target_probs(model, [req.text], [req.target])[0])
-    window = window_layers(model.cfg.n_layers, LAYER)
+    window = tuple(window_layers(LAYER, 5, model.cfg.n_layers))
     assert window == (10, 11, 12, 13, 14)
     with edit(model, req, "memit", window) as res:
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -139,7 +139,7 @@ def test_errors(model):
     with pytest.raises(EmptyTargetError):
         apply(model, replace(good, target=""), "rome", [LAYER])
     with pytest.raises(SubjectNotFoundError):
-        apply(model, replace(good, prompt="The mother tongue of X is"), "rome", [LAYER])
+        apply(model, replace(good, template="The mother tongue of X is"), "rome", [LAYER])
     with pytest.raises(ValueError, match="unknown edit method"):
         apply(model, good, "mend", [LAYER])
     with pytest.raises(ValueError, match="exactly one layer"):
@@ -180,3 +180,23 @@ def test_rome_fast_matches_plain(model, facts):
     rel = (fast.deltas[name] - plain.deltas[name]).norm() / plain.deltas[name].norm()
     assert rel.item() < 1e-3
     assert fast.info["noise_samples"] == 2
+
+
+@pytest.mark.parametrize("method,layers", [("rome", [LAYER]), ("memit", [10, 11, 12, 13, 14])])
+@pytest.mark.parametrize("backend", ["lean", "transformerlens"])
+def test_fast_path_equals_plain_on_both_suffix_backends(model, facts, monkeypatch, method, layers, backend):
+    """The editors' fast path runs through the shared suffix runner; on either backend (lean blocks, or
+    TransformerLens blocks for models the lean path does not support) its update equals the plain path's."""
+    import tracer.suffix
+
+    if backend == "transformerlens":
+        monkeypatch.setattr(tracer.suffix, "lean_supported", lambda m: False)
+    req = _req(facts[2])
+    hp = replace(default_hparams(method, "smollm2"), v_num_grad_steps=3)
+    fast = apply(model, req, method, layers, hparams=hp, fast=True)
+    restore(model, fast)
+    plain = apply(model, req, method, layers, hparams=hp, fast=False)
+    restore(model, plain)
+    for name in fast.deltas:
+        rel = (fast.deltas[name] - plain.deltas[name]).norm() / plain.deltas[name].norm()
+        assert rel.item() < 1e-3, (name, rel.item())

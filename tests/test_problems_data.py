@@ -110,18 +110,17 @@ def test_edit_noise_is_a_prefix_of_the_scoring_noise():
     """Fact Forcing's ``edit_samples``: the edit optimizes over the first k samples of the very draw it is scored on."""
     import torch
 
-    from problems.run import _edit_noise
-    from tracer.noise import SubjectNoise
+    from tracer.corruption import GaussianNoise
 
-    full = SubjectNoise(0.5, samples=10, seed=3)
-    sub = _edit_noise(full, 3)
+    full = GaussianNoise(sigma=0.5, samples=10, seed=3)
+    sub = full.prefix(3)
     assert sub.samples == 3
     assert torch.equal(sub.draw(4, 16), full.draw(4, 16)[:3])
-    assert _edit_noise(full, None) is full and _edit_noise(full, 10) is full
+    assert full.prefix(None) is full and full.prefix(10) is full
     with pytest.raises(ValueError):
-        _edit_noise(full, 0)
+        full.prefix(0)
     with pytest.raises(ValueError):
-        SubjectNoise(0.5, samples=4, of=2)
+        GaussianNoise(sigma=0.5, samples=4, of=2)
 
 
 def test_first_passing_is_ordered_and_lazy():

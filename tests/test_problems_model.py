@@ -11,9 +11,9 @@ import torch
 from problems import PROBLEMS, load_counterfact, load_known, problem_hparams, run_edit
 from problems.filters import greedy_continuations, known_mask, min_target_prob_mask
 from problems.metrics import erasure_score, neighborhood_score, paraphrase_score, rewrite_score
-from problems.run import edit_layers
+from editors import method_layers
 from problems.variants import MissingTargetError, default_noise
-from tracer.noise import SubjectNoise
+from tracer.corruption import SubjectNoise
 from tracer.probs import target_probs
 from tracer.tokens import encode
 
@@ -58,16 +58,16 @@ def test_problem_hparams_follow_appendix_a():
     assert problem_hparams("fact_amplification", "rome").kl_factor == 0.0625  # default
 
 
-def test_edit_layers_window_and_range():
-    assert edit_layers(30, "rome", 6) == (6,) and edit_layers(30, "ft-1", 0) == (0,)
-    assert edit_layers(30, "memit", 6) == (4, 5, 6, 7, 8)
-    assert edit_layers(30, "ft-5", 0) == (0, 1, 2) and edit_layers(30, "memit", 29) == (27, 28, 29)
+def test_method_layers_window_and_range():
+    assert method_layers("rome", 30, 6) == (6,) and method_layers("ft-1", 30, 0) == (0,)
+    assert method_layers("memit", 30, 6) == (4, 5, 6, 7, 8)
+    assert method_layers("ft-5", 30, 0) == (0, 1, 2) and method_layers("memit", 30, 29) == (27, 28, 29)
     from editors import LayerOutOfRangeError
 
     with pytest.raises(LayerOutOfRangeError, match="n_layers=30"):
-        edit_layers(30, "rome", 30)
-    with pytest.raises(ValueError, match="unknown method"):
-        edit_layers(30, "ft", 3)
+        method_layers("rome", 30, 30)
+    with pytest.raises(ValueError, match="unknown edit method"):
+        method_layers("ft", 30, 3)
 
 
 def _reference_greedy(model, prompt, n):

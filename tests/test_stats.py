@@ -484,7 +484,7 @@ def test_agrees_with_trace_result():
     grid = torch.tensor(rng.uniform(0, 0.9, (T, L)))
     grid[:2] = p_noised  # tokens before the subject hold p_noised
     res = result.TraceResult(tokens=tuple(f"t{i}" for i in range(T)), subject_span=(2, 4), grid=grid,
-                             p_clean=p_clean, p_noised=p_noised, kind="mlp", window=5, method="exact", sigma=0.1)
+                             p_clean=p_clean, p_noised=p_noised, kind="mlp", window=5, algorithm="exact", sigma=0.1)
     frac = fractional_effect(grid, p_clean, p_noised)
     torch.testing.assert_close(frac, res.fractional())
     torch.testing.assert_close(per_layer_effect(frac, "max"), res.per_layer("max"))

@@ -21,7 +21,7 @@ RAW = {
     "tracing": {"kinds": ["mlp"], "windows": [3], "samples": 2},
     "editing": {"problems": ["error_injection", "fact_erasure"], "methods": ["ft-1"], "layers": [4, 12],
                 "essence": False},
-    "hparams": {"ft": {"num_steps": 3}},
+    "hparams": {"ft-1": {"num_steps": 3}},
 }
 TOML = """
 [study]
@@ -41,7 +41,7 @@ problems = ["error_injection", "fact_erasure"]
 methods = ["ft-1"]
 layers = [4, 12]
 essence = false
-[hparams.ft]
+[hparams.ft-1]
 num_steps = 3
 """
 TIMING = ("seconds", "key")

@@ -13,7 +13,7 @@ from tracer import EmptyTargetError, SubjectNotFoundError
 from tracer.tracing import (
     FlipAlignmentError,
     UnknownKindError,
-    UnknownMethodError,
+    UnknownAlgorithmError,
     flop_fraction,
     trace,
     window_layers,
@@ -73,8 +73,8 @@ def test_full_grid_basics(resid_full):
 def test_to_frame(resid_full):
     df = resid_full.to_frame(fact_id="0")
     assert df.columns == [
-        "fact_id", "kind", "window", "token_index", "token", "is_subject", "is_last_subject", "layer", "prob",
-        "p_clean", "p_noised", "fractional",
+        "fact_id", "kind", "window", "corruption", "token_index", "token", "is_subject", "is_last_subject",
+        "layer", "prob", "p_clean", "p_noised", "fractional",
     ]
     assert df.height == 10 * 30
     assert df.filter(df["is_last_subject"])["token_index"].unique().to_list() == [8]
@@ -107,8 +107,8 @@ CELLS = {4: [0], 8: [15], 9: [29]}
 )
 def test_exact_equals_naive(model, kind, window, target):
     kw = dict(kind=kind, window=window, samples=2, cells=CELLS)
-    e = trace(model, P, S, target, method="exact", **kw)
-    n = trace(model, P, S, target, method="naive", **kw)
+    e = trace(model, P, S, target, algorithm="exact", **kw)
+    n = trace(model, P, S, target, algorithm="naive", **kw)
     assert e.p_noised == pytest.approx(n.p_noised, abs=1e-7)
     assert torch.equal(e.grid.isnan(), n.grid.isnan())
     computed = ~e.grid.isnan()
@@ -125,8 +125,8 @@ def test_exact_equals_naive(model, kind, window, target):
 )
 def test_exact_equals_naive_subject_position(model, prompt, subject, cells):
     kw = dict(kind="mlp", window=5, samples=2, cells=cells)
-    e = trace(model, prompt, subject, O, method="exact", **kw)
-    n = trace(model, prompt, subject, O, method="naive", **kw)
+    e = trace(model, prompt, subject, O, algorithm="exact", **kw)
+    n = trace(model, prompt, subject, O, algorithm="naive", **kw)
     computed = ~e.grid.isnan()
     assert torch.equal(computed, ~n.grid.isnan())
     assert (e.grid[computed] - n.grid[computed]).abs().max() < 1e-5
@@ -150,8 +150,8 @@ def test_bad_inputs(model):
         trace(model, P, S, "")
     with pytest.raises(UnknownKindError):
         trace(model, P, S, O, kind="heads")
-    with pytest.raises(UnknownMethodError):
-        trace(model, P, S, O, method="fast")
+    with pytest.raises(UnknownAlgorithmError):
+        trace(model, P, S, O, algorithm="fast")
     with pytest.raises(ValueError):
         trace(model, P, S, O, window=0)
     with pytest.raises(ValueError):
@@ -169,7 +169,7 @@ def test_bad_inputs(model):
 
 def test_zero(model):
     z = zero(model, P, S, O, window=30)
-    assert z.method == "zero" and z.grid.shape == (10, 30)
+    assert z.corrupt == "zero" and z.p_noised is None and z.grid.shape == (10, 30)
     frac = z.fractional()
     assert frac.min() >= 0 and frac.max() <= 1
     # zeroing the MLP outputs of all subject tokens in (almost) every layer deletes nearly all of p_clean
@@ -184,7 +184,7 @@ def test_flip(model):
     assert f.traced.tolist() == [False] * 7 + [True] * 3
     assert f.samples == 1 and f.sigma is None
     assert f.p_clean > f.p_noised
-    n = trace(model, P, S, O, corrupt="flip", flip_subject="Barack Obama", cells={7: [5], 9: [29]}, method="naive")
+    n = trace(model, P, S, O, corrupt="flip", flip_subject="Barack Obama", cells={7: [5], 9: [29]}, algorithm="naive")
     ok = ~f.grid.isnan()
     assert (f.grid[ok] - n.grid[ok]).abs().max() < 1e-5
     with pytest.raises(FlipAlignmentError):
@@ -197,8 +197,8 @@ def test_flip_resid_identity(model):
 
 
 def test_attribution_agrees_with_exact(model, resid_full):
-    a = trace(model, P, S, O, kind="resid", samples=1, method="attribution")
-    assert a.method == "attribution" and torch.isfinite(a.grid).all()
+    a = trace(model, P, S, O, kind="resid", samples=1, algorithm="attribution")
+    assert a.algorithm == "attribution" and torch.isfinite(a.grid).all()
     assert torch.equal(a.grid[:4], torch.full((4, 30), a.p_noised, dtype=a.grid.dtype))
     assert a.p_noised == pytest.approx(resid_full.p_noised, abs=1e-7)
     # measured: Pearson 0.80 over the 6x30 traced cells (Spearman only 0.31), peak at the last token
@@ -222,9 +222,9 @@ def test_exact_tl_fallback_equals_naive(model, monkeypatch):
     import tracer.tracing as tracing
 
     kw = dict(kind="mlp", window=5, samples=2, cells={4: [0, 13], 9: [29]})
-    n = trace(model, P, S, O, method="naive", **kw)
+    n = trace(model, P, S, O, algorithm="naive", **kw)
     monkeypatch.setattr(tracing, "lean_supported", lambda m: False)
-    e = trace(model, P, S, O, method="exact", **kw)
+    e = trace(model, P, S, O, algorithm="exact", **kw)
     ok = ~n.grid.isnan()
     assert (e.grid[ok] - n.grid[ok]).abs().max() < 1e-5
 

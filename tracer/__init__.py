@@ -1,5 +1,21 @@
-"""locedit.tracer: load models as HookedTransformers and localize facts (causal tracing, zeroing, flipping)."""
+"""locedit.tracer: load models as HookedTransformers and localize facts (causal tracing, zeroing, flipping).
 
+Vocabulary (:mod:`tracer.vocab`), corruptions (:mod:`tracer.corruption`), effect formulas (:mod:`tracer.effects`)
+and model profiles (:mod:`tracer.profiles`) are declared here once and read by every other package.
+"""
+
+from tracer.corruption import (
+    Corruption,
+    GaussianNoise,
+    SubjectFlip,
+    SubjectNoise,
+    Zeroing,
+    as_corruption,
+    embedding_std,
+    noise_std,
+    resolve_sigma,
+)
+from tracer.effects import fractional_effect, peak_cell, per_layer_effect
 from tracer.models import (
     EMBEDDED_MODEL,
     ModelUnavailableError,
@@ -7,42 +23,67 @@ from tracer.models import (
     cache_dir,
     load_model,
 )
-from tracer.noise import SubjectNoise, embedding_std, resolve_sigma
 from tracer.probs import target_log_probs, target_probs
-from tracer.result import TraceResult
+from tracer.profiles import FALLBACK_PROFILE, PROFILES, ModelProfile, profile_for
+from tracer.result import TRACING_COLUMNS, TraceResult, UndefinedEffectError, tracing_frame
 from tracer.tokens import EmptyTargetError, PromptTokens, SubjectNotFoundError, locate_subject, target_tokens
-from tracer.tracing import (
-    FlipAlignmentError,
+from tracer.tracing import FlipAlignmentError, flop_fraction, trace, zero
+from tracer.vocab import (
+    CORRUPTIONS,
+    TRACING_ALGORITHMS,
+    TRACING_KINDS,
+    CorruptionKind,
+    TracingAlgorithm,
+    TracingKind,
+    UnknownAlgorithmError,
     UnknownKindError,
-    UnknownMethodError,
-    flop_fraction,
-    trace,
     window_layers,
-    zero,
 )
 
 __all__ = [
+    "CORRUPTIONS",
+    "Corruption",
+    "CorruptionKind",
     "EMBEDDED_MODEL",
     "EmptyTargetError",
+    "FALLBACK_PROFILE",
     "FlipAlignmentError",
-    "TraceResult",
-    "UnknownKindError",
-    "UnknownMethodError",
-    "flop_fraction",
-    "trace",
-    "window_layers",
-    "zero",
+    "GaussianNoise",
+    "ModelProfile",
     "ModelUnavailableError",
+    "PROFILES",
     "PromptTokens",
+    "SubjectFlip",
     "SubjectNoise",
     "SubjectNotFoundError",
+    "TRACING_ALGORITHMS",
+    "TRACING_COLUMNS",
+    "TRACING_KINDS",
+    "TraceResult",
+    "TracingAlgorithm",
+    "TracingKind",
+    "UndefinedEffectError",
+    "UnknownAlgorithmError",
+    "UnknownKindError",
     "UnknownModelError",
+    "Zeroing",
+    "as_corruption",
     "cache_dir",
     "embedding_std",
+    "flop_fraction",
+    "fractional_effect",
     "load_model",
     "locate_subject",
+    "noise_std",
+    "peak_cell",
+    "per_layer_effect",
+    "profile_for",
     "resolve_sigma",
     "target_log_probs",
     "target_probs",
     "target_tokens",
+    "trace",
+    "tracing_frame",
+    "window_layers",
+    "zero",
 ]

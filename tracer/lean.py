@@ -33,7 +33,12 @@ __all__ = ["LeanBlocks", "lean_supported"]
 
 
 def lean_supported(model: HookedTransformer) -> bool:
-    """True when every block is a plain causal pre-norm block that :class:`LeanBlocks` reproduces exactly."""
+    """True when the model's profile allows the lean path and every block is a plain causal pre-norm block that
+    :class:`LeanBlocks` reproduces exactly."""
+    from tracer.profiles import profile_for
+
+    if not profile_for(model).lean_fast_path:
+        return False
     cfg = model.cfg
     unsupported = (
         cfg.positional_embedding_type not in ("standard", "rotary")

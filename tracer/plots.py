@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tracer.vocab import CORRUPTIONS, TRACING_KINDS
+
 __all__ = ["circuitsvis_heatmap", "plotly_heatmap", "save_html"]
 
-_KIND_NAME = {"mlp": "MLP", "attn": "Attn", "resid": "single restored layer (resid)"}
 
 
 def _values(res, values: str):
@@ -18,13 +19,14 @@ def _values(res, values: str):
 
 
 def _title(res) -> str:
-    corrupt = {"noise": "noised subject", "flip": f"flipped subject → {res.flip_subject!r}", "zero": "zeroed"}.get(
-        res.corrupt, res.corrupt
-    )
-    what = "zeroing" if res.method == "zero" else "restoring"
+    corruption = CORRUPTIONS[res.corrupt].label
+    if res.corrupt == "flip":
+        corruption += f" → {res.flip_subject!r}"
+    what = "zeroing" if res.corrupt == "zero" else "restoring"
+    p_corrupt = "" if res.p_noised is None else f", p_corrupt={res.p_noised:.4f}"
     return (
-        f"{what} {_KIND_NAME.get(res.kind, res.kind)} (window {res.window}, {res.method}, {corrupt}) — "
-        f"p_clean={res.p_clean:.4f}, p_noised={res.p_noised:.4f}"
+        f"{what} {TRACING_KINDS[res.kind].label} (window {res.window}, {res.algorithm}, {corruption}) — "
+        f"p_clean={res.p_clean:.4f}{p_corrupt}"
     )
 
 

@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tracer.noise import SubjectNoise, noise_hook
+from tracer.corruption import GaussianNoise, noise_hook
 from tracer.tokens import encode, locate_subject, target_tokens
 
 __all__ = ["pack", "sequence_log_probs", "target_probs", "target_log_probs"]
@@ -52,7 +52,7 @@ def target_log_probs(
     targets: Sequence[str],
     *,
     subjects: Sequence[str] | None = None,
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     batch_size: int = 32,
     fwd_hooks: Sequence = (),
 ) -> Float[Tensor, "batch"]:
@@ -64,6 +64,8 @@ def target_log_probs(
     if noise is not None and (subjects is None or len(subjects) != len(prompts)):
         raise ValueError("noised scoring needs one subject per prompt")
     tgt_ids = [target_tokens(model, t) for t in targets]
+    if noise is not None:
+        noise = noise.resolve(model)
     if noise is None:
         p_toks = [encode(model, p) for p in prompts]
         spans = None
@@ -101,7 +103,7 @@ def target_probs(
     targets: Sequence[str],
     *,
     subjects: Sequence[str] | None = None,
-    noise: SubjectNoise | None = None,
+    noise: GaussianNoise | None = None,
     batch_size: int = 32,
 ) -> Float[Tensor, "batch"]:
     """p(target_i | prompt_i) (mean over noise samples when ``noise`` is given). See :func:`target_log_probs`."""

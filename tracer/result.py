@@ -1,43 +1,32 @@
-"""The result of a causal trace / zeroing run: :class:`TraceResult`.
+"""The result of a causal trace / zeroing run (:class:`TraceResult`), its flat record and the long tracing table.
 
-Fractional effect (Hase et al. 2023 §3.2, Meng et al. 2022 causal tracing) of restoring cell (t, l)::
+Effects (restoration fraction for noise/flip, deleted share for zeroing, NaN where undefined) come from the one
+formula in :mod:`tracer.effects`; the corruption kind's registry entry (:data:`tracer.vocab.CORRUPTIONS`) says
+which applies.
 
-    frac(t, l) = max(0, (p_restored(t, l) − p_noised) / |p_clean − p_noised|)
-
-(the reference code divides by the *absolute* difference). When ``p_clean == p_noised`` (to 1e-12) the
-denominator vanishes and :meth:`TraceResult.fractional` returns all zeros instead of NaN/inf.
-
-For representation zeroing (``method == "zero"``, paper App. B) the effect is the share of the clean probability
-that zeroing deletes: ``clip((p_clean − p_zeroed) / p_clean, 0, 1)`` (zeros when ``p_clean == 0``).
+``to_record()`` / ``from_record()`` give the JSON-able record the study journals store (one per grid);
+:func:`tracing_frame` expands records to the long tracing table (columns :data:`TRACING_COLUMNS`,
+docs/CONTRACTS.md) — the one builder used by :meth:`TraceResult.to_frame` and the study.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["TraceResult", "TRACING_COLUMNS"]
+from tracer.effects import fractional_effect, peak_cell, per_layer_effect
+from tracer.vocab import CORRUPTIONS
 
-TRACING_COLUMNS = (
-    "fact_id",
-    "kind",
-    "window",
-    "token_index",
-    "token",
-    "is_subject",
-    "is_last_subject",
-    "layer",
-    "prob",
-    "p_clean",
-    "p_noised",
-    "fractional",
-)
+__all__ = ["TraceResult", "TRACING_COLUMNS", "UndefinedEffectError", "tracing_frame"]
 
-_EPS = 1e-12
+
+class UndefinedEffectError(ValueError):
+    """Every cell's effect is undefined (p_clean == p_corrupt, or p_clean == 0 for zeroing): there is no peak."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,14 +40,14 @@ class TraceResult:
             Rows of tokens before the subject (and untraced rows, see ``traced``) hold ``p_noised`` for traces
             and ``p_clean`` for zeroing: nothing was run for them.
         p_clean: p(target | prompt) on the clean run.
-        p_noised: p(target) on the corrupted run (mean over noise samples); for ``method="zero"`` 0.0
-            (not used by :meth:`fractional`).
-        kind: "mlp" | "attn" | "resid".
+        p_noised: p(target) on the corrupted run (mean over noise samples; the flipped prompt for flip); ``None``
+            for zeroing, which has no corrupted run.
+        kind: a tracing kind ("mlp" | "attn" | "resid").
         window: number of layers restored per cell (clipped at the model's ends).
-        method: "exact" | "naive" | "attribution" | "zero".
+        algorithm: "exact" | "naive" | "attribution" (a tracing algorithm), or "zero" for zeroing.
         sigma: absolute noise std (None for flip corruption and zeroing; the empirical std for explicit noise).
         samples: number of noise samples (1 for flip / zeroing).
-        corrupt: "noise" | "flip" | "zero".
+        corrupt: the corruption kind, "noise" | "flip" | "zero".
         traced: ``[T]`` bool, rows that were actually computed.
         prompt, subject, target: the inputs; flip_subject: the replacement subject for ``corrupt="flip"``.
     """
@@ -67,10 +56,10 @@ class TraceResult:
     subject_span: tuple[int, int]
     grid: Float[Tensor, "T L"]
     p_clean: float
-    p_noised: float
+    p_noised: float | None
     kind: str
     window: int
-    method: str
+    algorithm: str
     sigma: float | None
     samples: int = 1
     corrupt: str = "noise"
@@ -96,37 +85,31 @@ class TraceResult:
 
     # ------------------------------------------------------------------ effects
     def fractional(self) -> Float[Tensor, "T L"]:
-        """``[T, L]`` fractional effect.
-
-        Traces: ``max(0, (grid − p_noised) / |p_clean − p_noised|)`` (Hase §3.2); all zeros when
-        ``|p_clean − p_noised| < 1e-12``. Not clipped above: a restoration may overshoot p_clean.
-        Zeroing: deleted share of the clean probability, ``clip((p_clean − grid) / p_clean, 0, 1)``.
-        """
-        g = self.grid.double()
-        if self.method == "zero":
-            if self.p_clean < _EPS:
-                return torch.zeros_like(self.grid)
-            return ((self.p_clean - g) / self.p_clean).clamp(0.0, 1.0).to(self.grid.dtype)
-        denom = abs(self.p_clean - self.p_noised)
-        if denom < _EPS:
-            return torch.zeros_like(self.grid)
-        return ((g - self.p_noised) / denom).clamp(min=0.0).to(self.grid.dtype)
+        """``[T, L]`` effect per cell (:func:`tracer.effects.fractional_effect`): for traces
+        ``max(0, (grid − p_noised) / |p_clean − p_noised|)`` (Hase §4.1; not clipped above), for zeroing the
+        deleted share ``clip((p_clean − grid) / p_clean, 0, 1)``; NaN everywhere when the denominator is < 1e-12."""
+        effect = CORRUPTIONS[self.corrupt].effect
+        return fractional_effect(self.grid.double(), self.p_clean, self.p_noised, effect).to(self.grid.dtype)
 
     def per_layer(self, collapse: Literal["max", "last_subject"] = "max") -> Float[Tensor, "L"]:
         """``[L]`` per-layer effect: max over the traced tokens (default) or the value at the last subject token."""
         frac = self.fractional()
         if collapse == "max":
-            rows = self._traced_mask()
-            return frac[rows].max(dim=0).values
-        if collapse == "last_subject":
-            return frac[self.last_subject_index]
-        raise ValueError(f"collapse must be 'max' or 'last_subject', got {collapse!r}")
+            return per_layer_effect(frac[self._traced_mask()], "max")
+        return per_layer_effect(frac, collapse, self.last_subject_index)
 
     def peak(self) -> tuple[int, int]:
-        """``(token, layer)`` of the largest fractional effect (first in row-major order on ties)."""
-        frac = self.fractional()
-        idx = int(torch.argmax(frac.flatten()))
-        return idx // self.n_layers, idx % self.n_layers
+        """``(token, layer)`` of the largest fractional effect (first in row-major order on ties; NaN ignored).
+
+        Raises:
+            UndefinedEffectError: every effect is undefined (see :meth:`fractional`).
+        """
+        cell = peak_cell(self.fractional())
+        if cell is None:
+            raise UndefinedEffectError(
+                f"no peak: the effect is undefined everywhere (p_clean={self.p_clean:.4g}, p_noised={self.p_noised})"
+            )
+        return cell
 
     def peak_layer(self) -> int:
         """Layer of the argmax over (token, layer) of :meth:`fractional` (the paper's "peak layer")."""
@@ -139,45 +122,37 @@ class TraceResult:
         mask[self.subject_span[0] :] = True
         return mask
 
-    # ------------------------------------------------------------------ tables
-    def to_frame(self, fact_id: str | int = ""):
-        """Long polars frame, one row per (token, layer) cell, with the tracing-table columns of CONTRACTS.md."""
-        import polars as pl
+    # ------------------------------------------------------------------ records and tables
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict with everything :meth:`from_record` needs (what the study journals store)."""
+        return {
+            "tokens": list(self.tokens), "subject_span": list(self.subject_span), "grid": self.grid.tolist(),
+            "p_clean": float(self.p_clean), "p_noised": None if self.p_noised is None else float(self.p_noised),
+            "kind": self.kind, "window": int(self.window), "algorithm": self.algorithm,
+            "sigma": None if self.sigma is None else float(self.sigma), "samples": int(self.samples),
+            "corrupt": self.corrupt, "traced": None if self.traced is None else self.traced.tolist(),
+            "prompt": self.prompt, "subject": self.subject, "target": self.target, "flip_subject": self.flip_subject,
+        }
 
-        T, L = self.n_tokens, self.n_layers
-        s, e = self.subject_span
-        frac = self.fractional().flatten().tolist()
-        t_idx = [t for t in range(T) for _ in range(L)]
-        return pl.DataFrame(
-            {
-                "fact_id": [str(fact_id)] * (T * L),
-                "kind": [self.kind] * (T * L),
-                "window": [int(self.window)] * (T * L),
-                "token_index": t_idx,
-                "token": [self.tokens[t] for t in t_idx],
-                "is_subject": [s <= t < e for t in t_idx],
-                "is_last_subject": [t == e - 1 for t in t_idx],
-                "layer": [l for _ in range(T) for l in range(L)],
-                "prob": self.grid.double().flatten().tolist(),
-                "p_clean": [float(self.p_clean)] * (T * L),
-                "p_noised": [float(self.p_noised)] * (T * L),
-                "fractional": frac,
-            },
-            schema={
-                "fact_id": pl.String,
-                "kind": pl.String,
-                "window": pl.Int64,
-                "token_index": pl.Int64,
-                "token": pl.String,
-                "is_subject": pl.Boolean,
-                "is_last_subject": pl.Boolean,
-                "layer": pl.Int64,
-                "prob": pl.Float64,
-                "p_clean": pl.Float64,
-                "p_noised": pl.Float64,
-                "fractional": pl.Float64,
-            },
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TraceResult:
+        """Inverse of :meth:`to_record`; records of older runs (no ``algorithm``/``corrupt``/``traced``) read as
+        exact noise traces."""
+        traced = record.get("traced")
+        return cls(
+            tokens=tuple(record["tokens"]), subject_span=tuple(record["subject_span"]),
+            grid=torch.tensor(record["grid"], dtype=torch.float64), p_clean=float(record["p_clean"]),
+            p_noised=None if record.get("p_noised") is None else float(record["p_noised"]),
+            kind=record["kind"], window=int(record["window"]), algorithm=record.get("algorithm", "exact"),
+            sigma=record.get("sigma"), samples=int(record.get("samples", 1)), corrupt=record.get("corrupt", "noise"),
+            traced=None if traced is None else torch.tensor(traced, dtype=torch.bool),
+            prompt=record.get("prompt", ""), subject=record.get("subject", ""), target=record.get("target", ""),
+            flip_subject=record.get("flip_subject"),
         )
+
+    def to_frame(self, fact_id: str | int = ""):
+        """Long polars frame, one row per (token, layer) cell (:data:`TRACING_COLUMNS`)."""
+        return tracing_frame([{**self.to_record(), "fact_id": str(fact_id)}])
 
     # ------------------------------------------------------------------ pictures
     def labels(self) -> list[str]:
@@ -206,7 +181,54 @@ class TraceResult:
 
     def __repr__(self) -> str:
         return (
-            f"TraceResult(kind={self.kind!r}, window={self.window}, method={self.method!r}, "
+            f"TraceResult(kind={self.kind!r}, window={self.window}, algorithm={self.algorithm!r}, "
             f"corrupt={self.corrupt!r}, T={self.n_tokens}, L={self.n_layers}, subject_span={self.subject_span}, "
-            f"p_clean={self.p_clean:.4g}, p_noised={self.p_noised:.4g})"
+            f"p_clean={self.p_clean:.4g}, p_noised={self.p_noised})"
         )
+
+
+# ---------------------------------------------------------------------------------------------- the long table
+def _tracing_schema():
+    import polars as pl
+
+    return {
+        "fact_id": pl.String, "kind": pl.String, "window": pl.Int64, "corruption": pl.String,
+        "token_index": pl.Int64, "token": pl.String, "is_subject": pl.Boolean, "is_last_subject": pl.Boolean,
+        "layer": pl.Int64, "prob": pl.Float64, "p_clean": pl.Float64, "p_noised": pl.Float64,
+        "fractional": pl.Float64,
+    }
+
+
+TRACING_COLUMNS = (
+    "fact_id", "kind", "window", "corruption", "token_index", "token", "is_subject", "is_last_subject", "layer",
+    "prob", "p_clean", "p_noised", "fractional",
+)
+
+
+def tracing_frame(records: Sequence[dict[str, Any]]):
+    """The long tracing table (one row per fact × grid cell; columns :data:`TRACING_COLUMNS`) from
+    :meth:`TraceResult.to_record` dicts carrying a ``fact_id``. ``fractional`` is :meth:`TraceResult.fractional`
+    (NaN → null); ``p_noised`` is null for zeroing."""
+    import polars as pl
+
+    cols: dict[str, list] = {c: [] for c in TRACING_COLUMNS}
+    for rec in records:
+        res = TraceResult.from_record(rec)
+        T, L = res.n_tokens, res.n_layers
+        s, e = res.subject_span
+        t_idx = [t for t in range(T) for _ in range(L)]
+        cols["fact_id"] += [str(rec.get("fact_id", ""))] * (T * L)
+        cols["kind"] += [res.kind] * (T * L)
+        cols["window"] += [int(res.window)] * (T * L)
+        cols["corruption"] += [res.corrupt] * (T * L)
+        cols["token_index"] += t_idx
+        cols["token"] += [res.tokens[t] for t in t_idx]
+        cols["is_subject"] += [s <= t < e for t in t_idx]
+        cols["is_last_subject"] += [t == e - 1 for t in t_idx]
+        cols["layer"] += [layer for _ in range(T) for layer in range(L)]
+        cols["prob"] += res.grid.double().flatten().tolist()
+        cols["p_clean"] += [float(res.p_clean)] * (T * L)
+        cols["p_noised"] += [res.p_noised] * (T * L)
+        cols["fractional"] += res.fractional().double().flatten().tolist()
+    df = pl.DataFrame(cols, schema=_tracing_schema())
+    return df.with_columns(pl.col("fractional").fill_nan(None))

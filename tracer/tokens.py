@@ -1,7 +1,8 @@
 """Tokenization helpers shared by the tracer, the editors and the problems.
 
-All tokenization goes through the model's tokenizer with ``add_special_tokens=False``: no BOS is ever prepended,
-as in the reference code. A subject is located by *character offsets* in the prompt, so that e.g. " Danielle"
+All tokenization goes through the model's tokenizer with ``add_special_tokens=False``. Prompts get a BOS token
+only when the model's profile says so (:attr:`tracer.profiles.ModelProfile.prepend_bos`; never for the paper's
+GPT-2/GPT-J nor the embedded SmolLM2, as in the reference code); targets never do. A subject is located by *character offsets* in the prompt, so that e.g. " Danielle"
 and "Danielle" at the start of a prompt both map to the right tokens.
 """
 
@@ -37,7 +38,7 @@ class PromptTokens:
     """A tokenized prompt with its subject located.
 
     Attributes:
-        tokens: ``[T]`` token ids (no BOS).
+        tokens: ``[T]`` token ids (BOS first only if the model's profile prepends it).
         str_tokens: the ``T`` token strings.
         subject_span: ``(start, end)`` token indices, end exclusive, of the subject.
     """
@@ -55,10 +56,21 @@ class PromptTokens:
         return self.subject_span[1] - 1
 
 
+def bos_ids(model: HookedTransformer) -> list[int]:
+    """``[bos_token_id]`` when the model's profile prepends BOS to prompts, else ``[]``."""
+    from tracer.profiles import profile_for
+
+    if not profile_for(model).prepend_bos:
+        return []
+    if model.tokenizer.bos_token_id is None:
+        raise ValueError(f"the profile of {model.cfg.model_name} prepends BOS but its tokenizer has none")
+    return [int(model.tokenizer.bos_token_id)]
+
+
 def encode(model: HookedTransformer, text: str) -> Int[Tensor, "T"]:
-    """Token ids of ``text`` without special tokens (no BOS)."""
+    """Token ids of a prompt ``text``: no special tokens, BOS first only if the model's profile says so."""
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(bos_ids(model) + list(ids), dtype=torch.long)
 
 
 def locate_subject(model: HookedTransformer, prompt: str, subject: str) -> PromptTokens:
@@ -81,8 +93,10 @@ def locate_subject(model: HookedTransformer, prompt: str, subject: str) -> Promp
     covered = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
     if not covered:
         raise SubjectNotFoundError(f"subject {subject!r} maps to no token of prompt {prompt!r}")
+    bos = bos_ids(model)
+    ids = bos + list(ids)
     str_tokens = tuple(model.tokenizer.decode([i]) for i in ids)
-    return PromptTokens(torch.tensor(ids, dtype=torch.long), str_tokens, (covered[0], covered[-1] + 1))
+    return PromptTokens(torch.tensor(ids, dtype=torch.long), str_tokens, (covered[0] + len(bos), covered[-1] + 1 + len(bos)))
 
 
 def target_tokens(model: HookedTransformer, target: str) -> Int[Tensor, "n_target"]:
@@ -93,7 +107,7 @@ def target_tokens(model: HookedTransformer, target: str) -> Int[Tensor, "n_targe
     """
     if not isinstance(target, str) or not target.strip():
         raise EmptyTargetError(f"target must be a non-empty string, got {target!r}")
-    ids = encode(model, target)
+    ids = torch.tensor(model.tokenizer(target, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() == 0:
         raise EmptyTargetError(f"target {target!r} tokenizes to no token")
     return ids

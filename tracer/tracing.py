@@ -15,7 +15,7 @@ Causal tracing of a fact (s, r, o) with prompt P containing subject s:
 Fractional effect (Hase §3.2 / §4.1): (grid[t, l] − p_noised) / |p_clean − p_noised|, clipped at 0
 (:meth:`TraceResult.fractional`).
 
-Three methods compute the grid:
+Three tracing algorithms (:data:`tracer.vocab.TRACING_ALGORITHMS`) compute the grid:
 
 * ``"naive"``: one full forward pass (all noise samples batched) per (token, layer) cell with ``run_with_hooks``.
 * ``"exact"`` (default): the same numbers, faster. Restoring token t at layers [a, b) cannot change (i) anything
@@ -25,10 +25,11 @@ Three methods compute the grid:
   values there come from the unchanged resid_pre(a)), so a cell joins at layer a + 1 from the cached resid_mid(a);
   (iv) logits and last-block outputs other than the m target positions, so only those are computed. Cells sharing a
   token are stacked on the batch dimension (rows join at their own layer) in chunks of ``batch_size`` rows. Blocks
-  run through :class:`tracer.lean.LeanBlocks` (packed QKV, prefix keys rotated once, SDPA); models it does not
-  support use TransformerLens blocks with a frozen KV-cache entry (same numbers, without (iii) and the last-block
-  saving). Cells of tokens before the subject are p_noised without a pass (in all methods, as in the reference
-  code). :func:`flop_fraction` gives exact's FLOPs relative to naive.
+  run through the shared :class:`tracer.suffix.SuffixRunner`: lean blocks (packed QKV, prefix keys rotated once,
+  SDPA) where the model allows, else TransformerLens blocks with a frozen KV-cache entry, where a cell joins at its
+  window's first layer instead of one later (iii) and restores inside that block. Cells of tokens before the subject
+  are p_noised without a pass (in all algorithms, as in the reference code). :func:`flop_fraction` gives exact's
+  FLOPs relative to naive.
 * ``"attribution"``: first-order (attribution-patching) estimate from one corrupted forward + backward pass:
   Δp(t, l) ≈ Σ_{j ∈ window(l)} mean_s ∇_{h_j(t)} p_s · (h_j^clean(t) − h_j^s(t)), the gradient of the
   *probability* (not the log-prob) of the target for noise sample s; grid = p_noised + Δp (may leave [0, 1]).
@@ -44,43 +45,28 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tracer.corruption import Corruption, GaussianNoise, SubjectFlip, Zeroing, as_corruption, noise_hook
 from tracer.lean import lean_supported
-from tracer.noise import SubjectNoise, noise_hook, resolve_sigma
 from tracer.result import TraceResult
-from tracer.tokens import encode, locate_subject, target_tokens
+from tracer.suffix import Restore, SuffixRunner
+from tracer.tokens import locate_subject, target_tokens
+from tracer.vocab import (
+    CORRUPTIONS,
+    TRACING_ALGORITHMS,
+    TRACING_KINDS,
+    UnknownAlgorithmError,
+    UnknownKindError,
+    check_choice,
+    window_layers,
+)
 
-__all__ = [
-    "KINDS",
-    "METHODS",
-    "UnknownKindError",
-    "UnknownMethodError",
-    "FlipAlignmentError",
-    "trace",
-    "zero",
-    "window_layers",
-    "flop_fraction",
-]
+__all__ = ["FlipAlignmentError", "trace", "zero", "flop_fraction"]
 
-KINDS = {"mlp": "hook_mlp_out", "attn": "hook_attn_out", "resid": "hook_resid_post"}
-METHODS = ("exact", "naive", "attribution")
 _DEFAULT_BATCH = 320
-
-
-class UnknownKindError(ValueError):
-    """``kind`` is not one of "mlp", "attn", "resid"."""
-
-
-class UnknownMethodError(ValueError):
-    """``method`` is not one of "exact", "naive", "attribution"."""
 
 
 class FlipAlignmentError(ValueError):
     """The flipped prompt's tokens do not line up with the original prompt's outside the subject."""
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """The reference code's clipped window around ``layer``: ``range(max(0, l - w//2), min(L, l - (-w//2)))``."""
-    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -107,13 +93,12 @@ class _Setup:
     flip_subject: str | None
 
 
-def _validate(kind: str, window: int | None, method: str | None = None) -> int:
-    if kind not in KINDS:
-        raise UnknownKindError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if method is not None and method not in METHODS:
-        raise UnknownMethodError(f"method must be one of {METHODS}, got {method!r}")
+def _validate(kind: str, window: int | None, algorithm: str | None = None) -> int:
+    check_choice(kind, TRACING_KINDS, "tracing kind", UnknownKindError)
+    if algorithm is not None:
+        check_choice(algorithm, TRACING_ALGORITHMS, "tracing algorithm", UnknownAlgorithmError)
     if window is None:
-        window = 1 if kind == "resid" else 5
+        window = TRACING_KINDS[kind].default_window
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if kind == "resid" and window != 1:
@@ -133,8 +118,6 @@ def _target_positions(n_prompt: int, m: int) -> Tensor:
 
 
 def _flip_alignment(model, prompt, subject, flip_subject, pt, tgt):
-    if not isinstance(flip_subject, str) or not flip_subject.strip():
-        raise ValueError("corrupt='flip' needs a non-empty flip_subject")
     i = prompt.find(subject)
     flipped = prompt[:i] + flip_subject + prompt[i + len(subject) :]
     if flipped.find(flip_subject) != i:
@@ -157,36 +140,27 @@ def _flip_alignment(model, prompt, subject, flip_subject, pt, tgt):
 
 
 @torch.no_grad()
-def _prepare(
-    model, prompt, subject, target, kind, window, samples, noise, sigma, seed, corrupt, flip_subject
-) -> _Setup:
+def _prepare(model, prompt, subject, target, kind, window, corruption: GaussianNoise | SubjectFlip) -> _Setup:
     pt = locate_subject(model, prompt, subject)
     tgt = target_tokens(model, target)
-    hook = KINDS[kind]
+    hook = TRACING_KINDS[kind].hook
     L, d = model.cfg.n_layers, model.cfg.d_model
     clean_seq = torch.cat([pt.tokens, tgt[:-1]])
     s0, s1 = pt.subject_span
-    if corrupt == "noise":
-        if isinstance(noise, Tensor):
-            values = noise.detach()
-            samples = int(values.shape[0])
-            sig = float(values.float().std()) if sigma is None else float(sigma)
-        else:
-            values = None
-            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-                raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-            sig = resolve_sigma(model, float(noise), None if sigma is None else float(sigma))
-        eps = SubjectNoise(sig, samples, seed, values).draw(s1 - s0, d, model.cfg.device, model.cfg.dtype)
+    if isinstance(corruption, GaussianNoise):
+        noise = corruption.resolve(model)
+        samples, sig = noise.samples, noise.sigma
+        eps = noise.draw(s1 - s0, d, model.cfg.device, model.cfg.dtype)
         embed_hook = noise_hook([(s0, s1)] * samples, list(eps))
         corrupt_seq, np_corrupt = clean_seq, pt.n_tokens
         pos_map = {t: t for t in range(s0, pt.n_tokens)}
         flip_subject = None
-    elif corrupt == "flip":
+    else:
+        flip_subject = corruption.subject
         fpt, pos_map = _flip_alignment(model, prompt, subject, flip_subject, pt, tgt)
         corrupt_seq, np_corrupt = torch.cat([fpt.tokens, tgt[:-1]]), fpt.n_tokens
         samples, sig, embed_hook = 1, None, None
-    else:
-        raise ValueError(f"corrupt must be 'noise' or 'flip', got {corrupt!r}")
+    corrupt = corruption.kind
 
     names = [f"blocks.{l}.{hook}" for l in range(L)]
     logits, cache = model.run_with_cache(
@@ -251,103 +225,61 @@ def _grid_naive(model, st: _Setup, p_noised: float, cells=None) -> Tensor:
     return grid
 
 
-@torch.no_grad()
-def _grid_exact(model, st: _Setup, p_noised: float, cache, batch_size: int, cells_sel=None) -> Tensor:
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as KVEntry
-
-    L, S = st.L, st.samples
-    grid = torch.full((len(st.pt_tokens), L), p_noised, dtype=torch.float64)
-    resid_pre = [cache[f"blocks.{j}.hook_resid_pre"] for j in range(L)]  # [S, N', d]
-    keys = [cache[f"blocks.{j}.attn.hook_k"] for j in range(L)]  # [S, N', kv_heads, d_head] (pre-rotary)
-    values = [cache[f"blocks.{j}.attn.hook_v"] for j in range(L)]
-    m = len(st.tgt)
-    state: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def make_hook(j):
-        def restore(act, hook):
-            if j in state:
-                rows, vec = state[j]
-                act[rows, 0] = vec  # position 0 of the computed suffix is the restored token
-            return act
-
-        return restore
-
-    fwd_hooks = [(f"blocks.{j}.{st.hook}", make_hook(j)) for j in range(L)]
-    cells_per_chunk = max(1, batch_size // S)
-    with model.hooks(fwd_hooks=fwd_hooks):
-        for t, tp in st.pos_map.items():
-            rel_tpos = _target_positions(st.np_corrupt, m) - tp  # target positions within the suffix tp..N'-1
-            layers = _layers_of(cells_sel, t, L)
-            for c0 in range(0, len(layers), cells_per_chunk):
-                cells = layers[c0 : c0 + cells_per_chunk]  # centre layers, sorted → window starts sorted
-                if not cells:
-                    continue
-                wins = [window_layers(l, st.window, L) for l in cells]
-                starts = [w.start for w in wins]
-                resid = None
-                n_act = 0
-                for j in range(starts[0], L):
-                    new = [i for i, a in enumerate(starts) if a == j]
-                    if new:
-                        fresh = resid_pre[j][:, tp:].repeat(len(new), 1, 1)
-                        resid = fresh if resid is None else torch.cat([resid, fresh])
-                        n_act += len(new)
-                    restore_cells = [i for i in range(n_act) if j in wins[i]]
-                    if restore_cells:
-                        rows = torch.cat([torch.arange(i * S, (i + 1) * S) for i in restore_cells])
-                        state[j] = (rows.to(resid.device), st.clean_acts[j, t])
-                    entry = None
-                    if tp > 0:
-                        entry = KVEntry(
-                            past_keys=keys[j][:, :tp].repeat(n_act, 1, 1, 1),
-                            past_values=values[j][:, :tp].repeat(n_act, 1, 1, 1),
-                            frozen=True,
-                        )
-                    resid = model.blocks[j](resid, past_kv_cache_entry=entry)
-                    state.pop(j, None)
-                logits = model.unembed(model.ln_final(resid[:, rel_tpos]))
-                p = _seq_prob(logits, st.tgt).view(len(cells), S).mean(-1)
-                grid[t, cells] = p.double().cpu()
-    return grid
+def _exact_cache_names(model, st, runner: SuffixRunner) -> list[str]:
+    """Activations of the corrupted run the exact grid reads: per block resid_pre and the attention keys/values;
+    with the lean backend also what the late join needs (see :func:`_join_state`)."""
+    L = st.L
+    names = [f"blocks.{j}.{h}" for j in range(L) for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
+    if runner.is_lean:
+        names.append(f"blocks.{L - 1}.hook_resid_post")
+        if model.cfg.parallel_attn_mlp and st.kind in ("mlp", "attn"):
+            names += [f"blocks.{j}.{st.hook}" for j in range(L)]
+        elif not model.cfg.parallel_attn_mlp and st.kind == "mlp":
+            names += [f"blocks.{j}.hook_resid_mid" for j in range(L)]
+    return names
 
 
-def _join_state(st: _Setup, cache_tensors, t: int, tp: int, win: range, mlp_first):
-    """Where a cell's computation starts and its residual there (positions tp.. of every noise sample).
+def _join_state(model, st: _Setup, cache, t: int, tp: int, a: int) -> Tensor:
+    """The corrupted residual entering block a + 1 (positions tp.. of every noise sample) with the restoration of
+    token t at block a applied — the state a cell joins at when the window starts at a.
 
-    Restoring token t's output at the window's first layer a changes, within layer a, only position t (other
-    positions' keys/values at layer a come from the unchanged resid_pre(a)); so a cell joins at layer a + 1 with
-    the corrupted resid_pre(a + 1) and position t set to what layer a makes of the restoration.
+    Restoring token t's output at layer a changes, within block a, only position t (the other positions' keys and
+    values there come from the unchanged resid_pre(a)); so a cell can join at block a + 1:
+    mlp (sequential): resid_mid(a)[t] + clean; mlp or attn (parallel attn/MLP, both added to resid_pre):
+    resid_post(a)[t] − corrupted + clean; attn (sequential): the block's own MLP on resid_pre(a)[t] + clean;
+    resid: clean.
     """
-    resid_pre, resid_mid = cache_tensors
-    a = win.start
-    x = resid_pre[a + 1][:, tp:].clone()
-    if st.kind == "mlp":
-        x[:, 0] = resid_mid[a][:, tp] + st.clean_acts[a, t]
-    elif st.kind == "resid":
-        x[:, 0] = st.clean_acts[a, t]
-    else:  # attn: resid_mid = resid_pre + clean attn_out, then the block's own MLP on that one position
-        x[:, 0] = mlp_first(a, resid_pre[a][:, tp : tp + 1] + st.clean_acts[a, t])[:, 0]
-    return a + 1, x
+    L = st.L
+    post = cache[f"blocks.{a + 1}.hook_resid_pre"] if a + 1 < L else cache[f"blocks.{L - 1}.hook_resid_post"]
+    x = post[:, tp:].clone()
+    clean = st.clean_acts[a, t]
+    if st.kind == "resid":
+        x[:, 0] = clean
+    elif model.cfg.parallel_attn_mlp:
+        x[:, 0] = post[:, tp] - cache[f"blocks.{a}.{st.hook}"][:, tp] + clean
+    elif st.kind == "mlp":
+        x[:, 0] = cache[f"blocks.{a}.hook_resid_mid"][:, tp] + clean
+    else:
+        blk = model.blocks[a]
+        mid = cache[f"blocks.{a}.hook_resid_pre"][:, tp : tp + 1] + clean
+        x[:, 0] = (mid + blk.mlp(blk.ln2(mid)))[:, 0]
+    return x
 
 
 @torch.no_grad()
-def _grid_exact_lean(model, st: _Setup, p_noised: float, cache, batch_size: int, cells_sel=None) -> Tensor:
-    """The exact grid with :class:`tracer.lean.LeanBlocks` (see the module docstring for the reuse)."""
-    from tracer.lean import LeanBlocks
-
+def _grid_exact(
+    model, st: _Setup, p_noised: float, cache, batch_size: int, runner: SuffixRunner, cells_sel=None
+) -> Tensor:
+    """The exact grid (module docstring) through :class:`tracer.suffix.SuffixRunner`. With the lean backend a cell
+    joins one block after its window's first layer (:func:`_join_state`); with TransformerLens blocks it joins at
+    the window's first layer and the restoration happens inside that block."""
     L, S = st.L, st.samples
-    lean = LeanBlocks(model)
+    late = runner.is_lean
     grid = torch.full((len(st.pt_tokens), L), p_noised, dtype=torch.float64)
-    resid_pre = [cache[f"blocks.{j}.hook_resid_pre"] for j in range(L)] + [cache[f"blocks.{L - 1}.hook_resid_post"]]
-    resid_mid = [cache[f"blocks.{j}.hook_resid_mid"] for j in range(L)]
-    prefix = [lean.prefix_keys_values(j, cache[f"blocks.{j}.attn.hook_k"], cache[f"blocks.{j}.attn.hook_v"]) for j in range(L)]
+    prefix = [runner.prefix(j, cache[f"blocks.{j}.attn.hook_k"], cache[f"blocks.{j}.attn.hook_v"]) for j in range(L)]
     m = len(st.tgt)
-    dev = resid_pre[0].device
-
-    def mlp_first(a, mid):
-        blk = model.blocks[a]
-        return mid + blk.mlp(blk.ln2(mid))
-
+    dev = cache["blocks.0.hook_resid_pre"].device
+    sample_rows = torch.arange(S, device=dev)
     cells_per_chunk = max(1, batch_size // S)
     for t, tp in st.pos_map.items():
         rel_tpos = (_target_positions(st.np_corrupt, m) - tp).to(dev)  # scored positions within the suffix
@@ -357,34 +289,26 @@ def _grid_exact_lean(model, st: _Setup, p_noised: float, cache, batch_size: int,
             if not cells:
                 continue
             wins = [window_layers(l, st.window, L) for l in cells]
-            joins, states = zip(*(_join_state(st, (resid_pre, resid_mid), t, tp, w, mlp_first) for w in wins))
-            x = torch.cat(states)  # [cells·S, P, d], cell-major rows
+            if late:
+                joins = [w.start + 1 for w in wins]
+                x = torch.cat([_join_state(model, st, cache, t, tp, w.start) for w in wins])
+            else:
+                joins = [w.start for w in wins]
+                x = torch.cat([cache[f"blocks.{a}.hook_resid_pre"][:, tp:] for a in joins])
+            # x: [cells·S, P, d], cell-major rows; cells whose join layer is later are stacked below
             for j in range(min(joins), L):
                 n_cells = sum(1 for a in joins if a <= j)
                 n = n_cells * S
-                pk, pv = prefix[j]
-                past_k = pk[:, :, :tp].repeat(n_cells, 1, 1, 1) if tp > 0 else None
-                past_v = pv[:, :, :tp].repeat(n_cells, 1, 1, 1) if tp > 0 else None
-                restore = [c for c in range(n_cells) if j in wins[c] and j >= joins[c]]
-                qpos = rel_tpos if j == L - 1 else None
-                override = None
-                if restore and st.kind in ("mlp", "attn"):
+                restored = [c for c in range(n_cells) if j in wins[c] and j >= joins[c]]
+                restore = None
+                if restored:
                     mask = torch.zeros(n, dtype=torch.bool, device=dev)
-                    for c in restore:
+                    for c in restored:
                         mask[c * S : (c + 1) * S] = True
-                    local0 = 0  # the restored token is local position 0; at the last block, only if it is scored
-                    if qpos is not None:
-                        hit = torch.nonzero(qpos == 0)
-                        local0 = int(hit[0, 0]) if len(hit) else None
-                    clean = st.clean_acts[j, t]
-
-                    def override(out, mask=mask, local0=local0, clean=clean):
-                        if local0 is not None:
-                            out[mask, local0] = clean
-                        return out
-
-                kw = {"mlp_override": override} if st.kind == "mlp" else {"attn_override": override}
-                out = lean.block(j, x[:n], past_k, past_v, query_positions=qpos, **kw)
+                    restore = Restore(st.kind, mask, 0, st.clean_acts[j, t])
+                qpos = rel_tpos if j == L - 1 else None
+                out = runner.block(j, x[:n], prefix[j], starts=tp, rows=sample_rows.repeat(n_cells),
+                                   query_positions=qpos, restore=restore)
                 if qpos is None:
                     x[:n] = out
                 else:  # last block: only the scored positions remain
@@ -431,6 +355,18 @@ def _grid_attribution(model, st: _Setup, p_noised: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- public
+def _trace_corruption(noise, sigma, samples, seed, corrupt, flip_subject) -> Corruption:
+    """The corruption object ``trace``'s arguments describe (the one reading: :func:`tracer.corruption.as_corruption`
+    for ``noise``; ``corrupt``/``flip_subject`` are the keyword spellings of a flip or a zeroing)."""
+    if corrupt is not None:
+        check_choice(corrupt, CORRUPTIONS, "corruption kind")
+    if corrupt == "flip" or (corrupt is None and flip_subject is not None):
+        return SubjectFlip(flip_subject if flip_subject is not None else "")
+    if corrupt == "zero":
+        return Zeroing()
+    return as_corruption(noise, sigma=sigma, samples=samples, seed=seed)
+
+
 @jaxtyped(typechecker=beartype)
 def trace(
     model: HookedTransformer,
@@ -440,12 +376,12 @@ def trace(
     *,
     kind: str = "mlp",
     window: int | None = None,
+    noise: float | int | GaussianNoise | SubjectFlip | Zeroing | Float[Tensor, "samples n_subject d_model"] = 3.0,
     samples: int = 10,
-    noise: float | int | Float[Tensor, "samples n_subject d_model"] = 3.0,
     sigma: float | int | None = None,
     seed: int = 0,
-    method: str = "exact",
-    corrupt: str = "noise",
+    algorithm: str = "exact",
+    corrupt: str | None = None,
     flip_subject: str | None = None,
     batch_size: int = _DEFAULT_BATCH,
     cells: dict[int, list[int]] | None = None,
@@ -454,30 +390,31 @@ def trace(
     probabilities (Meng et al. 2022; Hase et al. 2023 §3.2).
 
     grid[t, l] = mean_s p(o | s_noise^(s), r; h_j(t) := h_j^clean(t) for j in window(l)), with
-    window(l) = ``range(max(0, l - w//2), min(L, l - (-w//2)))`` and h the output ``kind`` restores:
-    "mlp" ``blocks.{j}.hook_mlp_out``, "attn" ``blocks.{j}.hook_attn_out``, "resid" ``blocks.{j}.hook_resid_post``.
-    Fractional effect (§4.1): ``res.fractional()`` = max(0, (grid − p_noised) / |p_clean − p_noised|).
+    window(l) = :func:`tracer.vocab.window_layers` and h the output ``kind`` restores
+    (:data:`tracer.vocab.TRACING_KINDS`: "mlp" ``blocks.{j}.hook_mlp_out``, "attn" ``hook_attn_out``, "resid"
+    ``hook_resid_post``). Fractional effect (§4.1): ``res.fractional()`` (:mod:`tracer.effects`).
 
     Args:
-        model: a HookedTransformer (no BOS is ever added).
+        model: a HookedTransformer (a BOS token only where its profile says so).
         prompt, subject, target: the fact; ``subject`` must occur in ``prompt`` (first occurrence, located by
             character offsets); ``target`` gets its own leading space (``" French"``); multi-token targets are
             teacher-forced, p = exp(Σ log p(o_i | P, o_<i)).
         kind: "mlp" | "attn" | "resid".
-        window: layers restored per cell; default 5 (mlp/attn) and 1 (resid, which requires 1).
-        samples: noise samples (rows) for ``corrupt="noise"``; ignored for flip (1).
-        noise: multiplier of std(W_E) (default 3, ROME's rule), or an explicit ``[samples, n_subject, d_model]``
-            noise tensor (then ``samples`` = its first dimension).
-        sigma: absolute noise std (e.g. 0.094 for GPT-J); overrides the ``noise`` multiplier.
-        seed: seed of the single noise draw reused for every cell.
-        method: "exact" (fast, = naive to ~1e-6), "naive" (one forward per cell), "attribution"
+        window: layers restored per cell; default the kind's (5 for mlp/attn, 1 for resid, which requires 1).
+        noise: the corruption — a :class:`~tracer.corruption.GaussianNoise`, a
+            :class:`~tracer.corruption.SubjectFlip`, a :class:`~tracer.corruption.Zeroing` (then this is
+            :func:`zero`), a bare number (= ``GaussianNoise(scale=number)``: a multiplier of std(W_E), default 3,
+            ROME's rule), or an explicit ``[samples, n_subject, d_model]`` noise tensor.
+        samples, sigma, seed: with a number for ``noise``: the noise samples, an absolute σ overriding the
+            scale (e.g. 0.094 for GPT-J), the seed of the single draw reused for every cell.
+        algorithm: "exact" (fast, = naive to ~1e-6), "naive" (one forward per cell), "attribution"
             (first-order estimate, see module docstring; grid = p_noised + estimated Δp).
-        corrupt: "noise" (Gaussian subject noise) or "flip" (replace the subject by ``flip_subject``). For flip,
+        corrupt, flip_subject: keyword spelling of the corruption kind ("noise" | "flip" | "zero"); for flip,
             the grid's rows are the *original* prompt's tokens; the corrupted run uses the flipped prompt; tokens
             before the subject and after it align one-to-one (else :class:`FlipAlignmentError`), subject tokens
             align from the subject's end (last ↔ last); original subject tokens without a counterpart (flip
             subject shorter) are not traced (row = p_noised, ``traced`` False).
-        batch_size: rows (cells × samples) per stacked forward of the exact method (memory knob).
+        batch_size: rows (cells × samples) per stacked forward of the exact algorithm (memory knob).
         cells: optional ``{token_index: [centre layers]}`` restriction of the cells computed by "exact" and
             "naive" (for spot checks and tests); cells left out are NaN in the grid.
 
@@ -486,24 +423,21 @@ def trace(
         (and untraced rows) equal to p_noised.
 
     Raises:
-        SubjectNotFoundError, EmptyTargetError, UnknownKindError, UnknownMethodError, FlipAlignmentError,
-        ValueError (bad window / samples / corrupt) — all ValueError subclasses.
+        SubjectNotFoundError, EmptyTargetError, UnknownKindError, UnknownAlgorithmError, FlipAlignmentError,
+        ValueError (bad window / samples / corruption) — all ValueError subclasses.
     """
-    window = _validate(kind, window, method)
+    corruption = _trace_corruption(noise, sigma, samples, seed, corrupt, flip_subject)
+    if isinstance(corruption, Zeroing):
+        return zero(model, prompt, subject, target, kind=kind, window=window, per_token=corruption.per_token)
+    window = _validate(kind, window, algorithm)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    st = _prepare(model, prompt, subject, target, kind, window, samples, noise, sigma, seed, corrupt, flip_subject)
-    L = st.L
-    if method == "exact" and lean_supported(model):
-        hooks = ("hook_resid_pre", "hook_resid_mid", "attn.hook_k", "attn.hook_v")
-        names = [f"blocks.{j}.{h}" for j in range(L) for h in hooks] + [f"blocks.{L - 1}.hook_resid_post"]
-        p_noised, cache = _corrupted_run(model, st, names)
-        grid = _grid_exact_lean(model, st, p_noised, cache, batch_size, cells)
-    elif method == "exact":  # TransformerLens blocks with a frozen KV-cache entry
-        names = [f"blocks.{j}.{h}" for j in range(L) for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
-        p_noised, cache = _corrupted_run(model, st, names)
-        grid = _grid_exact(model, st, p_noised, cache, batch_size, cells)
-    elif method == "naive":
+    st = _prepare(model, prompt, subject, target, kind, window, corruption)
+    if algorithm == "exact":
+        runner = SuffixRunner(model, lean=lean_supported(model))
+        p_noised, cache = _corrupted_run(model, st, _exact_cache_names(model, st, runner))
+        grid = _grid_exact(model, st, p_noised, cache, batch_size, runner, cells)
+    elif algorithm == "naive":
         p_noised, _ = _corrupted_run(model, st)
         grid = _grid_naive(model, st, p_noised, cells)
     else:
@@ -511,7 +445,7 @@ def trace(
         grid = _grid_attribution(model, st, p_noised)
     traced = torch.zeros(len(st.pt_tokens), dtype=torch.bool)
     traced[list(st.pos_map)] = True
-    if cells is not None and method != "attribution":
+    if cells is not None and algorithm != "attribution":
         keep = torch.zeros_like(grid, dtype=torch.bool)
         keep[~traced] = True
         for t, ls in cells.items():
@@ -525,10 +459,10 @@ def trace(
         p_noised=p_noised,
         kind=kind,
         window=window,
-        method=method,
+        algorithm=algorithm,
         sigma=st.sigma,
         samples=st.samples,
-        corrupt=corrupt,
+        corrupt=st.corrupt,
         traced=traced,
         prompt=prompt,
         subject=subject,
@@ -557,7 +491,9 @@ def zero(
     (``per_token=False``, the paper's variant: every subject row of the grid holds the same value) or Z_t = {t}
     for each token t from the subject's first token on (``per_token=True``). Untouched rows (before the subject,
     and non-subject rows when ``per_token=False``) hold p_clean. ``res.fractional()`` =
-    clip((p_clean − grid) / p_clean, 0, 1), the deleted fraction; ``p_noised`` is 0.0 and ``method`` "zero".
+    clip((p_clean − grid) / p_clean, 0, 1), the deleted fraction (:mod:`tracer.effects`); ``corrupt`` is "zero",
+    ``p_noised`` None (there is no corrupted run) and ``algorithm`` "naive" (a full forward per cell, batched).
+    ``trace(..., noise=Zeroing(per_token))`` calls this.
     """
     window = _validate(kind, window)
     pt = locate_subject(model, prompt, subject)
@@ -584,7 +520,7 @@ def zero(
 
             return zero_out
 
-        hooks = [(f"blocks.{j}.{KINDS[kind]}", make_hook(j)) for j in range(L)]
+        hooks = [(f"blocks.{j}.{TRACING_KINDS[kind].hook}", make_hook(j)) for j in range(L)]
         logits = model.run_with_hooks(seq[None].expand(len(chunk), -1), fwd_hooks=hooks)
         probs[c0 : c0 + len(chunk)] = _seq_prob(logits[:, tpos], tgt).double().cpu()
     grid = torch.full((T, L), p_clean, dtype=torch.float64)
@@ -600,10 +536,10 @@ def zero(
         subject_span=pt.subject_span,
         grid=grid,
         p_clean=p_clean,
-        p_noised=0.0,
+        p_noised=None,
         kind=kind,
         window=window,
-        method="zero",
+        algorithm="naive",
         sigma=None,
         samples=1,
         corrupt="zero",

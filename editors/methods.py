@@ -1,0 +1,106 @@
+"""The edit-method registry: every name ``edit``/``apply``, ``run_edit``, the study config, the CLI and the stats
+labels accept comes from :data:`EDIT_METHODS`.
+
+An :class:`EditMethod` carries its editor (the function that edits the model in place), its hyper-parameter class,
+its layer rule (how many layers around a centre layer a study edits: 1 for ROME and FT-1, the 5-layer window of
+:func:`tracer.vocab.window_layers` for MEMIT and FT-5), the weights it changes, and its label. Adding a method is one
+entry here (plus its hyper-parameter overrides in a model profile, if it needs any); see docs/CONTRACTS.md.
+
+``"ft"`` is accepted by :func:`resolve_method` as the algorithm name of FT-1/FT-5 (the layers are then given
+explicitly), which is how ``edit(..., method="ft", layers=[...])`` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, get_args
+
+from editors.finetune import execute_ft
+from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from editors.memit import execute_memit
+from editors.rome import execute_rome
+from tracer.vocab import check_choice, window_layers
+
+__all__ = ["DEFAULT_METHOD", "EDIT_METHODS", "METHOD_ALIASES", "EditMethod", "EditMethodName", "method_layers", "resolve_method"]
+
+EditMethodName = Literal["ft-1", "ft-5", "rome", "memit"]  # the paper's table order
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """One edit method.
+
+    Attributes:
+        name: the registry key (``"ft-5"``).
+        label: display label (``"FT (5 layers)"``).
+        execute: ``execute(model, request, layers, hp, objective, noise, *, covariance, fast) -> EditResult``; edits
+            the model in place (``edit``/``apply`` snapshot and restore around it).
+        hparams: the hyper-parameter dataclass (its defaults are the reference GPT-J values).
+        window: layers a study edits around its centre layer (1: the layer itself; 5: ``window_layers(l, 5, L)``).
+        weights: the parameters changed in each edited block's MLP.
+        single_layer: the algorithm edits exactly one layer (ROME).
+    """
+
+    name: str
+    label: str
+    execute: Callable
+    hparams: type
+    window: int
+    weights: tuple[str, ...] = ("W_out",)
+    single_layer: bool = False
+
+    def parameter_names(self, layers) -> list[str]:
+        """``blocks.{l}.mlp.{weight}`` for every edited layer and weight."""
+        return [f"blocks.{layer}.mlp.{w}" for layer in layers for w in self.weights]
+
+
+def _rome(model, request, layers, hp, objective, noise, **kwargs):
+    return execute_rome(model, request, layers[0], hp, objective, noise, **kwargs)
+
+
+def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True):
+    return execute_ft(model, request, layers, hp, objective, noise, fast=fast)  # no key statistics
+
+
+EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
+    "ft-1": EditMethod("ft-1", "FT (1 layer)", _ft, FTHyperParams, window=1, weights=("W_out", "b_out")),
+    "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out")),
+    "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True),
+    "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5),
+})
+assert tuple(EDIT_METHODS) == get_args(EditMethodName)
+
+DEFAULT_METHOD = "rome"
+"""The method a study edits with when its config names none (the paper's headline editor)."""
+
+# algorithm names accepted where layers are explicit (edit/apply): "ft" is FT-1's entry with any layers
+METHOD_ALIASES: Mapping[str, str] = MappingProxyType({"ft": "ft-1"})
+
+
+def resolve_method(method: str, *, aliases: bool = True) -> EditMethod:
+    """The registry entry of ``method`` (case-insensitive; with ``aliases``, ``"ft"`` → FT-1's entry);
+    ``ValueError`` naming the choices for an unknown one. Study-level callers (a centre layer, not explicit layers)
+    pass ``aliases=False``: there "ft" would be ambiguous between FT-1 and FT-5."""
+    m = method.lower() if isinstance(method, str) else method
+    if aliases:
+        m = METHOD_ALIASES.get(m, m)
+    return EDIT_METHODS[check_choice(m, EDIT_METHODS, "edit method")]
+
+
+def method_layers(method: str, n_layers: int, layer: int) -> tuple[int, ...]:
+    """The layers ``method`` edits in a study centred on ``layer``: ``window_layers(layer, window, n_layers)``
+    (rome/ft-1 → (layer,); memit/ft-5 → layer−2..layer+2, clipped).
+
+    Raises:
+        ValueError: unknown method (aliases refused); ``LayerOutOfRangeError``: ``layer`` not in [0, n_layers).
+    """
+    from editors.requests import LayerOutOfRangeError
+
+    entry = resolve_method(method, aliases=False)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise LayerOutOfRangeError(
+            f"edit layer {layer!r} is out of range: the model has n_layers={n_layers} (valid: 0..{n_layers - 1})"
+        )
+    return tuple(window_layers(layer, entry.window, n_layers))
