@@ -242,6 +242,26 @@ def cache_acts(
     return store
 
 
+@torch.no_grad()
+def cache_acts_from(
+    model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], start: int, names: Sequence[str],
+    stop_at_layer: int | None = None,
+) -> dict[str, Tensor]:
+    """Activations ``names`` of blocks ``start..`` run on ``resid`` (= ``blocks.{start}.hook_resid_pre``), without
+    grad: :func:`cache_acts` continued from a cached residual instead of the tokens."""
+    wanted = set(names)
+    store: dict[str, Tensor] = {}
+
+    def save(x: Tensor, hook) -> None:
+        store[hook.name] = x.detach().clone()
+
+    model.run_with_hooks(
+        resid, start_at_layer=start, stop_at_layer=stop_at_layer if stop_at_layer is not None else model.cfg.n_layers,
+        fwd_hooks=[(lambda n: n in wanted, save)],
+    )
+    return store
+
+
 def group_mean(x: Float[Tensor, "rows d"], batch: EditBatch, group: int = 0) -> Float[Tensor, "d"]:
     """Mean of ``x`` over the rows of prompt ``group`` (its noise samples)."""
     return x[batch.group == group].mean(0)

@@ -25,7 +25,7 @@ from tracer.vocab import check_choice, window_layers
 
 __all__ = ["DEFAULT_METHOD", "EDIT_METHODS", "METHOD_ALIASES", "EditMethod", "EditMethodName", "method_layers", "resolve_method"]
 
-EditMethodName = Literal["ft-1", "ft-5", "rome", "memit"]  # the paper's table order
+EditMethodName = Literal["ft-1", "ft-5", "rome", "memit", "r-rome"]  # the paper's table order, then r-ROME
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ def _rome(model, request, layers, hp, objective, noise, **kwargs):
     return execute_rome(model, request, layers[0], hp, objective, noise, **kwargs)
 
 
+def _r_rome(model, request, layers, hp, objective, noise, **kwargs):
+    return execute_rome(model, request, layers[0], hp, objective, noise, consistent_keys=True, **kwargs)
+
+
 def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True):
     return execute_ft(model, request, layers, hp, objective, noise, fast=fast)  # no key statistics
 
@@ -69,6 +73,7 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out")),
     "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True),
     "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5),
+    "r-rome": EditMethod("r-rome", "r-ROME (1 layer)", _r_rome, ROMEHyperParams, window=1, single_layer=True),
 })
 assert tuple(EDIT_METHODS) == get_args(EditMethodName)
 

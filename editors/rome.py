@@ -9,6 +9,14 @@ v* = v_init + δ from :func:`editors.vstar.optimize_target` (v_init = MLP output
 
 where k is the plain prompt's key, so that the edited layer maps k to exactly v*:
 k @ (W_out + ΔW_out) + b_out = k @ W_out + b_out + (k·u) δ/(k·u) = v*.
+
+**r-ROME** (Gupta et al. 2024, "Rebuilding ROME"; EasyEdit's ``r_rome`` with ``enable_random_prefix_keys``): ROME
+takes u from the template-mean key k* but solves the update for the plain prompt's key k, an inconsistency that
+produces the "disabling" edits (huge update norms, model collapse). r-ROME uses k* on both sides:
+
+    ΔW_out = u ⊗ (v* − v̄) / (k*·u),     v̄ = mean over templates of the MLP output = k* @ W_out + b_out,
+
+so that the edited layer maps k* to exactly v* (v* = v_init + δ as in ROME; v_init at the plain prompt).
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ def rome_update(
     delta: Float[Tensor, " d_model"],
     mom2_adjustment: bool = True,
 ) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, " d_mlp"]]:
-    """ΔW_out = u ⊗ δ/(k·u) with u = C⁻¹k*/‖C⁻¹k*‖ (solved in float64); returns (ΔW_out, u) in δ's dtype."""
+    """ΔW_out = u ⊗ δ/(k·u) with u = C⁻¹k*/‖C⁻¹k*‖ (solved in float64); returns (ΔW_out, u) in δ's dtype.
+
+    ``k`` is the key the edited layer must map to v* and ``delta`` = v* minus that key's current output: for ROME
+    the plain prompt's key and δ, for r-ROME k* and v* − v̄ (module docstring)."""
     if mom2_adjustment:
         u = torch.linalg.solve(C.double(), k_star.double().to(C.device))
     else:
@@ -61,10 +72,12 @@ def execute_rome(
     *,
     covariance=None,
     fast: bool = True,
+    consistent_keys: bool = False,
 ) -> EditResult:
     """Edit ``blocks.{layer}.mlp.W_out`` in place; return the exact delta and info (k_star, k, u, v_init, v_star).
 
     ``covariance``: callable ``layer -> C`` (default :func:`editors.covariance.key_second_moment`).
+    ``consistent_keys``: r-ROME — solve the update for k* and v* − v̄ instead of k and δ (module docstring).
     """
     t0 = time.perf_counter()
     if covariance is None:
@@ -88,7 +101,11 @@ def execute_rome(
             early_stop_loss=hp.early_stop_loss, v_hook="hook_mlp_out", fast=fast, acts=acts,
         )
     C = covariance(model, layer) if hp.mom2_adjustment else torch.eye(model.cfg.d_mlp, dtype=torch.float64)
-    dW, u = rome_update(C.to(keys.device), k_star, k, opt.delta, hp.mom2_adjustment)
+    if consistent_keys:  # r-ROME: map the template-mean key k* to v*
+        v_bar = acts[f"blocks.{layer}.hook_mlp_out"][torch.arange(batch.n_rows), batch.lookup][rw].mean(0)
+        dW, u = rome_update(C.to(keys.device), k_star, k_star, opt.v_init + opt.delta - v_bar, hp.mom2_adjustment)
+    else:
+        dW, u = rome_update(C.to(keys.device), k_star, k, opt.delta, hp.mom2_adjustment)
     name = f"blocks.{layer}.mlp.W_out"
     W = parameter(model, name)
     with torch.no_grad():
@@ -96,7 +113,7 @@ def execute_rome(
         W.add_(dW.to(W.dtype))
         d = exact_delta(W.detach(), old)
     return EditResult(
-        method="rome", layers=(layer,), deltas={name: d}, losses=opt.losses,
+        method="r-rome" if consistent_keys else "rome", layers=(layer,), deltas={name: d}, losses=opt.losses,
         seconds=time.perf_counter() - t0, objective=objective,
         info={"k_star": k_star.cpu(), "k": k.cpu(), "u": u.cpu(), "v_init": opt.v_init.cpu(),
               "v_star": (opt.v_init + opt.delta).cpu(), "n_templates": len(texts),

@@ -81,6 +81,7 @@ class EditingConfig:
     layers: tuple[int, ...] | None = None  # None: default_edit_layers(n_layers)
     essence: bool = True
     forcing_edit_samples: int | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
+    generation: bool = False  # fluency (generation entropy) before/after each edit: slow, off by default
 
 
 @dataclass(frozen=True)

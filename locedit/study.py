@@ -123,7 +123,7 @@ def _edit_record(model, fact, problem: str, method: str, layer: int, config: Stu
     outcome = run_edit(
         model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method),
         noise=config.tracing.corruption(), essence=config.editing.essence,
-        edit_samples=config.editing.forcing_edit_samples,
+        edit_samples=config.editing.forcing_edit_samples, generation=config.editing.generation,
     )
     return outcome.as_row()
 

@@ -20,7 +20,7 @@ from tracer.models import cache_dir, model_id
 from tracer.atomic import write_atomic
 from tracer.tokens import encode
 
-__all__ = ["EssenceTexts", "essence_texts", "essence_perplexity"]
+__all__ = ["EssenceTexts", "essence_texts", "essence_perplexity", "sample_tokens"]
 
 N_TEXTS = 5
 TOP_K = 5
@@ -36,6 +36,27 @@ class EssenceTexts:
 
     def decoded(self, model: HookedTransformer) -> list[str]:
         return [model.tokenizer.decode(t.tolist()) for t in self.tokens]
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: HookedTransformer, prompts: torch.Tensor, new_tokens: int, *, top_k: int = TOP_K, seed: int = 0
+) -> torch.Tensor:
+    """``[n, T + new_tokens]``: top-k multinomial continuations of ``[n, T]`` prompt ids (EOS not a stop, KV cache),
+    seeded without touching the global RNG — the one sampler of the essence texts and the fluency generations."""
+    devices = [model.cfg.device] if str(model.cfg.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return model.generate(
+            prompts.to(model.cfg.device),
+            max_new_tokens=new_tokens,
+            do_sample=True,
+            top_k=top_k,
+            stop_at_eos=False,
+            use_past_kv_cache=True,
+            verbose=False,
+            return_type="tokens",
+        ).cpu()
 
 
 def _path(model: HookedTransformer, subject: str, n: int, k: int, new_tokens: int, seed: int):
@@ -61,20 +82,7 @@ def essence_texts(
         d = json.loads(path.read_text())
         return EssenceTexts(torch.tensor(d["tokens"], dtype=torch.long), int(d["prompt_len"]))
     prompt = encode(model, essence_prompt(subject))
-    batch = prompt[None].repeat(n, 1).to(model.cfg.device)
-    devices = [model.cfg.device] if str(model.cfg.device).startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        gen = model.generate(
-            batch,
-            max_new_tokens=new_tokens,
-            do_sample=True,
-            top_k=top_k,
-            stop_at_eos=False,
-            use_past_kv_cache=True,
-            verbose=False,
-            return_type="tokens",
-        ).cpu()
+    gen = sample_tokens(model, prompt[None].repeat(n, 1), new_tokens, top_k=top_k, seed=seed)
     out = EssenceTexts(gen, int(prompt.numel()))
     if use_cache:
         write_atomic(path, json.dumps({"subject": subject, "prompt_len": out.prompt_len, "tokens": gen.tolist()}))

@@ -72,6 +72,7 @@ class Fact:
         neighborhood: full prompts about neighbouring subjects s* with the same relation.
         neighborhood_answers: per-neighborhood-prompt true answers where they differ from ``o_true`` (zsRE's
             ``loc_ans``), else None (CounterFact neighbours share ``o_true``).
+        generation_prompts: CounterFact's prompts for free generation (Meng et al. §3.3 fluency); empty elsewhere.
     """
 
     id: str
@@ -83,6 +84,7 @@ class Fact:
     paraphrases: tuple[str, ...] = ()
     neighborhood: tuple[str, ...] = ()
     neighborhood_answers: tuple[str, ...] | None = None
+    generation_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if "{}" not in self.template:
@@ -164,6 +166,7 @@ def _cf_fact(rec: dict) -> Fact:
         o_false=_space(rr["target_new"]["str"]),
         paraphrases=tuple(rec["paraphrase_prompts"]),
         neighborhood=tuple(rec["neighborhood_prompts"]),
+        generation_prompts=tuple(str(p) for p in rec.get("generation_prompts", ())),
     )
     _check_subject(subject, *fact.paraphrases)
     return fact

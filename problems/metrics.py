@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "ngram_entropy",
     "rewrite_score",
     "erasure_score",
     "paraphrase_score",
@@ -152,3 +153,23 @@ def magnitude(p_new, p_old):
     """Meng et al.'s magnitude p(o_new) − p(o_old) elementwise (EM/PM; NM with the arguments swapped)."""
     like = (p_new, p_old)
     return _out(_as(p_new, like) - _as(p_old, like), like)
+
+
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """Meng et al. (2022) §3.3 generation entropy (GE) of one text: the weighted mean over n of the n-gram entropy
+    −Σ_k f(k) log₂ f(k) (f: the n-gram frequency distribution), bi- and tri-grams weighted 2/3 and 4/3 as in ROME's
+    ``compute_n_gram_entropy``; it drops when a generation repeats itself. Words are split by ``\w+|[^\w\s]``
+    (ROME uses nltk's word_tokenize, whose punkt data cannot be downloaded here; the two agree on plain prose up to
+    contractions). NaN for a text too short to have an n-gram of every order."""
+    import re
+    from collections import Counter
+
+    words = re.findall(r"\w+|[^\w\s]", text)
+    values = []
+    for n in ns:
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            return math.nan
+        values.append(-sum(c / total * math.log2(c / total) for c in grams.values()))
+    return sum(v * w for v, w in zip(values, weights)) / len(values)

@@ -34,6 +34,7 @@ from transformer_lens import HookedTransformer
 
 from problems import metrics as M
 from problems.essence import essence_perplexity, essence_texts
+from problems.fluency import generation_entropy, unedited_generation_entropy
 from problems.facts import Fact
 from problems.variants import default_noise, problem_hparams, resolve_problem
 from tracer.corruption import GaussianNoise
@@ -45,7 +46,8 @@ __all__ = ["EditOutcome", "run_edit"]
 @dataclass(frozen=True)
 class EditOutcome:
     """One edit's flat record (one row of the edit-outcomes table). Probabilities of paraphrase/neighbour prompts
-    are means over the prompts; ``seconds`` is the whole run (scoring included), ``edit_seconds`` the edit alone."""
+    are means over the prompts; ``seconds`` is the whole run (scoring included), ``edit_seconds`` the edit alone;
+    ``update_norm`` is the Frobenius norm of all weight changes (a collapse diagnostic: ROME's "disabling" edits)."""
 
     fact_id: str
     problem: str
@@ -79,6 +81,9 @@ class EditOutcome:
     meng_score: float
     n_paraphrases: int
     n_neighborhood: int
+    update_norm: float
+    fluency_pre: float
+    fluency_post: float
     edit_seconds: float
     seconds: float
 
@@ -133,6 +138,7 @@ def run_edit(
     noise: GaussianNoise | float | None = None,
     essence: bool = True,
     edit_samples: int | None = None,
+    generation: bool = False,
     **edit_kwargs,
 ) -> EditOutcome:
     """Edit ``fact`` for ``problem`` with ``method`` at ``layer``, score, restore the weights, return the outcome.
@@ -150,6 +156,9 @@ def run_edit(
             same draw (a cost knob: the edit's cost grows linearly with the samples); scoring always uses all of
             them, so the rewrite score then also measures transfer to unseen noise draws. Default: all.
         essence: compute the essence score (costs sampling once per subject, cached, and two forward passes).
+        generation: also score fluency before and after the edit (``fluency_pre``/``fluency_post``: Meng et al.'s
+            generation entropy over the fact's ``generation_prompts``, :mod:`problems.fluency`); slow, off by
+            default; NaN when off or when the fact has no generation prompts.
         edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
 
     Raises:
@@ -187,6 +196,7 @@ def run_edit(
     texts = essence_texts(model, fact.subject) if essence else None
     pre = sc.run()
     ppl_pre = essence_perplexity(model, texts) if texts is not None else math.nan
+    fluency_pre = unedited_generation_entropy(model, fact.generation_prompts) if generation else math.nan
     request = EditRequest(template=fact.template, subject=fact.subject, target=target)
     with edit(
         model, request, method=method, layers=list(layers), hparams=hparams,
@@ -194,7 +204,9 @@ def run_edit(
     ) as result:
         post = sc.run()
         ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan
+        fluency_post = generation_entropy(model, fact.generation_prompts) if generation else math.nan
     edit_seconds = float(result.seconds)
+    update_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in result.deltas.values()))
 
     def probs(d, ps, t):
         return [d[(p, t, noised)] for p in ps] if t is not None else []
@@ -257,6 +269,9 @@ def run_edit(
         meng_score=M.harmonic_mean(es, pas, nbs),
         n_paraphrases=len(paraphrases),
         n_neighborhood=len(neighbors),
+        update_norm=update_norm,
+        fluency_pre=fluency_pre,
+        fluency_post=fluency_post,
         edit_seconds=edit_seconds,
         seconds=time.perf_counter() - t0,
     )

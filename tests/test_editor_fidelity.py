@@ -83,3 +83,25 @@ def test_memit_key_is_the_mean_of_template_group_means(model, monkeypatch):
     grouped = torch.cat([keys[:1], keys[1:].mean(0, keepdim=True)]).mean(0)
     torch.testing.assert_close(seen[0], grouped, rtol=1e-4, atol=1e-5)
     assert (seen[0] - keys.mean(0)).norm() > 100 * (seen[0] - grouped).norm()
+
+
+@pytest.mark.parametrize("method,key", [("rome", "k"), ("r-rome", "k_star")])
+def test_rome_maps_the_plain_key_and_r_rome_the_mean_key_to_v_star(model, method, key):
+    """ROME solves its rank-one update for the plain prompt's key k, r-ROME (Gupta et al. 2024) for the template-mean
+    key k* that also gives u: after the edit, ``key @ W_out + b_out == v*`` (and not for the other key)."""
+    from dataclasses import replace
+
+    hp = replace(default_hparams("rome", "smollm2"), v_num_grad_steps=3)
+    req = EditRequest("The mother tongue of {} is", SUBJECT, " English")
+    res = apply(model, req, method, [8], hparams=hp)
+    try:
+        mlp = model.blocks[8].mlp
+        with torch.no_grad():
+            out = {k: res.info[k] @ mlp.W_out + mlp.b_out for k in ("k", "k_star")}
+        v_star = res.info["v_star"]
+        other = "k_star" if key == "k" else "k"
+        assert (out[key] - v_star).norm() < 1e-5 * v_star.norm()
+        assert (out[other] - v_star).norm() > 1e-2 * v_star.norm()
+        assert res.method == method
+    finally:
+        restore(model, res)

@@ -123,3 +123,18 @@ def test_meng_success_and_magnitude():
     assert success(0.3, 0.2) == 1.0 and success(0.2, 0.3) == 0.0 and success(0.2, 0.2) == 0.0
     assert magnitude(0.3, 0.2) == approx(0.1)
     assert success(torch.tensor([0.3, 0.1]), torch.tensor([0.2, 0.2])).tolist() == [1.0, 0.0]
+
+
+def test_ngram_entropy_by_hand():
+    """Meng et al.'s generation entropy: weighted (2/3, 4/3) mean of the bi- and tri-gram entropies in bits."""
+    import math
+
+    from problems.metrics import ngram_entropy
+
+    # "a b a b": bigrams ab, ba, ab -> f = (2/3, 1/3); trigrams aba, bab -> (1/2, 1/2)
+    h2 = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
+    h3 = 1.0
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+    # a repetitive text has lower entropy than a varied one of the same length
+    assert ngram_entropy("the cat " * 10) < ngram_entropy(" ".join(f"w{i}" for i in range(20)))
+    assert math.isnan(ngram_entropy("one two"))  # no trigram

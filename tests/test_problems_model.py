@@ -143,3 +143,17 @@ def test_run_edit_bad_layer_is_a_clear_error(model, facts):
 
     with pytest.raises(LayerOutOfRangeError, match="out of range"):
         run_edit(model, facts["cf:0"], "fact_erasure", "rome", 99)
+
+
+def test_fluency_generation_is_seeded_and_cached(model, tmp_path, monkeypatch):
+    """The fluency generations are reproducible (same seed, same texts) and the unedited value is cached on disk."""
+    from problems.fluency import generate_texts, generation_entropy, unedited_generation_entropy
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
+    prompts = ("Danielle Darrieux was born in", "The Eiffel Tower is in")
+    a = generate_texts(model, prompts, max_len=24)
+    assert a == generate_texts(model, prompts, max_len=24) and a[0].startswith(prompts[0])
+    value = generation_entropy(model, prompts, max_len=24)
+    assert 0 < value < 10
+    assert unedited_generation_entropy(model, prompts, max_len=24) == pytest.approx(value)
+    assert len(list((tmp_path / "fluency").rglob("*.json"))) == 1

@@ -77,6 +77,7 @@ _APP_A_GPTJ: dict[tuple[str, str], Overrides] = {
     ("error_injection", "ft-1"): {"norm_constraint": 1e-4},
     ("error_injection", "ft-5"): {"norm_constraint": 2e-5},
     ("error_injection", "rome"): {"kl_factor": 1.0},
+    ("error_injection", "r-rome"): {"kl_factor": 1.0},  # r-ROME: ROME's App. A values (same optimisation of v*)
     ("error_injection", "memit"): {"kl_factor": 0.9},
     ("tracing_reversal", "ft-1"): {"norm_constraint": 1e-5},
     ("tracing_reversal", "ft-5"): {"norm_constraint": 2e-5},
@@ -87,6 +88,7 @@ _APP_A_GPTJ: dict[tuple[str, str], Overrides] = {
     ("fact_forcing", "ft-1"): {"norm_constraint": 1e-4, "num_steps": 50},
     ("fact_forcing", "ft-5"): {"norm_constraint": 1e-4, "num_steps": 50},
     ("fact_forcing", "rome"): {"v_num_grad_steps": 25, "v_lr": 0.05},
+    ("fact_forcing", "r-rome"): {"v_num_grad_steps": 25, "v_lr": 0.05},
 }
 
 GPT_J = ModelProfile(
@@ -112,6 +114,7 @@ GPT2_XL = ModelProfile(
         ("fact_forcing", "ft-1"): {"norm_constraint": 5e-4, "num_steps": 50},
         ("fact_forcing", "ft-5"): {"norm_constraint": 5e-5, "num_steps": 50},
         ("fact_forcing", "rome"): {"v_num_grad_steps": 25, "v_lr": 0.05},
+        ("fact_forcing", "r-rome"): {"v_num_grad_steps": 25, "v_lr": 0.05},
     }),
 )
 
