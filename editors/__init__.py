@@ -8,7 +8,7 @@
 
 from editors.context import apply, edit, edited_parameter_names, with_hparams
 from editors.covariance import key_second_moment, key_second_moments
-from editors.deltas import EditResult, apply_deltas, restore
+from editors.deltas import EditOrderError, EditResult, apply_deltas, restore
 from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
 from editors.methods import EDIT_METHODS, EditMethod, EditMethodName, method_layers, resolve_method
 from editors.requests import EditRequest, EmptyTargetError, LayerOutOfRangeError, SubjectNotFoundError
@@ -19,6 +19,7 @@ __all__ = [
     "EDIT_METHODS",
     "EditMethod",
     "EditMethodName",
+    "EditOrderError",
     "EditRequest",
     "EditResult",
     "EmptyTargetError",

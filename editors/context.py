@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from transformer_lens import HookedTransformer
 
-from editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot
+from editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot, weights_hash
 from editors.hparams import HyperParams, default_hparams
 from editors.methods import EditMethod, resolve_method
 from editors.requests import EditRequest, validate_layers, validate_request
@@ -80,7 +80,8 @@ def apply(
         noise = noise.resolve(model)
     snap = snapshot(model, entry.parameter_names(layers))
     try:
-        return entry.execute(model, request, layers, hp, objective, noise, covariance=covariance, fast=fast)
+        result = entry.execute(model, request, layers, hp, objective, noise, covariance=covariance, fast=fast)
+        return dataclasses.replace(result, edited_hashes={n: weights_hash(model, n) for n in result.deltas})
     except BaseException:
         load_snapshot(model, snap)  # a failed edit leaves the model untouched
         raise

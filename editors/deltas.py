@@ -31,6 +31,8 @@ class EditResult:
         seconds: wall time of the edit.
         objective: "maximize" or "minimize".
         info: method-specific tensors/values (ROME: k_star, u, v_star, v_init; MEMIT: z, z_init; FT: steps).
+        edited_hashes: parameter name → hash of its weights right after this edit (set by ``apply``); lets
+            :func:`restore` refuse to undo an edit that is not the most recent one of those parameters.
     """
 
     method: str
@@ -40,6 +42,7 @@ class EditResult:
     seconds: float
     objective: str = "maximize"
     info: Mapping[str, Any] = field(default_factory=dict)
+    edited_hashes: Mapping[str, str] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         """``torch.save`` of the deltas and metadata."""
@@ -53,6 +56,7 @@ class EditResult:
                 "seconds": self.seconds,
                 "objective": self.objective,
                 "info": {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.info.items()},
+                "edited_hashes": dict(self.edited_hashes),
             },
             Path(path),
         )
@@ -68,6 +72,7 @@ class EditResult:
             seconds=float(d["seconds"]),
             objective=d["objective"],
             info=dict(d["info"]),
+            edited_hashes=dict(d.get("edited_hashes", {})),
         )
 
 
@@ -95,8 +100,31 @@ def apply_deltas(model: HookedTransformer, deltas: Mapping[str, Tensor], sign: f
         p.copy_((p.double() + sign * d.to(p.device, torch.float64)).to(p.dtype))
 
 
+class EditOrderError(ValueError):
+    """``restore`` was given an edit whose weights the model no longer holds (restored twice, out of order, or the
+    parameters changed since)."""
+
+
+def weights_hash(model: HookedTransformer, name: str) -> str:
+    """A content hash (blake2b) of one parameter's bytes."""
+    import hashlib
+
+    return hashlib.blake2b(parameter(model, name).detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def restore(model: HookedTransformer, result: EditResult) -> None:
-    """Undo ``result``'s edit exactly (the model must currently hold the edited weights)."""
+    """Undo ``result``'s edit exactly.
+
+    Raises:
+        EditOrderError: the model does not hold the weights this edit left (it was already restored, a later edit of
+            the same parameters is still applied, or they changed otherwise); nothing is changed then.
+    """
+    for name, expected in result.edited_hashes.items():
+        if weights_hash(model, name) != expected:
+            raise EditOrderError(
+                f"cannot restore this {result.method} edit: {name} no longer holds the weights it left (restored "
+                "already, or a later edit of it is still applied — restore the most recent edit first)"
+            )
     apply_deltas(model, result.deltas, sign=-1.0)
 
 

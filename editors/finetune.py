@@ -88,6 +88,8 @@ def execute_ft(
             with torch.no_grad():
                 for p, (lo, hi) in zip(params, bounds):
                     p.copy_(torch.maximum(torch.minimum(p, hi), lo))
+        for p in params:  # leave no gradients behind on the model
+            p.grad = None
     deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
     return EditResult(
         method="ft", layers=tuple(layers), deltas=deltas, losses=tuple(losses),

@@ -7,6 +7,7 @@ continuation (with its leading space, e.g. ``" English"``). Its ``text`` is the 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,9 @@ def validate_layers(model: HookedTransformer, layers: Sequence[int]) -> tuple[in
         ValueError: no layers.
     """
     n = model.cfg.n_layers
+    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, numbers.Integral)]
+    if bad:
+        raise LayerOutOfRangeError(f"edit layers must be integers in 0..{n - 1}, got {bad[0]!r}")
     layers = tuple(int(layer) for layer in layers)
     if not layers:
         raise ValueError("at least one edit layer is needed")

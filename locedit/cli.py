@@ -21,24 +21,25 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def cmd_trace(args) -> int:
-    from tracer import load_model, trace
+    from tracer import GaussianNoise, load_model, trace
 
-    model = load_model(args.model, device=args.device)
+    noise = GaussianNoise(scale=args.noise, samples=args.samples)  # checked before the model loads
     if args.fact:
         from problems import load_dataset
 
         facts = {f.id: f for f in load_dataset(args.dataset)}
         if args.fact not in facts:
-            raise SystemExit(f"no fact {args.fact!r} in {args.dataset}")
+            raise ValueError(f"no fact {args.fact!r} in {args.dataset}")
         fact = facts[args.fact]
         prompt, subject, target = fact.prompt, fact.subject, fact.o_true
     else:
-        if not (args.prompt and args.subject and args.target):
-            raise SystemExit("give --fact ID, or --prompt, --subject and --target")
+        if args.prompt is None or args.subject is None or args.target is None:
+            raise ValueError("give --fact ID, or --prompt, --subject and --target")
         prompt, subject, target = args.prompt, args.subject, args.target
+    model = load_model(args.model, device=args.device)
     t0 = time.perf_counter()
-    res = trace(model, prompt, subject, target, kind=args.kind, window=args.window, samples=args.samples,
-                noise=args.noise, algorithm=args.algorithm)
+    res = trace(model, prompt, subject, target, kind=args.kind, window=args.window, noise=noise,
+                algorithm=args.algorithm)
     secs = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,10 @@ def cmd_run(args) -> int:
     if not args.no_report and args.shard == (0, 1):
         path = write_report(run_dir)
         print(f"report: {path}")
+    if summary.failed:
+        print(f"locedit: {summary.failed} unit(s) failed; tracebacks in {run_dir / 'study.log'}; rerun with "
+              "--retry-failed to try them again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -153,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tracer.vocab import TRACING_ALGORITHMS, TRACING_KINDS
 
     p = argparse.ArgumentParser(prog="locedit", description="Does localization inform editing?")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("trace", help="trace one fact and write its heatmap (HTML)")
@@ -211,8 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user error (a ``ValueError`` — bad config, name, input — or a missing file) prints one line
+    and exits 2; Ctrl-C prints one line and exits 130; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("locedit: interrupted (finished units are kept; rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"locedit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

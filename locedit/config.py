@@ -82,6 +82,7 @@ class EditingConfig:
     essence: bool = True
     forcing_edit_samples: int | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
     generation: bool = False  # fluency (generation entropy) before/after each edit: slow, off by default
+    covariance_tokens: int | None = None  # WikiText tokens for ROME/MEMIT's key second moment (None: the default)
 
 
 @dataclass(frozen=True)

@@ -120,8 +120,14 @@ def _hparams_for(model, config: StudyConfig, problem: str, method: str):
 def _edit_record(model, fact, problem: str, method: str, layer: int, config: StudyConfig) -> dict[str, Any]:
     from problems import run_edit
 
+    extra = {}
+    if config.editing.covariance_tokens is not None:
+        from editors import key_second_moment
+
+        n = config.editing.covariance_tokens
+        extra["covariance"] = lambda m, layer: key_second_moment(m, layer, n_tokens=n, progress=False)
     outcome = run_edit(
-        model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method),
+        model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method), **extra,
         noise=config.tracing.corruption(), essence=config.editing.essence,
         edit_samples=config.editing.forcing_edit_samples, generation=config.editing.generation,
     )
@@ -252,6 +258,11 @@ def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:
     """Merge the journals of one or more run directories (all shards) into the study tables; for a single
     directory also (re)write its Parquet files atomically."""
     dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"no run directory {d}")
+        if not (d / "journal").is_dir():
+            raise ValueError(f"{d} is not a locedit run directory (it has no journal/ folder)")
 
     def records(table):
         return read_journals([p for d in dirs for p in (d / "journal").glob(f"{table}.*.jsonl")])

@@ -150,3 +150,25 @@ def test_failing_unit_is_logged_and_skipped(model, tmp_path, monkeypatch):
     monkeypatch.setattr(study, "_edit_record", real)
     again = run_study(config, run_dir, model=model, progress=False, retry_failed=True)
     assert again.done == 1 and collect_tables(run_dir)["edits"].height == 2
+
+
+def test_cli_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    """Every user error of the command line prints one line (no traceback) and exits 2; --debug re-raises."""
+    from locedit.cli import main
+
+    cases = [
+        (["report", str(tmp_path / "missing")], "no run directory"),
+        (["summary", str(tmp_path)], "not a locedit run directory"),
+        (["trace", "--prompt", "p", "--subject", "s", "--target", "t", "--noise", "nan"], "finite and > 0"),
+        (["trace", "--prompt", "p", "--subject", "s"], "give --fact ID"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("locedit: error:") and message in err[0], err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[editing]\nmethods = ["mend"]\n')
+    assert main(["run", str(bad)]) == 2
+    assert "unknown edit method 'mend'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "report", str(tmp_path / "missing")])
