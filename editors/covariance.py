@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
-from tracer.atomic import atomic_path
+from tracer.atomic import read_checked_tensor, write_checked_tensor
 
 __all__ = ["DEFAULT_CORPUS", "DEFAULT_N_TOKENS", "corpus_tokens", "key_second_moment", "key_second_moments"]
 
@@ -100,9 +100,9 @@ def key_second_moments(
     out: dict[int, Tensor] = {}
     todo = []
     for layer in sorted(set(int(x) for x in layers)):
-        p = _cache_path(model, layer, h, n_tokens, seq_len)
-        if cache and p.exists():
-            out[layer] = torch.load(p, map_location="cpu", weights_only=True).double()
+        cached = read_checked_tensor(_cache_path(model, layer, h, n_tokens, seq_len)) if cache else None
+        if cached is not None:
+            out[layer] = cached.double()
         else:
             todo.append(layer)
     if not todo:
@@ -134,8 +134,8 @@ def key_second_moments(
         c = acc[layer] / n_tokens
         out[layer] = c
         if cache:
-            with atomic_path(_cache_path(model, layer, h, n_tokens, seq_len)) as tmp:
-                torch.save(c.float(), tmp)  # float32 on disk (as the reference); float64 in memory
+            # float32 on disk (as the reference), with its checksum; float64 in memory
+            write_checked_tensor(_cache_path(model, layer, h, n_tokens, seq_len), c.float())
             out[layer] = c.float().double()  # identical whether computed now or loaded
     return out
 

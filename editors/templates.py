@@ -9,13 +9,12 @@ Templates are cached as JSON under ``cache_dir()/"templates"`` keyed by model id
 
 from __future__ import annotations
 
-import json
 
 import torch
 from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
-from tracer.atomic import write_atomic
+from tracer.atomic import read_checked_json, write_checked_json
 from tracer.tokens import bos_ids, encode
 
 __all__ = ["START_WORDS", "context_templates", "sample_texts", "template_group_sizes"]
@@ -57,13 +56,14 @@ def context_templates(
     """``("{}", "<text>. {}", ...)`` for the given ``((length, n), ...)``; cached on disk per model."""
     key = f"{model_id(model)}-" + "_".join(f"{a}x{b}" for a, b in context_lengths) + f"-s{seed}"
     path = cache_dir() / "templates" / f"{key}.json"
-    if cache and path.exists():
-        return tuple(json.loads(path.read_text()))
+    cached = read_checked_json(path) if cache else None
+    if cached is not None:
+        return tuple(cached)
     out = ["{}"]
     for i, (length, n) in enumerate(context_lengths):
         starts = [START_WORDS[j % len(START_WORDS)] for j in range(n)]
         texts = sample_texts(model, starts, length, seed=seed + 1000 * i)
         out += [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
     if cache:
-        write_atomic(path, json.dumps(out))
+        write_checked_json(path, out)
     return tuple(out)

@@ -75,10 +75,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _warn_bad_lines(run_dirs) -> None:
+    from locedit.study import bad_journal_lines
+
+    bad = bad_journal_lines(*run_dirs)
+    if bad:
+        where = ", ".join(f"{Path(p).name}:{n}" for p, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        print(f"locedit: skipped {len(bad)} bad journal line(s) ({where}); the next `locedit run` on the directory "
+              "moves them to journal/quarantine.jsonl", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     from locedit.report import write_report
 
     path = write_report(*args.run_dirs, out=args.out)
+    _warn_bad_lines(args.run_dirs)
     print(f"report: {path}")
     return 0
 
@@ -90,6 +101,7 @@ def cmd_summary(args) -> int:
     from stats.tables import score_summary, to_markdown
 
     edits = collect_tables(*args.run_dirs)["edits"]
+    _warn_bad_lines(args.run_dirs)
     if edits.is_empty():
         raise SystemExit(f"no finished edits in {', '.join(args.run_dirs)}")
     table = score_summary(edits, by=[c.strip() for c in args.by.split(",") if c.strip()])

@@ -1,4 +1,4 @@
-"""Study configuration: a TOML file parsed into small frozen dataclasses.
+"""Study configuration: a TOML file validated by a pydantic schema into small frozen models.
 
 Example (``configs/default.toml``)::
 
@@ -27,45 +27,102 @@ Example (``configs/default.toml``)::
     [hparams.rome]               # overrides of the editors' defaults, per edit method (editors.EDIT_METHODS)
     v_num_grad_steps = 20
 
-Every name is checked against its registry (problems: ``problems.PROBLEMS``; methods: ``editors.EDIT_METHODS``;
-kinds: ``tracer.TRACING_KINDS``; datasets: ``problems.DATASETS``).
+Validation happens before anything is written and reports every problem at once (:class:`ConfigError`): unknown
+sections or keys; every name against its registry (problems: ``problems.PROBLEMS``; methods: ``editors.EDIT_METHODS``;
+kinds: ``tracer.TRACING_KINDS``); strict types (no "3" for 3, no "no" for false, no 5.5 for a layer, no string where
+a list belongs); ranges (positive samples/windows/sample sizes, finite positive noise, non-empty lists); and
+``[hparams.<method>]`` keys and value types against the method's hyper-parameter dataclass. Edit layers are checked
+against the model's depth by :func:`check_against_model` once the model is loaded, still before the run directory
+is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from editors.methods import DEFAULT_METHOD
-from problems.variants import DEFAULT_PROBLEM
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
-__all__ = ["DataConfig", "TracingConfig", "EditingConfig", "StudyConfig", "load_config", "default_edit_layers"]
+from editors.methods import DEFAULT_METHOD, EDIT_METHODS
+from problems.variants import DEFAULT_PROBLEM, PROBLEMS
+from tracer.vocab import TRACING_KINDS, check_choice
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EditingConfig",
+    "StudyConfig",
+    "TracingConfig",
+    "check_against_model",
+    "default_edit_layers",
+    "load_config",
+    "parse_config",
+]
 
 FILTERS = ("none", "known", "min_target_prob")
 
 
 class ConfigError(ValueError):
-    """A study config names an unknown key or value."""
+    """A study config is invalid; the message lists every problem found."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "counterfact"
-    filter: str = "known"
-    sample: int | None = 20
-    seed: int = 0
+def _positive_finite(x: float) -> float:
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"must be finite and > 0, got {x!r}")
+    return float(x)
 
 
-@dataclass(frozen=True)
-class TracingConfig:
-    kinds: tuple[str, ...] = ("mlp",)
-    windows: tuple[int, ...] = (5,)
-    samples: int = 10
-    noise: float = 3.0  # the GaussianNoise scale (a multiplier of std(W_E))
-    sigma: float | None = None  # an absolute sigma instead
-    seed: int = 0
+Number = Annotated[StrictInt | StrictFloat, AfterValidator(float)]
+PositiveNumber = Annotated[StrictInt | StrictFloat, AfterValidator(_positive_finite)]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+Layer = Annotated[StrictInt, Field(ge=0)]
+
+
+def _names(registry, what: str):
+    def check(values):
+        for v in values:
+            check_choice(v, registry, what)
+        return values
+
+    return check
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: StrictStr = "counterfact"
+    filter: StrictStr = "known"
+    sample: PositiveInt | None = 20
+    seed: StrictInt = 0
+
+    _filter = field_validator("filter")(classmethod(lambda cls, v: check_choice(v, FILTERS, "filter")))
+
+
+class TracingConfig(_Section):
+    kinds: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("mlp",)
+    windows: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (5,)
+    samples: PositiveInt = 10
+    noise: PositiveNumber = 3.0  # the GaussianNoise scale (a multiplier of std(W_E))
+    sigma: PositiveNumber | None = None  # an absolute sigma instead
+    seed: StrictInt = 0
+
+    _kinds = field_validator("kinds")(classmethod(lambda cls, v: _names(TRACING_KINDS, "tracing kind")(v)))
 
     def corruption(self):
         """The study's one corruption object (tracing, o_noise and Fact Forcing all use it)."""
@@ -74,30 +131,65 @@ class TracingConfig:
         return GaussianNoise(scale=self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed)
 
 
-@dataclass(frozen=True)
-class EditingConfig:
-    problems: tuple[str, ...] = (DEFAULT_PROBLEM,)
-    methods: tuple[str, ...] = (DEFAULT_METHOD,)
-    layers: tuple[int, ...] | None = None  # None: default_edit_layers(n_layers)
-    essence: bool = True
-    forcing_edit_samples: int | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
-    generation: bool = False  # fluency (generation entropy) before/after each edit: slow, off by default
-    covariance_tokens: int | None = None  # WikiText tokens for ROME/MEMIT's key second moment (None: the default)
+class EditingConfig(_Section):
+    problems: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = (DEFAULT_PROBLEM,)
+    methods: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = (DEFAULT_METHOD,)
+    layers: Annotated[tuple[Layer, ...], Field(min_length=1)] | None = None  # None: default_edit_layers(n_layers)
+    essence: StrictBool = True
+    forcing_edit_samples: PositiveInt | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
+    generation: StrictBool = False  # fluency (generation entropy) before/after each edit: slow, off by default
+    covariance_tokens: PositiveInt | None = None  # WikiText tokens for ROME/MEMIT's key second moment (None: default)
+
+    _problems = field_validator("problems")(classmethod(lambda cls, v: _names(PROBLEMS, "problem")(v)))
+    _methods = field_validator("methods")(classmethod(lambda cls, v: _names(EDIT_METHODS, "edit method")(v)))
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    name: str = "study"
-    model: str = "smollm2-135m"
-    data: DataConfig = field(default_factory=DataConfig)
-    tracing: TracingConfig = field(default_factory=TracingConfig)
-    editing: EditingConfig = field(default_factory=EditingConfig)
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``[hparams.<method>]``: known methods, known fields, values of the field's type."""
+    out, problems = {}, []
+    for method, overrides in hparams.items():
+        try:
+            check_choice(method, EDIT_METHODS, "[hparams.<edit method>] section")
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if not isinstance(overrides, dict):
+            problems.append(f"[hparams.{method}] must be a table of hyper-parameters")
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(EDIT_METHODS[method].hparams)}
+        for key, value in overrides.items():
+            if key not in defaults:
+                problems.append(f"[hparams.{method}] has unknown key {key!r}; allowed: {sorted(defaults)}")
+                continue
+            d = defaults[key]
+            ok = (
+                isinstance(value, bool) if isinstance(d, bool)
+                else isinstance(value, int) and not isinstance(value, bool) if isinstance(d, int)
+                else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if isinstance(d, float)
+                else isinstance(value, (list, tuple)) if isinstance(d, tuple)
+                else True
+            )
+            if not ok:
+                problems.append(f"[hparams.{method}] {key} = {value!r} must be a {type(d).__name__}")
+        out[method] = dict(overrides)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+class StudyConfig(_Section):
+    name: StrictStr = "study"
+    model: StrictStr = "smollm2-135m"
+    data: DataConfig = DataConfig()
+    tracing: TracingConfig = TracingConfig()
+    editing: EditingConfig = EditingConfig()
+    hparams: dict[StrictStr, dict[StrictStr, Any]] = Field(default_factory=dict)
+
+    _hparams = field_validator("hparams")(classmethod(lambda cls, v: _check_hparams(v)))
 
     def to_dict(self) -> dict[str, Any]:
-        import dataclasses
-
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
 
 def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
@@ -107,60 +199,50 @@ def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
     return tuple(sorted(set(range(0, n_layers, 4)) | {profile_for(model_name).edit_layer(n_layers)}))
 
 
-def _check(values, registry, what):
-    from tracer.vocab import check_choice
-
-    for v in values:
-        check_choice(v, registry, what, ConfigError)
-
-
-def _section(raw: dict, name: str, cls):
-    sec = dict(raw.get(name, {}))
-    fields = set(cls.__dataclass_fields__)
-    unknown = set(sec) - fields
-    if unknown:
-        raise ConfigError(f"[{name}] has unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
-    for k, v in sec.items():
-        if isinstance(v, list):
-            sec[k] = tuple(v)
-    return cls(**sec)
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown keys {[e['loc'][-1]]} (not a config key)")
+        else:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+    return "invalid study config: " + "; ".join(lines)
 
 
 def parse_config(raw: dict[str, Any]) -> StudyConfig:
-    """Validate a parsed TOML mapping into a :class:`StudyConfig`."""
+    """Validate a parsed TOML mapping into a :class:`StudyConfig` (:class:`ConfigError` listing every problem)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a study config is a TOML table, got {type(raw).__name__}")
     unknown = set(raw) - {"study", "data", "tracing", "editing", "hparams"}
     if unknown:
-        raise ConfigError(f"unknown config sections {sorted(unknown)}")
-    study = dict(raw.get("study", {}))
-    bad = set(study) - {"name", "model"}
-    if bad:
-        raise ConfigError(f"[study] has unknown keys {sorted(bad)}")
-    data = _section(raw, "data", DataConfig)
-    tracing = _section(raw, "tracing", TracingConfig)
-    editing = _section(raw, "editing", EditingConfig)
-    from editors.methods import EDIT_METHODS
-    from problems.variants import PROBLEMS
-    from tracer.vocab import TRACING_KINDS
+        raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: study, data, tracing, editing, hparams")
+    study = raw.get("study", {})
+    if not isinstance(study, dict):
+        raise ConfigError("[study] must be a table")
+    flat = {**study, **{k: v for k, v in raw.items() if k != "study"}}
+    try:
+        return StudyConfig.model_validate(flat)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
 
-    _check([data.filter], FILTERS, "filter")
-    _check(tracing.kinds, TRACING_KINDS, "tracing kind")
-    _check(editing.problems, PROBLEMS, "problem")
-    _check(editing.methods, EDIT_METHODS, "edit method")
-    if any(w < 1 for w in tracing.windows):
-        raise ConfigError(f"tracing windows must be >= 1, got {tracing.windows}")
-    hparams = {k: dict(v) for k, v in raw.get("hparams", {}).items()}
-    _check(hparams, EDIT_METHODS, "[hparams.<edit method>] section")
-    return StudyConfig(
-        name=study.get("name", "study"),
-        model=study.get("model", "smollm2-135m"),
-        data=data,
-        tracing=tracing,
-        editing=editing,
-        hparams=hparams,
-    )
+
+def check_against_model(config: StudyConfig, n_layers: int) -> None:
+    """Edit layers within the model's depth (:class:`ConfigError` naming every bad one)."""
+    bad = [layer for layer in (config.editing.layers or ()) if layer >= n_layers]
+    if bad:
+        raise ConfigError(f"[editing] layers {bad} are out of range: the model has {n_layers} layers (0..{n_layers - 1})")
 
 
 def load_config(path: str | Path) -> StudyConfig:
     """Read and validate a study TOML file."""
-    with open(path, "rb") as f:
-        return parse_config(tomllib.load(f))
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return parse_config(raw)

@@ -2,9 +2,11 @@
 
 Every finished unit of work (one fact's tracing grid, one edit outcome, one failure) is appended as one JSON line
 and fsync'ed before the next unit starts. A run killed at any instant (even ``kill -9``) leaves at most one
-partial last line, which :func:`read_journal` drops (and :class:`Journal` truncates before appending again).
-Each record carries a unique ``key``; readers keep the first record per key, so no row is ever duplicated.
-Parquet tables are *derived* from the journals (atomically, via a temporary file and ``os.replace``).
+partial last line. Readers (:func:`read_journal`) skip any line that is not a complete JSON record with a ``key`` —
+a torn last line or a line garbled anywhere — and keep every valid record after it; :class:`Journal` moves such lines
+to ``quarantine.jsonl`` beside the journal (with the journal's name and the line number) before appending again, so
+nothing is deleted and nothing valid is lost. Each record carries a unique ``key``; readers keep the first record
+per key, so no row is ever duplicated. Parquet tables are *derived* from the journals (written atomically).
 """
 
 from __future__ import annotations
@@ -17,42 +19,60 @@ from typing import Any
 
 import polars as pl
 
-from tracer.atomic import atomic_path
+from tracer.atomic import atomic_path, write_atomic
 
-__all__ = ["Journal", "read_journal", "read_journals", "write_parquet_atomic"]
+__all__ = ["Journal", "QUARANTINE", "read_journal", "read_journals", "scan_journal", "write_parquet_atomic"]
+
+QUARANTINE = "quarantine.jsonl"
 
 
-def _valid_prefix_length(path: Path) -> int:
-    """Byte length of the file's longest prefix made of complete lines that parse as JSON."""
-    good = 0
+def _parse(line: bytes) -> dict[str, Any] | None:
+    if not line.endswith(b"\n"):
+        return None  # torn: a writer was killed mid-line
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("key"), str) else None
+
+
+def scan_journal(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """``(records, bad)``: every valid record in file order, and ``(line number, text)`` of every other line."""
+    path = Path(path)
+    records, bad = [], []
+    if not path.exists():
+        return records, bad
     with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-    return good
+        for i, line in enumerate(f, 1):
+            rec = _parse(line)
+            if rec is None:
+                bad.append((i, line.decode("utf-8", "replace").rstrip("\n")))
+            else:
+                records.append(rec)
+    return records, bad
 
 
 class Journal:
     """An append-only JSONL file of records ``{"key": ..., ...}``.
 
-    Opening repairs a torn tail left by a killed writer. ``keys`` holds the keys already written.
+    Opening moves every bad line (torn or garbled) to ``quarantine.jsonl`` beside it and rewrites the journal with
+    the valid records only (atomically). ``keys`` holds the keys already written; ``quarantined`` the number of
+    lines moved at opening.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            size = self.path.stat().st_size
-            good = _valid_prefix_length(self.path)
-            if good < size:
-                with open(self.path, "r+b") as f:
-                    f.truncate(good)
-        self.keys: set[str] = {r["key"] for r in read_journal(self.path)}
+        records, bad = scan_journal(self.path)
+        self.quarantined = len(bad)
+        if bad:
+            with open(self.path.parent / QUARANTINE, "a", encoding="utf-8") as q:
+                for line_no, text in bad:
+                    q.write(json.dumps({"journal": self.path.name, "line": line_no, "text": text}) + "\n")
+                q.flush()
+                os.fsync(q.fileno())
+            write_atomic(self.path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+        self.keys: set[str] = {r["key"] for r in records}
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record durably (flush + fsync). Records whose key exists are ignored."""
@@ -76,26 +96,20 @@ def _json_default(o: Any):
 
 
 def read_journal(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Complete records of one journal (a torn last line is skipped)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                return
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                return
+    """Valid records of one journal (bad lines anywhere are skipped, see :func:`scan_journal`)."""
+    yield from scan_journal(path)[0]
 
 
-def read_journals(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Records of several journals (e.g. shards), first record per key kept, in file then line order."""
+def read_journals(paths: Iterable[str | Path], skipped: list | None = None) -> list[dict[str, Any]]:
+    """Records of several journals (e.g. shards), first record per key kept, in file then line order; the
+    ``(path, line number)`` of every skipped bad line is appended to ``skipped`` when given."""
     seen: set[str] = set()
     out = []
     for p in sorted(Path(x) for x in paths):
-        for r in read_journal(p):
+        records, bad = scan_journal(p)
+        if skipped is not None:
+            skipped += [(str(p), n) for n, _ in bad]
+        for r in records:
             if r["key"] not in seen:
                 seen.add(r["key"])
                 out.append(r)

@@ -4,8 +4,11 @@ Layout of a run directory::
 
     RUN_DIR/
       config.json          the validated study config (a resume must match it)
+      provenance.json      versions, torch threads and device, resolved hyper-parameters, seeds (first start)
+      .lock.shard-I-of-N   held while a process runs that shard (a second one exits with a clear message)
       facts.json           the selected fact ids, in order (fixed at the first start; shards share it)
-      journal/             append-only JSONL journals, one per (table, shard) -- the source of truth
+      journal/             append-only JSONL journals, one per (table, shard) -- the source of truth; bad lines
+                           are moved to journal/quarantine.jsonl
       tracing.parquet      long table: fact x kind x window x token x layer (see docs/CONTRACTS.md)
       edits.parquet        one row per fact x problem x method x layer
       failures.parquet     one row per failed unit, with its error
@@ -30,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from locedit.config import ConfigError, StudyConfig, default_edit_layers
-from locedit.journal import Journal, read_journals, write_parquet_atomic
+from locedit.config import ConfigError, StudyConfig, check_against_model, default_edit_layers, parse_config
+from locedit.journal import QUARANTINE, Journal, read_journals, scan_journal, write_parquet_atomic
 from tracer.atomic import write_atomic
 from tracer.result import tracing_frame
 
-__all__ = ["StudySummary", "run_study", "select_facts", "collect_tables", "unit_keys"]
+__all__ = ["StudySummary", "bad_journal_lines", "run_study", "select_facts", "collect_tables", "unit_keys"]
 
 log = logging.getLogger("locedit.study")
 
@@ -46,6 +50,10 @@ _FILTER_CHUNK = 32  # facts checked per cached known-filter call while sampling
 
 class StudyConfigMismatch(ValueError):
     """A run directory was started with a different config."""
+
+
+class StudyLockedError(ValueError):
+    """Another process holds the lock of this (run directory, shard)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,10 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, model, facts: Sequence)
     cfg = json.loads(json.dumps(config.to_dict()))
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
+        try:  # a run directory written by an older locedit: compare with today's defaults filled in
+            old = json.loads(json.dumps(parse_config(_nested(old)).to_dict()))
+        except ConfigError:
+            pass
         if old != cfg:
             raise StudyConfigMismatch(
                 f"{run_dir} was started with another config; use a new run directory (differences in: "
@@ -159,6 +171,13 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, model, facts: Sequence)
     ids = [f.id for f in select_facts(model, config, facts)]
     write_atomic(facts_path, json.dumps(ids))
     return ids
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` (``StudyConfig.to_dict``) back to the TOML layout ``parse_config`` takes."""
+    out = {k: v for k, v in flat.items() if k not in ("name", "model")}
+    out["study"] = {k: flat[k] for k in ("name", "model") if k in flat}
+    return out
 
 
 def run_study(
@@ -184,6 +203,7 @@ def run_study(
         from tracer import load_model
 
         model = load_model(config.model)
+    check_against_model(config, model.cfg.n_layers)  # before anything is written
     for problem in config.editing.problems:  # fail fast on a misspelt [hparams] key, before any work
         for method in config.editing.methods:
             try:
@@ -193,8 +213,25 @@ def run_study(
     from problems import load_dataset
 
     dataset = load_dataset(config.data.dataset)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / f".lock.shard-{i}-of-{n}"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StudyLockedError(
+            f"another process is running shard {i}/{n} of {run_dir}; wait for it or use another --shard"
+        ) from None
+    try:
+        return _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, progress, flush_every, start)
+    finally:
+        lock.release()
+
+
+def _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, progress, flush_every, start):
+    i, n = shard
     fact_ids = _prepare_run_dir(run_dir, config, model, dataset)
     _setup_log(run_dir)
+    _check_provenance(run_dir, config, model)
     if limit is not None:
         fact_ids = fact_ids[:limit]
     fact_ids = fact_ids[i::n]
@@ -236,9 +273,64 @@ def run_study(
                         time.perf_counter() - start)
 
 
+def provenance(config: StudyConfig, model) -> dict[str, Any]:
+    """What produced a run's rows: package versions, torch threads and device, the resolved hyper-parameters per
+    (problem, method) and the seeds (data sample, noise draw, context templates, essence/fluency sampling)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def v(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    from editors.methods import EDIT_METHODS
+
+    hp = {f"{p}|{m}": dataclasses.asdict(_hparams_for(model, config, p, m))
+          for p in config.editing.problems for m in config.editing.methods}
+    return {
+        "versions": {pkg: v(pkg) for pkg in ("locedit", "torch", "transformer-lens", "transformers", "polars",
+                                             "statsmodels")} | {"python": platform.python_version()},
+        "threads": torch.get_num_threads(),
+        "device": str(model.cfg.device),
+        "model": {"name": model.cfg.model_name, "n_layers": model.cfg.n_layers},
+        "hparams": json.loads(json.dumps(hp, default=list)),
+        "edit_methods": sorted(EDIT_METHODS),
+        "seeds": {"data": config.data.seed, "noise": config.tracing.seed, "context_templates": 0, "essence": 0,
+                  "fluency": 0},
+    }
+
+
+def _check_provenance(run_dir: Path, config: StudyConfig, model) -> None:
+    """Write ``provenance.json`` at the first start; at a resume, warn when the thread count or device differ (rows
+    computed under another thread count can differ at ~1e-6)."""
+    path = run_dir / "provenance.json"
+    now = provenance(config, model)
+    if not path.exists():
+        write_atomic(path, json.dumps(now, indent=2))
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        write_atomic(path, json.dumps(now, indent=2))
+        return
+    for key in ("threads", "device"):
+        if old.get(key) != now[key]:
+            msg = (f"{run_dir} was started with {key}={old.get(key)!r}, this resume runs with {key}={now[key]!r}: "
+                   "its new rows may differ from the earlier ones at float precision")
+            log.warning(msg)
+            import warnings
+
+            warnings.warn(msg, stacklevel=3)
+
+
 def _finished(*run_dirs: Path) -> set[str]:
     """Keys of the units with a result (tracing or edits) in any shard's journal."""
-    paths = [p for d in run_dirs for p in (d / "journal").glob("*.jsonl") if not p.name.startswith("failures")]
+    paths = [p for d in run_dirs for p in (d / "journal").glob("*.jsonl")
+             if not p.name.startswith("failures") and p.name != QUARANTINE]
     return {r["key"] for r in read_journals(paths)}
 
 
@@ -252,6 +344,16 @@ def _setup_log(run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- tables
+
+
+def bad_journal_lines(*run_dirs: str | Path) -> list[tuple[str, int]]:
+    """``(journal, line number)`` of every line the readers skip (torn or garbled; see :mod:`locedit.journal`)."""
+    out = []
+    for d in run_dirs:
+        for p in sorted((Path(d) / "journal").glob("*.jsonl")):
+            if p.name != QUARANTINE:
+                out += [(str(p), n) for n, _ in scan_journal(p)[1]]
+    return out
 
 
 def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:

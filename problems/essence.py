@@ -10,14 +10,13 @@ score then compares the mean perplexity after the edit with the one before (:fun
 from __future__ import annotations
 
 import hashlib
-import json
 
 import torch
 from transformer_lens import HookedTransformer
 
 from problems.facts import essence_prompt
 from tracer.models import cache_dir, model_id
-from tracer.atomic import write_atomic
+from tracer.atomic import read_checked_json, write_checked_json
 from tracer.tokens import encode
 
 __all__ = ["EssenceTexts", "essence_texts", "essence_perplexity", "sample_tokens"]
@@ -78,14 +77,14 @@ def essence_texts(
     """Sample (or load from the cache) the essence texts of ``subject`` from the model *as it is now* — call this
     before editing."""
     path = _path(model, subject, n, top_k, new_tokens, seed)
-    if use_cache and path.exists():
-        d = json.loads(path.read_text())
+    d = read_checked_json(path) if use_cache else None
+    if d is not None:
         return EssenceTexts(torch.tensor(d["tokens"], dtype=torch.long), int(d["prompt_len"]))
     prompt = encode(model, essence_prompt(subject))
     gen = sample_tokens(model, prompt[None].repeat(n, 1), new_tokens, top_k=top_k, seed=seed)
     out = EssenceTexts(gen, int(prompt.numel()))
     if use_cache:
-        write_atomic(path, json.dumps({"subject": subject, "prompt_len": out.prompt_len, "tokens": gen.tolist()}))
+        write_checked_json(path, {"subject": subject, "prompt_len": out.prompt_len, "tokens": gen.tolist()})
     return out
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -24,7 +23,7 @@ from transformer_lens import HookedTransformer
 
 from problems.facts import Fact
 from tracer.models import cache_dir, model_id
-from tracer.atomic import write_atomic
+from tracer.atomic import read_checked_json, write_checked_json
 from tracer.probs import target_probs
 from tracer.tokens import encode
 
@@ -91,7 +90,8 @@ def _cache_path(model: HookedTransformer, n_tokens: int):
 
 def _read_cache(path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = read_checked_json(path)
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
@@ -99,7 +99,7 @@ def _read_cache(path) -> dict:
 def _write_cache(path, new: dict) -> None:
     data = _read_cache(path)  # merge with what another process may have written meanwhile
     data.update(new)
-    write_atomic(path, json.dumps(data))
+    write_checked_json(path, data)
 
 
 def known_mask(

@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer
 
 from problems.essence import sample_tokens
 from problems.metrics import ngram_entropy
-from tracer.atomic import write_atomic
+from tracer.atomic import read_checked_json, write_checked_json
 from tracer.models import cache_dir, model_id
 from tracer.tokens import encode
 
@@ -59,8 +59,9 @@ def unedited_generation_entropy(model: HookedTransformer, prompts, **kwargs) -> 
 
     key = hashlib.sha256(json.dumps([list(prompts), sorted(kwargs.items())]).encode()).hexdigest()[:20]
     path = cache_dir() / "fluency" / model_id(model) / f"{key}.json"
-    if path.exists():
-        return float(json.loads(path.read_text())["entropy"])
+    cached = read_checked_json(path)
+    if cached is not None:
+        return float(cached["entropy"])
     value = generation_entropy(model, prompts, **kwargs)
-    write_atomic(path, json.dumps({"prompts": list(prompts), "entropy": value}))
+    write_checked_json(path, {"prompts": list(prompts), "entropy": value})
     return value

