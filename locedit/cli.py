@@ -36,6 +36,10 @@ def cmd_trace(args) -> int:
         if args.prompt is None or args.subject is None or args.target is None:
             raise ValueError("give --fact ID, or --prompt, --subject and --target")
         prompt, subject, target = args.prompt, args.subject, args.target
+        if not target.strip():
+            raise ValueError("--target is empty: give the continuation with its leading space, e.g. --target ' French'")
+        if not subject.strip() or subject not in prompt:
+            raise ValueError(f"--subject {subject!r} does not occur in --prompt {prompt!r}")
     model = load_model(args.model, device=args.device)
     t0 = time.perf_counter()
     res = trace(model, prompt, subject, target, kind=args.kind, window=args.window, noise=noise,
@@ -65,7 +69,7 @@ def cmd_run(args) -> int:
                         retry_failed=args.retry_failed)
     print(f"study {config.name!r}: {summary.done} units done, {summary.skipped} already done, "
           f"{summary.failed} failed, {summary.seconds:.0f} s -> {run_dir}")
-    if not args.no_report and args.shard == (0, 1):
+    if not args.no_report and args.shard == (0, 1) and summary.done + summary.skipped > 0:
         path = write_report(run_dir)
         print(f"report: {path}")
     if summary.failed:

@@ -56,6 +56,8 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     dirs = [Path(d) for d in run_dirs]
     tables = collect_tables(*dirs)
     trace, edits, failures = tables["tracing"], tables["edits"], tables["failures"]
+    if trace.is_empty() and edits.is_empty():
+        raise ValueError(f"no finished units in {', '.join(map(str, dirs))}: nothing to report yet")
     an = study_analysis(tables)
     md: dict[str, str] = {}
     figs = {}

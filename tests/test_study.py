@@ -161,11 +161,16 @@ def test_cli_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
         (["summary", str(tmp_path)], "not a locedit run directory"),
         (["trace", "--prompt", "p", "--subject", "s", "--target", "t", "--noise", "nan"], "finite and > 0"),
         (["trace", "--prompt", "p", "--subject", "s"], "give --fact ID"),
+        (["trace", "--prompt", "The cat", "--subject", "cat", "--target", ""], "--target is empty"),
+        (["trace", "--prompt", "The cat", "--subject", "dog", "--target", " x"], "does not occur"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("locedit: error:") and message in err[0], err
+    (tmp_path / "empty" / "journal").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no finished units" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text('[editing]\nmethods = ["mend"]\n')
     assert main(["run", str(bad)]) == 2

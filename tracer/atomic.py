@@ -115,6 +115,8 @@ def read_checked(path: str | Path) -> bytes | None:
     try:
         data = path.read_bytes()
         expected = _sidecar(path).read_text().strip()
+    except FileNotFoundError:
+        problem = "it has no checksum: written by an older locedit, or its write was interrupted"
     except OSError as e:
         problem = f"unreadable ({e})"
     else:
