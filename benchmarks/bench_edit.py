@@ -29,7 +29,7 @@ from tracer import load_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 12, 24])
-    ap.add_argument("--methods", nargs="+", default=["rome", "memit", "ft"])
+    ap.add_argument("--methods", nargs="+", default=["rome", "r-rome", "memit", "ft"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-path comparison")
     args = ap.parse_args()
@@ -39,22 +39,25 @@ def main() -> None:
     L = model.cfg.n_layers
     request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
     layer_sets = {
-        (m, c): ((c,) if m in ("rome", "ft") else tuple(window_layers(c, 5, L))) for m in args.methods for c in args.layers
+        (m, c): ((c,) if m != "memit" else tuple(window_layers(c, 5, L))) for m in args.methods for c in args.layers
     }
     t = time.perf_counter()
     for m in args.methods:
-        if m in ("rome", "memit"):
+        if m in ("rome", "r-rome", "memit"):
             context_templates(model, default_hparams(m, "smollm2").context_lengths)
     needed = sorted({layer for (m, _), ls in layer_sets.items() if m != "ft" for layer in ls})
     if needed:
         key_second_moments(model, needed)
     print(f"one-time templates + key statistics for layers {needed}: {time.perf_counter() - t:.1f} s")
     print(f"threads={torch.get_num_threads()}")
-    print(f"{'method':6} {'layers':>14} {'fast s':>8} {'plain s':>8} {'ratio':>6} {'rel Δ diff':>10} {'ok':>3}")
+    print("MEMIT's update stage (keys and residuals per edited layer): fast = one continuing forward, plain = a pass"
+          " from the embedding per layer; shown as update_s")
+    print(f"{'method':6} {'layers':>20} {'fast s':>8} {'plain s':>8} {'ratio':>6} {'rel Δ diff':>10} {'ok':>3}"
+          f" {'update_s fast/plain':>20}")
     for (m, c), layers in layer_sets.items():
         fast = apply(model, request, m, list(layers))
         restore(model, fast)
-        line = f"{m:6} {str(layers):>14} {fast.seconds:8.2f}"
+        line = f"{m:6} {str(layers):>20} {fast.seconds:8.2f}"
         if args.no_plain:
             print(line)
             continue
@@ -71,7 +74,11 @@ def main() -> None:
             rel = diff
         else:
             ok = rel < 1e-3
-        print(f"{line} {plain.seconds:8.2f} {plain.seconds / fast.seconds:6.2f} {rel:10.2e} {'yes' if ok else 'NO':>3}")
+        upd = ""
+        if m == "memit":
+            upd = f" {fast.info['update_seconds']:9.2f}/{plain.info['update_seconds']:<9.2f}"
+        print(f"{line} {plain.seconds:8.2f} {plain.seconds / fast.seconds:6.2f} {rel:10.2e} {'yes' if ok else 'NO':>3}"
+              f"{upd}")
 
 
 if __name__ == "__main__":
