@@ -107,7 +107,7 @@ def cmd_summary(args) -> int:
     edits = collect_tables(*args.run_dirs)["edits"]
     _warn_bad_lines(args.run_dirs)
     if edits.is_empty():
-        raise SystemExit(f"no finished edits in {', '.join(args.run_dirs)}")
+        raise ValueError(f"no finished edits in {', '.join(args.run_dirs)}")
     table = score_summary(edits, by=[c.strip() for c in args.by.split(",") if c.strip()])
     if args.markdown:
         print(to_markdown(table))

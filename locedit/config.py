@@ -201,7 +201,11 @@ def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
 
 def _format(err: ValidationError) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    item_locs = {e["loc"][:-1] for e in errors if isinstance(e["loc"][-1], int)}
+    for e in errors:
+        if e["type"] == "too_short" and e["loc"] in item_locs:
+            continue  # "no valid items left" after a bad item was already reported
         where = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown keys {[e['loc'][-1]]} (not a config key)")

@@ -202,3 +202,16 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert cli.main(["summary", "x"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0]
+
+
+def test_concurrent_writers_of_one_file_never_collide(tmp_path):
+    """config.json/facts.json were written through one fixed temporary name, which concurrent starts raced on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tracer.atomic import write_atomic
+
+    texts = [json.dumps({"writer": i, "pad": "x" * 100_000}) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda t: write_atomic(tmp_path / "config.json", t), texts * 4))
+    assert (tmp_path / "config.json").read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
