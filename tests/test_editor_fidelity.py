@@ -107,15 +107,17 @@ def test_rome_maps_the_plain_key_and_r_rome_the_mean_key_to_v_star(model, method
         restore(model, res)
 
 
-def test_r_rome_avoids_the_disabling_edit_where_rome_norm_is_largest(model):
-    """cf:780 (subject at position 0) at layer 15 has the largest ROME update norm of the 30 known facts measured
-    (scripts/edit_norms.py: ROME 78.8, perplexity of the essence texts 6.1 -> 17.1; r-ROME 38.3, 6.1 -> 7.6, rewrite
-    0.997 vs 0.993). r-ROME's update is much smaller, its fluency damage far less, its rewrite as good."""
+@pytest.mark.parametrize("fact_id", ["cf:307", "cf:780"])
+def test_r_rome_shrinks_the_largest_rome_updates_and_their_damage(model, fact_id):
+    """cf:307 and cf:780 at layer 15 have the two largest ROME update norms of the 30 known facts measured by
+    scripts/edit_norms.py (78.96 and 78.83; 10,240-token key statistics, as in the suite). r-ROME's update is about
+    half as large and damages the essence texts' perplexity far less (cf:307 +2.2 -> +0.5, cf:780 +11.0 -> +1.4).
+    Its rewrite score is NOT generally as good on this model: 0.970 -> 0.384 on cf:307, 0.997 -> 0.993 on cf:780,
+    and not worse (within 0.02) on only 1 of the 10 largest-norm edits (see README, "Editing fidelity")."""
     from problems import load_counterfact, run_edit
 
-    fact = next(f for f in load_counterfact() if f.id == "cf:780")
+    fact = next(f for f in load_counterfact() if f.id == fact_id)
     rome = run_edit(model, fact, "error_injection", "rome", 15)
     r_rome = run_edit(model, fact, "error_injection", "r-rome", 15)
     assert r_rome.update_norm < 0.7 * rome.update_norm
     assert (r_rome.ppl_post - r_rome.ppl_pre) < 0.5 * (rome.ppl_post - rome.ppl_pre)
-    assert r_rome.rewrite_score >= rome.rewrite_score - 0.02
