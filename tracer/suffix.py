@@ -50,6 +50,25 @@ class Restore:
     value: Float[Tensor, " d_model"]
 
 
+def _as_cached(model: HookedTransformer, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """``hook_k``/``hook_v`` → what TransformerLens's KV cache stores for that block: its attention transforms keys
+    between ``hook_k`` and the cache append — QK-norm (Gemma 3, Qwen 3: ``_apply_qk_norm``; OLMo 2/3 and OLMoE: the
+    norm over the concatenated heads) and ``clip_qkv`` clamping — so a frozen cache entry built from the hooks must
+    apply the same transforms (without them, exact tracing on a QK-norm model was off by ~10 %)."""
+    cfg = model.cfg
+    attn = model.blocks[layer].attn
+    with torch.no_grad():
+        if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+            shape = keys.shape
+            keys = attn.k_norm(keys.reshape(*shape[:2], -1)).reshape(shape)
+        elif getattr(cfg, "use_qk_norm", False):
+            keys = attn._apply_qk_norm(keys, attn.k_norm)
+        if cfg.clip_qkv is not None:
+            keys = keys.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+            values = values.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+    return keys, values
+
+
 class SuffixRunner:
     """Run ``model``'s blocks over suffixes of positions (see module docstring).
 
@@ -73,10 +92,10 @@ class SuffixRunner:
         self, layer: int, keys: Float[Tensor, "rows pos n_kv d_head"], values: Float[Tensor, "rows pos n_kv d_head"]
     ) -> tuple[Tensor, Tensor]:
         """Cached ``blocks.{layer}.attn.hook_k`` / ``hook_v`` → this backend's prefix keys/values (rotated
-        ``[rows, kv, pos, d_head]`` for lean, unchanged for TransformerLens)."""
+        ``[rows, kv, pos, d_head]`` for lean; for TransformerLens what its KV cache holds, see :func:`_as_cached`)."""
         if self.lean is not None:
             return self.lean.prefix_keys_values(layer, keys, values)
-        return keys, values
+        return _as_cached(self.model, layer, keys, values)
 
     def block(
         self,

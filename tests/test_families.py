@@ -1,0 +1,101 @@
+"""Architecture families on tiny random HookedTransformers (seconds): exact tracing == naive tracing and the editors'
+fast path == plain path, on the lean backend (GPT-2, GPT-J parallel attention, NeoX, Llama/GQA) and the
+TransformerLens backend (a Gemma-3-like block: QK-norm, pre+post norms, local/global attention). This caught the
+TransformerLens backend feeding pre-QK-norm keys to its KV cache (exact was off by 5-11 % on QK-norm models)."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from editors import EditRequest, apply, default_hparams, restore
+from tracer import target_probs, trace
+from tracer.lean import lean_supported
+
+BASE = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=64, seed=0)
+FAMILIES = {
+    "gpt2": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard", d_mlp=64),
+    "gptj": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4,
+                 parallel_attn_mlp=True, d_mlp=64),
+    "neox": dict(act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=2,
+                 parallel_attn_mlp=True, d_mlp=64),
+    "llama": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                  gated_mlp=True, n_key_value_heads=2, d_mlp=48),
+    "gemma3": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary",
+                   rotary_dim=8, gated_mlp=True, n_key_value_heads=2, d_mlp=48, use_qk_norm=True,
+                   use_normalization_before_and_after=True, use_local_attn=True,
+                   attn_types=["local", "global", "local"], window_size=4, original_architecture="Gemma3ForCausalLM"),
+}
+LEAN = {"gpt2": True, "gptj": True, "neox": True, "llama": True, "gemma3": False}
+P, S, O = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French"
+
+
+@pytest.fixture(scope="module")
+def tiny(model):
+    """One tiny random model per family, sharing the embedded model's tokenizer (its vocabulary size)."""
+    out = {}
+    for name, extra in FAMILIES.items():
+        cfg = HookedTransformerConfig(**BASE, **extra, d_vocab=len(model.tokenizer), model_name=f"tiny-{name}")
+        torch.manual_seed(0)
+        m = HookedTransformer(cfg, tokenizer=model.tokenizer, default_padding_side="right")
+        out[name] = m.eval()
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_backend_choice(tiny, family):
+    assert lean_supported(tiny[family]) == LEAN[family]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("kind", ["mlp", "attn", "resid"])
+def test_exact_tracing_equals_naive(tiny, family, kind):
+    m = tiny[family]
+    for corruption in ({"noise": 3.0, "samples": 3}, {"corrupt": "flip", "flip_subject": "Barack Obama"}):
+        e = trace(m, P, S, O, kind=kind, algorithm="exact", **corruption)
+        n = trace(m, P, S, O, kind=kind, algorithm="naive", **corruption)
+        rel = (e.grid - n.grid).abs().max() / n.grid.abs().max()
+        assert rel.item() < 1e-5, (family, kind, corruption, rel.item())
+        assert e.p_noised == pytest.approx(n.p_noised, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method,layers", [("rome", [1]), ("memit", [0, 1, 2])])
+def test_editor_fast_path_equals_plain_and_restores(tiny, family, method, layers, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))  # context templates of the tiny models stay out of the cache
+    m = tiny[family]
+    eye = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731  (no corpus pass)
+    hp = default_hparams(method, m)
+    hp = type(hp)(**{**hp.__dict__, "v_num_grad_steps": 5, "context_lengths": ((3, 2),)})
+    req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    fast = apply(m, req, method, layers, hparams=hp, covariance=eye, fast=True)
+    restore(m, fast)
+    plain = apply(m, req, method, layers, hparams=hp, covariance=eye, fast=False)
+    restore(m, plain)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # bit-identical after restore
+    for name in fast.deltas:
+        rel = (fast.deltas[name] - plain.deltas[name]).norm() / plain.deltas[name].norm()
+        assert rel.item() < 1e-3, (family, method, name, rel.item())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rome_raises_the_target_and_restores_bit_exactly(tiny, family, tmp_path, monkeypatch):
+    """On a random model the reference clamp (||delta|| <= 4 ||v_init||) and weight decay keep v* near v_init, so the
+    optimisation is let loose here (no clamp, decay or KL; 20 steps), and the edited layer must carry v* into the
+    model's prediction. A random 49k-token unembedding bounds every logit, so p(target) can only rise by a factor
+    (GPT-2-like: 6.8e-6 -> 8.1e-6, the v* optimisation's own NLL 12.29 -> 11.36), not to a large probability."""
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
+    m = tiny[family]
+    eye = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
+    hp = default_hparams("rome", m)
+    # the plain prompt alone (no context templates): v* is then optimised for exactly the prompt scored below
+    hp = type(hp)(**{**hp.__dict__, "v_num_grad_steps": 20, "context_lengths": (), "clamp_norm_factor": 1e6,
+                     "v_weight_decay": 0.0, "kl_factor": 0.0})
+    req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    p0 = float(target_probs(m, [req.text], [req.target])[0])
+    res = apply(m, req, "rome", [1], hparams=hp, covariance=eye)
+    p1 = float(target_probs(m, [req.text], [req.target])[0])
+    restore(m, res)
+    assert p1 > 1.1 * p0, (family, p0, p1)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
