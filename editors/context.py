@@ -18,7 +18,7 @@ from editors.deltas import EditResult, apply_deltas, load_snapshot, restore, sna
 from editors.hparams import HyperParams, default_hparams
 from editors.methods import EditMethod, resolve_method
 from editors.requests import EditRequest, validate_layers, validate_request
-from tracer.corruption import GaussianNoise, as_corruption
+from tracer.corruption import GaussianNoise, as_gaussian_noise
 
 __all__ = ["apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
 
@@ -74,10 +74,7 @@ def apply(
         raise ValueError(f"{entry.label} edits exactly one layer, got {layers}")
     hp = _resolve_hparams(model, entry, hparams)
     if noise is not None:
-        noise = as_corruption(noise)
-        if not isinstance(noise, GaussianNoise):
-            raise TypeError(f"editing takes Gaussian subject noise (Fact Forcing), got {type(noise).__name__}")
-        noise = noise.resolve(model)
+        noise = as_gaussian_noise(noise, model, what="editing (Fact Forcing)")
     snap = snapshot(model, entry.parameter_names(layers))
     try:
         result = entry.execute(model, request, layers, hp, objective, noise, covariance=covariance, fast=fast)

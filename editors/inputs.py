@@ -225,40 +225,28 @@ def run_plain(
 
 @torch.no_grad()
 def cache_acts(
-    model: HookedTransformer, batch: EditBatch, names: Sequence[str], stop_at_layer: int | None = None
-) -> dict[str, Tensor]:
-    """Activations ``names`` of the (noised) batch, computed once without grad."""
-    wanted = set(names)
-    store: dict[str, Tensor] = {}
-
-    def save(x: Tensor, hook) -> None:
-        store[hook.name] = x.detach().clone()
-
-    model.run_with_hooks(
-        batch.tokens,
-        stop_at_layer=stop_at_layer if stop_at_layer is not None else model.cfg.n_layers,
-        fwd_hooks=batch.embed_hooks() + [(lambda n: n in wanted, save)],
-    )
-    return store
-
-
-@torch.no_grad()
-def cache_acts_from(
-    model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], start: int, names: Sequence[str],
+    model: HookedTransformer,
+    batch: EditBatch,
+    names: Sequence[str],
     stop_at_layer: int | None = None,
+    *,
+    resid: Float[Tensor, "rows pos d_model"] | None = None,
+    start: int = 0,
 ) -> dict[str, Tensor]:
-    """Activations ``names`` of blocks ``start..`` run on ``resid`` (= ``blocks.{start}.hook_resid_pre``), without
-    grad: :func:`cache_acts` continued from a cached residual instead of the tokens."""
+    """Activations ``names`` of the (noised) batch, computed once without grad — from the tokens, or with ``resid``
+    (= ``blocks.{start}.hook_resid_pre`` of the batch, cached earlier) from block ``start`` on."""
     wanted = set(names)
     store: dict[str, Tensor] = {}
 
     def save(x: Tensor, hook) -> None:
         store[hook.name] = x.detach().clone()
 
-    model.run_with_hooks(
-        resid, start_at_layer=start, stop_at_layer=stop_at_layer if stop_at_layer is not None else model.cfg.n_layers,
-        fwd_hooks=[(lambda n: n in wanted, save)],
-    )
+    stop = stop_at_layer if stop_at_layer is not None else model.cfg.n_layers
+    hooks = [(lambda n: n in wanted, save)]
+    if resid is None:
+        model.run_with_hooks(batch.tokens, stop_at_layer=stop, fwd_hooks=batch.embed_hooks() + hooks)
+    else:
+        model.run_with_hooks(resid, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks)
     return store
 
 

@@ -30,7 +30,7 @@ from transformer_lens import HookedTransformer
 
 from editors.deltas import EditResult, exact_delta, parameter, snapshot
 from editors.hparams import MEMITHyperParams
-from editors.inputs import build_batch, cache_acts, cache_acts_from, frozen_params, group_mean
+from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
 from editors.templates import context_templates, template_group_sizes
 from editors.vstar import optimize_target
@@ -101,13 +101,11 @@ def execute_memit(
         acts: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(layers):
             wanted = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.mlp.hook_post", f"blocks.{L}.hook_resid_post"]
-            if fast and i > 0:
-                # nothing below the previous edited layer changed: continue from its cached input (one shared
-                # forward instead of a pass from the embedding per layer)
-                prev = layers[i - 1]
-                acts = cache_acts_from(model, acts[f"blocks.{prev}.hook_resid_pre"], prev, wanted, stop_at_layer=L + 1)
-            else:
-                acts = cache_acts(model, batch, wanted, stop_at_layer=L + 1)
+            # with fast, nothing below the previous edited layer changed: continue from its cached input (one shared
+            # forward instead of a pass from the embedding per layer)
+            prev = layers[i - 1] if fast and i > 0 else None
+            resid = None if prev is None else acts[f"blocks.{prev}.hook_resid_pre"]
+            acts = cache_acts(model, batch, wanted, stop_at_layer=L + 1, resid=resid, start=prev or 0)
             keys = acts[f"blocks.{layer}.mlp.hook_post"][rows, batch.lookup]
             per_prompt = torch.stack([group_mean(keys, batch, g) for g in range(len(texts))])
             k = mean_of_group_means(per_prompt, template_group_sizes(hp.context_lengths))

@@ -204,12 +204,6 @@ def run_study(
 
         model = load_model(config.model)
     check_against_model(config, model.cfg.n_layers)  # before anything is written
-    for problem in config.editing.problems:  # fail fast on a misspelt [hparams] key, before any work
-        for method in config.editing.methods:
-            try:
-                _hparams_for(model, config, problem, method)
-            except TypeError as e:
-                raise ConfigError(f"[hparams] for {method}: {e}") from e
     from problems import load_dataset
 
     dataset = load_dataset(config.data.dataset)

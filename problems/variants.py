@@ -35,7 +35,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from problems.facts import Fact
-from tracer.corruption import GaussianNoise, as_corruption, noise_hook
+from tracer.corruption import GaussianNoise, as_gaussian_noise, noise_hook
 from tracer.tokens import locate_subject
 from tracer.vocab import check_choice
 
@@ -63,10 +63,7 @@ def default_noise(model: HookedTransformer, noise: GaussianNoise | float | None 
     """The resolved Gaussian noise for o_noise and Fact Forcing: ``noise`` itself, or a bare number read as everywhere
     (:func:`tracer.corruption.as_corruption`: a *scale*, a multiplier of std(W_E)), or None (scale 3); 10 samples,
     seed 0 unless the object says otherwise."""
-    noise = as_corruption(noise, samples=10, seed=0)
-    if not isinstance(noise, GaussianNoise):
-        raise TypeError(f"problems take Gaussian subject noise, got {type(noise).__name__}")
-    return noise.resolve(model)
+    return as_gaussian_noise(noise, model, what="a problem's o_noise / Fact Forcing", samples=10, seed=0)
 
 
 @torch.no_grad()

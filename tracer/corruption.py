@@ -29,6 +29,7 @@ __all__ = [
     "SubjectNoise",
     "Zeroing",
     "as_corruption",
+    "as_gaussian_noise",
     "embedding_std",
     "noise_hook",
     "noise_std",
@@ -200,6 +201,15 @@ def as_corruption(
     if isinstance(noise, bool) or not isinstance(noise, (int, float)):
         raise TypeError(f"noise must be a number, a GaussianNoise, a SubjectFlip or a Zeroing, got {noise!r}")
     return GaussianNoise(scale=float(noise), sigma=sigma, samples=samples, seed=seed)
+
+
+def as_gaussian_noise(noise, model: HookedTransformer, *, what: str = "this", **defaults) -> GaussianNoise:
+    """:func:`as_corruption` for callers that take Gaussian subject noise only (editing, o_noise, Fact Forcing),
+    resolved for ``model``; ``TypeError`` naming ``what`` for a flip or a zeroing."""
+    noise = as_corruption(noise, **defaults)
+    if not isinstance(noise, GaussianNoise):
+        raise TypeError(f"{what} takes Gaussian subject noise, got {type(noise).__name__}")
+    return noise.resolve(model)
 
 
 def SubjectNoise(sigma: float, samples: int = 10, seed: int = 0, values: Tensor | None = None,

@@ -26,10 +26,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tracer.lean import LeanBlocks, lean_supported
+from tracer.vocab import TRACING_KINDS
 
 __all__ = ["Restore", "SuffixRunner"]
 
-_OUTPUT_HOOK = {"mlp": "hook_mlp_out", "attn": "hook_attn_out", "resid": "hook_resid_post"}
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class SuffixRunner:
                         act[mask, pos] = value
                         return act
 
-                    hooks.append((f"blocks.{layer}.{_OUTPUT_HOOK[restore.kind]}", write))
+                    hooks.append((f"blocks.{layer}.{TRACING_KINDS[restore.kind].hook}", write))
             with self.model.hooks(fwd_hooks=hooks):
                 y = blk(xg, past_kv_cache_entry=entry)
             if query_positions is not None:
