@@ -11,7 +11,13 @@ from editors.covariance import key_second_moment, key_second_moments
 from editors.deltas import EditOrderError, EditResult, apply_deltas, restore
 from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
 from editors.methods import EDIT_METHODS, EditMethod, EditMethodName, method_layers, resolve_method
-from editors.requests import EditRequest, EmptyTargetError, LayerOutOfRangeError, SubjectNotFoundError
+from editors.requests import (
+    EditRequest,
+    EmptyTargetError,
+    LayerOutOfRangeError,
+    SubjectNotFoundError,
+    UnsupportedArchitectureError,
+)
 from tracer.vocab import window_layers
 from editors.templates import context_templates
 
@@ -25,6 +31,7 @@ __all__ = [
     "EmptyTargetError",
     "FTHyperParams",
     "LayerOutOfRangeError",
+    "UnsupportedArchitectureError",
     "MEMITHyperParams",
     "ROMEHyperParams",
     "SubjectNotFoundError",

@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
 from tracer.atomic import read_checked_tensor, write_checked_tensor
+from tracer.tokens import bos_ids
 
 __all__ = [
     "DEFAULT_CORPUS",
@@ -124,7 +125,8 @@ def key_second_moments(
         corpus: text file (plain or .gz); default the vendored WikiText-103 validation text.
         n_tokens: tokens N used (rounded down to whole rows of ``seq_len``), spread over the corpus; default
             :func:`default_n_tokens`.
-        seq_len: tokens per row (each row is an independent context, no BOS).
+        seq_len: text tokens per row (each row is an independent context, after a BOS token only when the model's
+            profile prepends one).
     """
     corpus = Path(corpus) if corpus is not None else DEFAULT_CORPUS
     h = _sha256(corpus)
@@ -145,8 +147,12 @@ def key_second_moments(
     acc = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in todo}
     names = {f"blocks.{layer}.mlp.hook_post": layer for layer in todo}
 
+    # a model whose profile prepends BOS reads every row after a BOS token, as its prompts; the BOS position's own
+    # key is not part of the statistics (N counts text tokens only)
+    bos = bos_ids(model)
+
     def hook(k: Tensor, hook) -> None:
-        k2 = k.reshape(-1, k.shape[-1])
+        k2 = k[:, len(bos):].reshape(-1, k.shape[-1])
         acc[names[hook.name]] += (k2.T @ k2).double().cpu()
 
     bar = tqdm(total=n_tokens, desc=f"key stats L{todo}", unit="tok", disable=not progress, leave=False)
@@ -157,7 +163,10 @@ def key_second_moments(
         for r in chunk:
             by_len.setdefault(int(r.shape[0]), []).append(r)
         for group in by_len.values():
-            batch = torch.stack(group).to(model.cfg.device)
+            batch = torch.stack(group)
+            if bos:
+                batch = torch.cat([torch.tensor(bos, dtype=torch.long).expand(batch.shape[0], -1), batch], dim=1)
+            batch = batch.to(model.cfg.device)
             model.run_with_hooks(
                 batch, stop_at_layer=max(todo) + 1, fwd_hooks=[(lambda n: n in names, hook)]
             )

@@ -25,6 +25,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tracer.corruption import GaussianNoise, noise_hook
+from tracer.forward import logits_from_resid
 from tracer.suffix import SuffixRunner
 from tracer.tokens import locate_subject
 
@@ -134,8 +135,7 @@ def scored_logits(
     model: HookedTransformer, resid_final: Float[Tensor, "rows pos d_model"], batch: EditBatch
 ) -> Float[Tensor, "n d_vocab"]:
     """``unembed(ln_final(resid))`` at the batch's scored positions only."""
-    x = resid_final[batch.score_rows, batch.score_pos]
-    return model.unembed(model.ln_final(x[None]))[0]
+    return logits_from_resid(model, resid_final[batch.score_rows, batch.score_pos])
 
 
 def run_from(
@@ -210,7 +210,7 @@ def suffix_scored_logits(
     qpos, local = torch.unique(batch.score_pos - batch.lookup[batch.score_rows], return_inverse=True)
     for j in range(plan.start, L):
         x = plan.runner.block(j, x, plan.prefix[j], starts=batch.lookup, query_positions=qpos if j == L - 1 else None)
-    return model.unembed(model.ln_final(x[batch.score_rows, local][None]))[0]
+    return logits_from_resid(model, x[batch.score_rows, local])
 
 
 def run_plain(

@@ -33,6 +33,7 @@ from editors.hparams import MEMITHyperParams
 from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
 from editors.templates import context_templates, template_group_sizes
+from editors.requests import UnsupportedArchitectureError
 from editors.vstar import optimize_target
 from tracer.corruption import GaussianNoise
 from tracer.tokens import target_tokens
@@ -71,7 +72,18 @@ def execute_memit(
     covariance=None,
     fast: bool = True,
 ) -> EditResult:
-    """Edit ``blocks.{l}.mlp.W_out`` for every l in ``layers`` in place; return exact deltas and info (z, z_init)."""
+    """Edit ``blocks.{l}.mlp.W_out`` for every l in ``layers`` in place; return exact deltas and info (z, z_init).
+
+    Raises:
+        UnsupportedArchitectureError: the blocks normalize the MLP output before adding it to the residual stream
+            (Gemma 2/3's ``ln2_post``): MEMIT spreads a *residual-stream* change over the layers' ``W_out``
+            linearly, which a norm after ``W_out`` breaks (ROME, which optimizes the MLP's own output, works there).
+    """
+    if getattr(model.cfg, "use_normalization_before_and_after", False):
+        raise UnsupportedArchitectureError(
+            f"MEMIT cannot edit {model.cfg.model_name}: its MLP outputs pass a norm (ln2_post) before the residual "
+            "stream, so MEMIT's linear split of the residual target over layers does not hold; use rome, r-rome or ft"
+        )
     t0 = time.perf_counter()
     if covariance is None:
         from editors.covariance import key_second_moments

@@ -18,6 +18,7 @@ from tracer.tokens import EmptyTargetError, SubjectNotFoundError, locate_subject
 __all__ = [
     "EditRequest",
     "LayerOutOfRangeError",
+    "UnsupportedArchitectureError",
     "validate_layers",
     "validate_request",
 ]
@@ -25,6 +26,10 @@ __all__ = [
 
 class LayerOutOfRangeError(ValueError):
     """An edit layer is not in ``range(n_layers)``."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The edit method's update rule does not hold for this model's blocks (e.g. MEMIT with a post-MLP norm)."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from editors.hparams import ROMEHyperParams
 from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
 from editors.requests import EditRequest
 from editors.templates import context_templates
-from editors.vstar import optimize_target, target_cache_names
+from editors.vstar import mlp_values, optimize_target, target_cache_names
 from tracer.corruption import GaussianNoise
 from tracer.tokens import target_tokens
 
@@ -102,7 +102,7 @@ def execute_rome(
         )
     C = covariance(model, layer) if hp.mom2_adjustment else torch.eye(model.cfg.d_mlp, dtype=torch.float64)
     if consistent_keys:  # r-ROME: map the template-mean key k* to v*
-        v_bar = acts[f"blocks.{layer}.hook_mlp_out"][torch.arange(batch.n_rows), batch.lookup][rw].mean(0)
+        v_bar = mlp_values(model, acts, layer, batch)[rw].mean(0)
         dW, u = rome_update(C.to(keys.device), k_star, k_star, opt.v_init + opt.delta - v_bar, hp.mom2_adjustment)
     else:
         dW, u = rome_update(C.to(keys.device), k_star, k, opt.delta, hp.mom2_adjustment)

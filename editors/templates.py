@@ -15,6 +15,7 @@ from transformer_lens import HookedTransformer
 
 from tracer.models import cache_dir, model_id
 from tracer.atomic import read_checked_json, write_checked_json
+from tracer.forward import scored_logits
 from tracer.tokens import bos_ids, encode
 
 __all__ = ["START_WORDS", "context_templates", "sample_texts", "template_group_sizes"]
@@ -32,7 +33,7 @@ def sample_texts(
     n0 = min(int(r.shape[0]) for r in rows)
     toks = torch.stack([r[:n0] for r in rows]).to(model.cfg.device)
     while toks.shape[1] < length:
-        logits = model(toks, stop_at_layer=None)[:, -1].float().cpu()
+        logits = scored_logits(model, toks, torch.tensor([toks.shape[1] - 1]))[0][:, 0].float().cpu()
         vals, idx = logits.topk(top_k, dim=-1)
         choice = torch.multinomial(vals.softmax(-1), 1, generator=gen)
         nxt = idx.gather(1, choice).to(toks.device)

@@ -3,7 +3,8 @@
 
 A vector δ is added at the last subject token of every prompt (context-template prompts and the KL prompt
 "{subject} is a") to the residual stream after layer ``layer`` — for ROME that is the same as adding δ to the
-MLP output of that layer. δ minimizes (Meng et al. 2022, compute_v)
+MLP output of that layer (in post-norm blocks, Gemma's, δ is added to the MLP output *before* its post-norm:
+see :func:`mlp_post_norm`). δ minimizes (Meng et al. 2022, compute_v)
 
     L(δ) = NLL(δ) + kl_factor · KL(p_δ ‖ p_0)["{s} is a"] + wd · ‖δ‖ / ‖v_init‖²,
 
@@ -43,7 +44,35 @@ from editors.inputs import (
     suffix_scored_logits,
 )
 
-__all__ = ["TargetOpt", "main_objective", "optimize_target", "target_cache_names", "target_loss_terms"]
+__all__ = [
+    "TargetOpt",
+    "main_objective",
+    "mlp_post_norm",
+    "mlp_values",
+    "optimize_target",
+    "target_cache_names",
+    "target_loss_terms",
+]
+
+
+def mlp_post_norm(model: HookedTransformer, layer: int):
+    """The map from the MLP's own output (``k @ W_out + b_out``, the vector ROME edits) to what the block adds to
+    the residual stream: ``ln2_post`` in post-norm blocks (Gemma 2/3: ``use_normalization_before_and_after``), else
+    None (the identity; ``hook_mlp_out`` then *is* the MLP's output)."""
+    if getattr(model.cfg, "use_normalization_before_and_after", False):
+        return model.blocks[layer].ln2_post
+    return None
+
+
+def mlp_values(model: HookedTransformer, acts: dict[str, Tensor], layer: int, batch: EditBatch) -> Float[Tensor, "rows d_model"]:
+    """Each row's MLP output v = k @ W_out + b_out at its lookup position, *before* any post-MLP norm: read from
+    ``hook_mlp_out`` where that is the MLP's output, recomputed from the cached keys (``mlp.hook_post``) where a
+    post-norm follows."""
+    rows = torch.arange(batch.n_rows, device=batch.lookup.device)
+    if mlp_post_norm(model, layer) is None:
+        return acts[f"blocks.{layer}.hook_mlp_out"][rows, batch.lookup]
+    mlp = model.blocks[layer].mlp
+    return acts[f"blocks.{layer}.mlp.hook_post"][rows, batch.lookup] @ mlp.W_out + mlp.b_out
 
 
 @dataclass(frozen=True)
@@ -79,6 +108,8 @@ def main_objective(nll_each: Float[Tensor, " prompts"], objective: str) -> Float
 def target_cache_names(model: HookedTransformer, layer: int, v_hook: str = "hook_mlp_out", fast: bool = True) -> list[str]:
     """Activations :func:`optimize_target` reads from the unedited batch (one forward pass provides them all)."""
     names = {f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.{v_hook}"}
+    if v_hook == "hook_mlp_out" and mlp_post_norm(model, layer) is not None:
+        names.add(f"blocks.{layer}.mlp.hook_post")  # the MLP's pre-norm output is recomputed from its keys
     if fast:
         names |= set(suffix_cache_names(model, layer + 1))
     return sorted(names)
@@ -122,7 +153,17 @@ def optimize_target(
         acts = cache_acts(model, batch, needed)  # one pass for everything below
     resid = acts[name]
     rows = torch.arange(batch.n_rows, device=resid.device)
-    v_init = group_mean(acts[v_name][rows, batch.lookup], batch, 0)
+    # post-norm blocks (Gemma): δ is added to the MLP's own output m, *before* ln2_post, so that v* = v_init + δ is
+    # a value W_out can produce; the residual stream then changes by ln2_post(m + δ) − ln2_post(m)
+    post = mlp_post_norm(model, layer) if v_hook == "hook_mlp_out" else None
+    if post is None:
+        v_init = group_mean(acts[v_name][rows, batch.lookup], batch, 0)
+        shift = lambda d: d  # noqa: E731
+    else:
+        m = mlp_values(model, acts, layer, batch)
+        post_m = post(m[None])[0]
+        v_init = group_mean(m, batch, 0)
+        shift = lambda d: post((m + d)[None])[0] - post_m  # noqa: E731
     delta = torch.zeros(model.cfg.d_model, device=resid.device, dtype=resid.dtype, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     kl_init = None
@@ -133,14 +174,14 @@ def optimize_target(
     def forward(d: Tensor) -> Tensor:
         if fast:
             r = resid.clone()
-            r[rows, batch.lookup] = r[rows, batch.lookup] + d
+            r[rows, batch.lookup] = r[rows, batch.lookup] + shift(d)
             if layer + 1 >= model.cfg.n_layers:
                 return scored_logits(model, r, batch)
             return suffix_scored_logits(model, r, batch, plan)
 
         def add(x: Tensor, hook) -> Tensor:
             x = x.clone()
-            x[rows, batch.lookup] = x[rows, batch.lookup] + d
+            x[rows, batch.lookup] = x[rows, batch.lookup] + shift(d)
             return x
 
         return scored_logits(model, run_plain(model, batch, [(v_name, add)]), batch)

@@ -50,7 +50,8 @@ def greedy_continuations(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """The decoded text of ``n_tokens`` greedy tokens after each prompt (no BOS, EOS not a stop)."""
+    """The decoded text of ``n_tokens`` greedy tokens after each prompt (BOS only where the profile says, EOS not a
+    stop)."""
     toks = [encode(model, p) for p in prompts]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, t in enumerate(toks):

