@@ -19,6 +19,8 @@ from editors.hparams import HyperParams, default_hparams
 from editors.methods import EditMethod, resolve_method
 from editors.requests import EditRequest, validate_layers, validate_request
 from tracer.corruption import GaussianNoise, as_gaussian_noise
+from tracer.tokens import locate_subject, token_position
+from tracer.vocab import check_edit_token
 
 __all__ = ["apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
 
@@ -46,6 +48,7 @@ def apply(
     *,
     covariance=None,
     fast: bool = True,
+    token: str | int = "subject_last",
 ) -> EditResult:
     """Edit ``model`` in place (permanently) and return the :class:`EditResult` (exact float64 deltas).
 
@@ -60,16 +63,23 @@ def apply(
         covariance: optional callable ``(model, layer) -> C`` (default: cached WikiText key statistics).
         fast: cache the frozen lower layers and run only from the edit layer per step (default); False runs the
             whole model every step (reference path, for parity checks and benchmarks).
+        token: ROME/MEMIT: the position of every prompt where k* is read and v* optimised — "subject_first",
+            "subject_last" (default, the reference's rule), "after_subject", "prompt_last"
+            (:data:`tracer.vocab.EDIT_TOKENS`) or an int offset from the last subject token. Constrained finetuning
+            ignores it: it descends the NLL through the whole prompt and has no key position.
 
     Raises:
-        ValueError: unknown method/objective; ROME with ≠ 1 layer. LayerOutOfRangeError, EmptyTargetError,
-        SubjectNotFoundError: see :mod:`editors.requests`.
+        ValueError: unknown method/objective/token rule; ROME with ≠ 1 layer. LayerOutOfRangeError,
+        EmptyTargetError, SubjectNotFoundError: see :mod:`editors.requests`; TokenPositionError: ``token`` names a
+        position outside a prompt (:func:`tracer.tokens.token_position`).
     """
     entry = resolve_method(method)
     if objective not in ("maximize", "minimize"):
         raise ValueError(f"objective must be 'maximize' or 'minimize', got {objective!r}")
     layers = validate_layers(model, layers)
     validate_request(model, request)
+    token = check_edit_token(token)
+    token_position(locate_subject(model, request.text, request.subject), token, request.text)  # fail before editing
     if entry.single_layer and len(layers) != 1:
         raise ValueError(f"{entry.label} edits exactly one layer, got {layers}")
     hp = _resolve_hparams(model, entry, hparams)
@@ -77,7 +87,9 @@ def apply(
         noise = as_gaussian_noise(noise, model, what="editing (Fact Forcing)")
     snap = snapshot(model, entry.parameter_names(layers))
     try:
-        result = entry.execute(model, request, layers, hp, objective, noise, covariance=covariance, fast=fast)
+        result = entry.execute(
+            model, request, layers, hp, objective, noise, covariance=covariance, fast=fast, token=token
+        )
         return dataclasses.replace(result, edited_hashes={n: weights_hash(model, n) for n in result.deltas})
     except BaseException:
         load_snapshot(model, snap)  # a failed edit leaves the model untouched

@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 from tracer.corruption import GaussianNoise, noise_hook
 from tracer.forward import logits_from_resid
 from tracer.suffix import SuffixRunner
-from tracer.tokens import locate_subject
+from tracer.tokens import locate_subject, token_position
 
 __all__ = [
     "EditBatch", "SuffixPlan", "build_batch", "frozen_params", "plan_suffix", "suffix_cache_names",
@@ -41,7 +41,7 @@ class EditBatch:
 
     Attributes:
         tokens: ``[rows, pos]`` token ids.
-        lookup: ``[rows]`` index of the last subject token of each row.
+        lookup: ``[rows]`` each row's edit position (the last subject token unless another token rule is given).
         group: ``[rows]`` prompt index of each row (rows of a prompt differ only by their noise sample).
         score_rows, score_pos: flat ``[n_scored]`` (row, position) pairs whose next-token logits are needed.
         score_targets: ``[n_scored]`` the token to score at each pair (−1 for "whole distribution" KL rows).
@@ -77,13 +77,16 @@ def build_batch(
     subject: str,
     appended: Sequence[Tensor | None],
     noise: GaussianNoise | None = None,
+    token: str | int = "subject_last",
 ) -> EditBatch:
-    """One row per (text, noise sample): ``tokens(text) + appended[i]``.
+    """One row per (text, noise sample): ``tokens(text) + appended[i]``; each row's lookup position (where keys are
+    read and δ is added) is the position ``token`` names in that text (:func:`tracer.tokens.token_position`:
+    ``"subject_last"`` by default, ROME's and MEMIT's own rule).
 
     For a text with an appended target ``t`` (= target ids without the last token, teacher forcing), the scored
     positions are ``n-1 .. n-1+len(target)-1`` (pass the *full* target ids in ``appended``; the last is dropped
     from the tokens and used as the last score target). With ``appended[i] = None`` the row scores the whole
-    next-token distribution at its *last subject token* (KL prompts; target −1): the reference codebases read the
+    next-token distribution at its *lookup position* (KL prompts; target −1; by default the last subject token): the reference codebases read the
     KL prompt "{subject} is a" there (``rome/compute_v.py`` and ``memit/compute_z.py`` index the logits of the KL
     prompts at their lookup index), not at the prompt's last token.
     """
@@ -98,16 +101,17 @@ def build_batch(
         if noise is not None:
             s, e = pt.subject_span
             eps = noise.draw(e - s, model.cfg.d_model, model.cfg.device, model.cfg.dtype)
+        lookup = token_position(pt, token, text)
         for r in range(reps):
             b = len(rows)
             rows.append(ids)
-            lookups.append(pt.last_subject_index)
+            lookups.append(lookup)
             groups.append(i)
             spans.append(pt.subject_span)
             if eps is not None:
                 eps_rows.append(eps[r])
             if tgt is None:
-                s_rows.append(b), s_pos.append(pt.last_subject_index), s_tgt.append(-1)
+                s_rows.append(b), s_pos.append(lookup), s_tgt.append(-1)
             else:
                 for j in range(int(tgt.shape[0])):
                     s_rows.append(b), s_pos.append(n - 1 + j), s_tgt.append(int(tgt[j]))

@@ -71,6 +71,7 @@ def execute_memit(
     *,
     covariance=None,
     fast: bool = True,
+    token: str | int = "subject_last",
 ) -> EditResult:
     """Edit ``blocks.{l}.mlp.W_out`` for every l in ``layers`` in place; return exact deltas and info (z, z_init).
 
@@ -96,7 +97,7 @@ def execute_memit(
     tgt = target_tokens(model, request.target).to(model.cfg.device)
     texts = [t.format(request.text) for t in templates]
     batch = build_batch(
-        model, texts + [f"{request.subject} is a"], request.subject, [tgt] * len(texts) + [None], noise
+        model, texts + [f"{request.subject} is a"], request.subject, [tgt] * len(texts) + [None], noise, token
     )
     names = [f"blocks.{layer}.mlp.W_out" for layer in layers]
     old = snapshot(model, names)
@@ -132,5 +133,6 @@ def execute_memit(
         method="memit", layers=tuple(layers), deltas=deltas, losses=opt.losses,
         seconds=time.perf_counter() - t0, objective=objective,
         info={"z": z.cpu(), "z_init": opt.v_init.cpu(), "n_templates": len(texts), "noise_samples": batch.reps,
+              "token": token,
               "update_seconds": t_keys},
     )

@@ -35,12 +35,15 @@ class EditMethod:
     Attributes:
         name: the registry key (``"ft-5"``).
         label: display label (``"FT (5 layers)"``).
-        execute: ``execute(model, request, layers, hp, objective, noise, *, covariance, fast) -> EditResult``; edits
+        execute: ``execute(model, request, layers, hp, objective, noise, *, covariance, fast, token) -> EditResult``;
+            edits
             the model in place (``edit``/``apply`` snapshot and restore around it).
         hparams: the hyper-parameter dataclass (its defaults are the reference GPT-J values).
         window: layers a study edits around its centre layer (1: the layer itself; 5: ``window_layers(l, 5, L)``).
         weights: the parameters changed in each edited block's MLP.
         single_layer: the algorithm edits exactly one layer (ROME).
+        uses_token: the algorithm reads keys at one token position (ROME, MEMIT: ``token=`` chooses it); a study
+            edits such a method once per ``[editing] tokens`` rule, the others once.
     """
 
     name: str
@@ -50,6 +53,7 @@ class EditMethod:
     window: int
     weights: tuple[str, ...] = ("W_out",)
     single_layer: bool = False
+    uses_token: bool = True
 
     def parameter_names(self, layers) -> list[str]:
         """``blocks.{l}.mlp.{weight}`` for every edited layer and weight."""
@@ -64,13 +68,17 @@ def _r_rome(model, request, layers, hp, objective, noise, **kwargs):
     return execute_rome(model, request, layers[0], hp, objective, noise, consistent_keys=True, **kwargs)
 
 
-def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True):
-    return execute_ft(model, request, layers, hp, objective, noise, fast=fast)  # no key statistics
+def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True, token=None):
+    # no key statistics, and no token: constrained finetuning descends the target's NLL through every position of
+    # the prompt at once; it has no key position to choose
+    return execute_ft(model, request, layers, hp, objective, noise, fast=fast)
 
 
 EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
-    "ft-1": EditMethod("ft-1", "FT (1 layer)", _ft, FTHyperParams, window=1, weights=("W_out", "b_out")),
-    "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out")),
+    "ft-1": EditMethod("ft-1", "FT (1 layer)", _ft, FTHyperParams, window=1, weights=("W_out", "b_out"),
+                       uses_token=False),
+    "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out"),
+                       uses_token=False),
     "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True),
     "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5),
     "r-rome": EditMethod("r-rome", "r-ROME (1 layer)", _r_rome, ROMEHyperParams, window=1, single_layer=True),

@@ -72,12 +72,15 @@ def execute_rome(
     *,
     covariance=None,
     fast: bool = True,
+    token: str | int = "subject_last",
     consistent_keys: bool = False,
 ) -> EditResult:
     """Edit ``blocks.{layer}.mlp.W_out`` in place; return the exact delta and info (k_star, k, u, v_init, v_star).
 
     ``covariance``: callable ``layer -> C`` (default :func:`editors.covariance.key_second_moment`).
     ``consistent_keys``: r-ROME — solve the update for k* and v* − v̄ instead of k and δ (module docstring).
+    ``token``: where keys are read and v* optimised in every prompt (:data:`tracer.vocab.EDIT_TOKENS` or an int
+    offset from the last subject token; default the last subject token, the reference's ``fact_token``).
     """
     t0 = time.perf_counter()
     if covariance is None:
@@ -86,7 +89,7 @@ def execute_rome(
     tgt = target_tokens(model, request.target).to(model.cfg.device)
     texts = [t.format(request.text) for t in templates]
     kl_text = f"{request.subject} is a"
-    batch = build_batch(model, texts + [kl_text], request.subject, [tgt] * len(texts) + [None], noise)
+    batch = build_batch(model, texts + [kl_text], request.subject, [tgt] * len(texts) + [None], noise, token)
     with frozen_params(model):
         names = [f"blocks.{layer}.mlp.hook_post"] + target_cache_names(model, layer, "hook_mlp_out", fast)
         acts = cache_acts(model, batch, names)  # the only pass over the unedited batch
@@ -117,5 +120,5 @@ def execute_rome(
         seconds=time.perf_counter() - t0, objective=objective,
         info={"k_star": k_star.cpu(), "k": k.cpu(), "u": u.cpu(), "v_init": opt.v_init.cpu(),
               "v_star": (opt.v_init + opt.delta).cpu(), "n_templates": len(texts),
-              "noise_samples": batch.reps},
+              "noise_samples": batch.reps, "token": token},
     )

@@ -59,7 +59,7 @@ from pydantic import (
 
 from editors.methods import DEFAULT_METHOD, EDIT_METHODS
 from problems.variants import DEFAULT_PROBLEM, PROBLEMS
-from tracer.vocab import TRACING_KINDS, check_choice
+from tracer.vocab import DEFAULT_EDIT_TOKEN, TRACING_KINDS, check_choice, check_edit_token
 
 __all__ = [
     "ConfigError",
@@ -101,6 +101,12 @@ def _names(registry, what: str):
     return check
 
 
+def _unique(values: tuple) -> tuple:
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate entries in {list(values)}")
+    return values
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -139,9 +145,13 @@ class EditingConfig(_Section):
     forcing_edit_samples: PositiveInt | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
     generation: StrictBool = False  # fluency (generation entropy) before/after each edit: slow, off by default
     covariance_tokens: PositiveInt | None = None  # WikiText tokens for ROME/MEMIT's key second moment (None: default)
+    # ROME/MEMIT edit positions (tracer.vocab.EDIT_TOKENS names or int offsets from the last subject token); methods
+    # without a key position (FT) are edited once whatever this lists
+    tokens: Annotated[tuple[StrictStr | StrictInt, ...], Field(min_length=1)] = (DEFAULT_EDIT_TOKEN,)
 
     _problems = field_validator("problems")(classmethod(lambda cls, v: _names(PROBLEMS, "problem")(v)))
     _methods = field_validator("methods")(classmethod(lambda cls, v: _names(EDIT_METHODS, "edit method")(v)))
+    _tokens = field_validator("tokens")(classmethod(lambda cls, v: _unique(tuple(check_edit_token(t) for t in v))))
 
 
 def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:

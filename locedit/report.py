@@ -8,8 +8,28 @@ from pathlib import Path
 import polars as pl
 
 from locedit.study import collect_tables
+from tracer.vocab import DEFAULT_EDIT_TOKEN
 
-__all__ = ["study_analysis", "write_report"]
+__all__ = ["study_analysis", "token_analysis", "write_report"]
+
+_FEW_FACTS = 30  # below this many facts the report says, above the table, that the statistics carry little weight
+
+
+def token_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5, n_boot: int = 500) -> dict:
+    """The token × layer analysis (:mod:`stats.tokens`) when the study edited at more than one token rule: the
+    cell-level frame, the token-level regressions and the best-cell rate (None entries otherwise)."""
+    from stats import best_cell_table, join_cells, token_regression_table
+
+    trace, edits = tables["tracing"], tables["edits"]
+    out: dict = {"cells": None, "regressions": None, "best_cell": None}
+    if edits.height == 0 or trace.height == 0 or "token" not in edits.columns or edits["token"].n_unique() < 2:
+        return out
+    traced = trace.filter(pl.col("kind") == kind)["window"].unique().to_list()
+    if window not in traced:
+        return out
+    cells = join_cells(edits, trace, kind=kind, window=window)
+    out.update(cells=cells, regressions=token_regression_table(cells, n_boot=n_boot), best_cell=best_cell_table(cells))
+    return out
 
 
 def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int | None = None) -> dict:
@@ -19,6 +39,8 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
     from stats import join_trace, layer_correlations, regression_table
 
     trace, edits = tables["tracing"], tables["edits"]
+    if "token" in edits.columns:  # the paper's analysis: ROME/MEMIT at their own position (the token study is apart)
+        edits = edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN)
     out: dict = {"analysis": None, "results": None, "concentrated": None, "correlations": None, "window": None}
     if trace.height == 0 or edits.height == 0:
         return out
@@ -46,6 +68,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         fig_r2_bars,
         fig_score_vs_trace,
         fig_scores_by_layer,
+        fig_scores_by_token_layer,
         fig_trace_heatmap,
         fig_window_effects,
         paper_tables,
@@ -70,11 +93,24 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
                 )
             except ValueError:
                 pass
+    tok = token_analysis(tables)
+    if tok["cells"] is not None and tok["cells"].height:
+        n_facts = tok["cells"]["fact_id"].n_unique()
+        caveat = (f"Only {n_facts} facts: the intervals are wide and these statistics carry little weight "
+                  f"(say n ≥ {_FEW_FACTS}).\n\n" if n_facts < _FEW_FACTS else "")
+        md["Token × layer: regressions (score ~ layer × token [+ cell tracing effect])"] = caveat + to_markdown(
+            tok["regressions"].drop("note"), p_columns=("p",))
+        md["Token × layer: is the peak-tracing cell a best-editing cell?"] = caveat + to_markdown(tok["best_cell"], p_columns=("p",))
+        for (problem, method), _ in tok["cells"].group_by(["problem", "method"], maintain_order=True):
+            figs[f"Fig. 5 analog: scores by token and layer ({problem}, {method})"] = fig_scores_by_token_layer(
+                edits, problem=problem, method=method)
     if edits.height:
         means = (
-            edits.group_by(["problem", "method", "layer"])
+            edits.with_columns(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) if "token" in edits.columns
+                               else pl.lit(DEFAULT_EDIT_TOKEN).alias("token"))
+            .group_by(["problem", "method", "token", "layer"])
             .agg(pl.len().alias("n"), pl.col("^.*_score$").mean())
-            .sort(["problem", "method", "layer"])
+            .sort(["problem", "method", "token", "layer"])
         )
         md["Mean scores by edit layer"] = to_markdown(means)
     if failures.height:
@@ -95,8 +131,9 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
             )
         figs["Fig. 6: R² of Layer vs Layer + Tracing"] = fig_r2_bars(an["results"])
     if edits.height:
-        for problem in edits["problem"].unique(maintain_order=True).to_list():
-            figs[f"Fig. 7: scores by edit layer ({problem})"] = fig_scores_by_layer(edits, problem=problem)
+        own = edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN) if "token" in edits.columns else edits
+        for problem in own["problem"].unique(maintain_order=True).to_list():
+            figs[f"Fig. 7: scores by edit layer ({problem})"] = fig_scores_by_layer(own, problem=problem)
     config = json.loads((dirs[0] / "config.json").read_text()) if (dirs[0] / "config.json").exists() else {}
     meta = {
         "run directories": ", ".join(map(str, dirs)),

@@ -39,7 +39,9 @@ from tqdm.auto import tqdm
 from locedit.config import ConfigError, StudyConfig, check_against_model, default_edit_layers, parse_config
 from locedit.journal import QUARANTINE, Journal, read_journals, scan_journal, write_parquet_atomic
 from tracer.atomic import write_atomic
+from editors.methods import resolve_method
 from tracer.result import tracing_frame
+from tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["StudySummary", "bad_journal_lines", "run_study", "select_facts", "collect_tables", "unit_keys"]
 
@@ -103,9 +105,19 @@ def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int) -> li
                 units.append(("tracing", f"trace|{fid}|{kind}|w{w}", (fid, kind, w)))
         for problem in config.editing.problems:
             for method in config.editing.methods:
-                for layer in layers:
-                    units.append(("edits", f"edit|{fid}|{problem}|{method}|L{layer}", (fid, problem, method, layer)))
+                tokens = config.editing.tokens if resolve_method(method).uses_token else (DEFAULT_EDIT_TOKEN,)
+                for token in tokens:
+                    for layer in layers:
+                        units.append(("edits", _edit_key(fid, problem, method, layer, token),
+                                      (fid, problem, method, layer, token)))
     return units
+
+
+def _edit_key(fid: str, problem: str, method: str, layer: int, token: str | int) -> str:
+    """An edit unit's journal key; the default token keeps the key it had before token rules existed (old runs
+    resume)."""
+    key = f"edit|{fid}|{problem}|{method}|L{layer}"
+    return key if token == DEFAULT_EDIT_TOKEN else f"{key}|T{token}"
 
 
 def _trace_record(model, fact, kind: str, window: int, config: StudyConfig) -> dict[str, Any]:
@@ -125,7 +137,7 @@ def _hparams_for(model, config: StudyConfig, problem: str, method: str):
     return dataclasses.replace(hp, **overrides) if overrides else hp
 
 
-def _edit_record(model, fact, problem: str, method: str, layer: int, config: StudyConfig) -> dict[str, Any]:
+def _edit_record(model, fact, problem: str, method: str, layer: int, token, config: StudyConfig) -> dict[str, Any]:
     from problems import run_edit
 
     extra = {}
@@ -137,7 +149,7 @@ def _edit_record(model, fact, problem: str, method: str, layer: int, config: Stu
     outcome = run_edit(
         model, fact, problem, method, layer, hparams=_hparams_for(model, config, problem, method), **extra,
         noise=config.tracing.corruption(), essence=config.editing.essence,
-        edit_samples=config.editing.forcing_edit_samples, generation=config.editing.generation,
+        edit_samples=config.editing.forcing_edit_samples, generation=config.editing.generation, token=token,
     )
     return outcome.as_row()
 

@@ -39,6 +39,8 @@ from problems.facts import Fact
 from problems.variants import default_noise, problem_hparams, resolve_problem
 from tracer.corruption import GaussianNoise
 from tracer.probs import target_probs
+from tracer.tokens import locate_subject, token_position
+from tracer.vocab import DEFAULT_EDIT_TOKEN, check_edit_token
 
 __all__ = ["EditOutcome", "run_edit"]
 
@@ -54,6 +56,8 @@ class EditOutcome:
     method: str
     layer: int
     layers: tuple[int, ...]
+    token: str
+    token_index: int
     target: str
     objective: str
     rewrite_score: float
@@ -139,6 +143,7 @@ def run_edit(
     essence: bool = True,
     edit_samples: int | None = None,
     generation: bool = False,
+    token: str | int = "subject_last",
     **edit_kwargs,
 ) -> EditOutcome:
     """Edit ``fact`` for ``problem`` with ``method`` at ``layer``, score, restore the weights, return the outcome.
@@ -159,6 +164,9 @@ def run_edit(
         generation: also score fluency before and after the edit (``fluency_pre``/``fluency_post``: Meng et al.'s
             generation entropy over the fact's ``generation_prompts``, :mod:`problems.fluency`); slow, off by
             default; NaN when off or when the fact has no generation prompts.
+        token: ROME/MEMIT's edit position (:data:`tracer.vocab.EDIT_TOKENS` or an int offset from the last subject
+            token); recorded as ``token`` with ``token_index``, the position it names in the fact's prompt (the
+            tracing grid's row for a token-level join). Methods without a key position (FT) record the default.
         edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
 
     Raises:
@@ -171,6 +179,8 @@ def run_edit(
     prob = resolve_problem(problem)
     method = resolve_method(method, aliases=False).name
     layers = method_layers(method, model.cfg.n_layers, layer)
+    token = check_edit_token(token) if resolve_method(method).uses_token else DEFAULT_EDIT_TOKEN
+    token_index = token_position(locate_subject(model, fact.prompt, fact.subject), token, fact.prompt)
     needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
     snoise = default_noise(model, noise) if needs_noise else None
     target = prob.target(model, fact, snoise)
@@ -200,7 +210,7 @@ def run_edit(
     request = EditRequest(template=fact.template, subject=fact.subject, target=target)
     with edit(
         model, request, method=method, layers=list(layers), hparams=hparams,
-        objective=prob.objective, noise=snoise.prefix(edit_samples) if noised else None, **edit_kwargs,
+        objective=prob.objective, noise=snoise.prefix(edit_samples) if noised else None, token=token, **edit_kwargs,
     ) as result:
         post = sc.run()
         ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan
@@ -242,6 +252,8 @@ def run_edit(
         method=method,
         layer=int(layer),
         layers=tuple(layers),
+        token=str(token),
+        token_index=token_index,
         target=target,
         objective=prob.objective,
         rewrite_score=rw,

@@ -22,6 +22,7 @@ from stats.regressions import pearson
 from stats.report import report_html  # re-exported: the report is the figures' consumer
 from editors.methods import DEFAULT_METHOD
 from problems.variants import DEFAULT_PROBLEM
+from tracer.vocab import DEFAULT_EDIT_TOKEN, EDIT_TOKENS, token_label
 from stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "fig_score_vs_trace",
     "fig_r2_bars",
     "fig_scores_by_layer",
+    "fig_scores_by_token_layer",
     "fig_window_effects",
     "save_html",
     "save_png",
@@ -231,6 +233,44 @@ def fig_scores_by_layer(
     fig.update_yaxes(range=[-0.05, 1.05])
     fig.update_yaxes(title_text="mean score", col=1)
     fig.update_layout(title=title or f"Edit success by layer: {problem_label(problem)}")
+    return fig
+
+
+def fig_scores_by_token_layer(
+    edits: pl.DataFrame,
+    *,
+    problem: str = DEFAULT_PROBLEM,
+    method: str = DEFAULT_METHOD,
+    metrics: Sequence[str] = ("rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score"),
+    title: str | None = None,
+) -> go.Figure:
+    """Meng et al. 2022 Fig. 5 analog: mean score by edit layer, one line per edit token rule, one panel per metric,
+    error bars = 95% normal CI of the mean over facts."""
+    sub = edits.filter((pl.col("problem") == problem) & (pl.col("method") == method))
+    if sub.height == 0 or "token" not in sub.columns:
+        raise ValueError(f"no edit rows with a token column for problem={problem!r}, method={method!r}")
+    sub = sub.with_columns(pl.col("token").cast(pl.String).fill_null(DEFAULT_EDIT_TOKEN))
+    known = list(EDIT_TOKENS)
+    tokens = sorted(sub["token"].unique().to_list(), key=lambda t: (known.index(t) if t in known else len(known), t))
+    metrics = [m for m in metrics if m in sub.columns]
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics])
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for j, m in enumerate(metrics):
+        agg = (sub.group_by("token", "layer")
+               .agg(pl.col(m).mean().alias("mean"), pl.col(m).std().alias("sd"), pl.col(m).count().alias("n"))
+               .sort("layer"))
+        for k, tok in enumerate(tokens):
+            a = agg.filter(pl.col("token") == tok)
+            ci = [1.96 * (sd or 0.0) / math.sqrt(n) if n else 0.0 for sd, n in zip(a["sd"].to_list(), a["n"].to_list())]
+            fig.add_trace(go.Scatter(x=a["layer"].to_list(), y=a["mean"].to_list(), mode="lines+markers",
+                                     error_y=dict(type="data", array=ci, visible=True), name=token_label(tok),
+                                     legendgroup=tok, showlegend=j == 0,
+                                     line=dict(color=palette[k % len(palette)])), row=1, col=j + 1)
+    fig.update_xaxes(title_text="edit layer")
+    fig.update_yaxes(range=[-0.05, 1.05])
+    fig.update_yaxes(title_text="mean score", col=1)
+    fig.update_layout(title=title or f"Edit success by token and layer (Meng et al. Fig. 5): "
+                                     f"{method_label(method)}, {problem_label(problem)}")
     return fig
 
 

@@ -26,7 +26,15 @@ from tracer.models import (
 from tracer.probs import target_log_probs, target_probs
 from tracer.profiles import FALLBACK_PROFILE, PROFILES, ModelProfile, profile_for
 from tracer.result import TRACING_COLUMNS, TraceResult, UndefinedEffectError, tracing_frame
-from tracer.tokens import EmptyTargetError, PromptTokens, SubjectNotFoundError, locate_subject, target_tokens
+from tracer.tokens import (
+    EmptyTargetError,
+    PromptTokens,
+    SubjectNotFoundError,
+    TokenPositionError,
+    locate_subject,
+    target_tokens,
+    token_position,
+)
 from tracer.tracing import FlipAlignmentError, flop_fraction, trace, zero
 from tracer.vocab import (
     CORRUPTIONS,
@@ -56,6 +64,8 @@ __all__ = [
     "SubjectFlip",
     "SubjectNoise",
     "SubjectNotFoundError",
+    "TokenPositionError",
+    "token_position",
     "TRACING_ALGORITHMS",
     "TRACING_COLUMNS",
     "TRACING_KINDS",
