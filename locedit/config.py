@@ -59,7 +59,8 @@ from pydantic import (
 
 from editors.methods import DEFAULT_METHOD, EDIT_METHODS
 from problems.variants import DEFAULT_PROBLEM, PROBLEMS
-from tracer.vocab import DEFAULT_EDIT_TOKEN, TRACING_KINDS, check_choice, check_edit_token
+from tracer.corruption import NOISE_SCALE_RULES
+from tracer.vocab import DEFAULT_EDIT_TOKEN, LOCALIZATIONS, TRACING_KINDS, check_choice, check_edit_token
 
 __all__ = [
     "ConfigError",
@@ -121,20 +122,32 @@ class DataConfig(_Section):
 
 
 class TracingConfig(_Section):
+    """``[localization]`` (or, in configs written before it existed, ``[tracing]``): how facts are localized."""
+
+    methods: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("noise",)  # tracer.vocab.LOCALIZATIONS
     kinds: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("mlp",)
     windows: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (5,)
     samples: PositiveInt = 10
-    noise: PositiveNumber = 3.0  # the GaussianNoise scale (a multiplier of std(W_E))
+    noise: PositiveNumber = 3.0  # the GaussianNoise scale (a multiplier of the noise-scale rule's std)
     sigma: PositiveNumber | None = None  # an absolute sigma instead
+    # "s3" (ROME's: std of known_1000's subject-token embeddings; the default of [localization]) or "embedding"
+    # (std of all of W_E; the default of [tracing], so that earlier runs resume with their sigma)
+    noise_scale_rule: StrictStr = "embedding"
+    flips: PositiveInt = 10  # flip partners per fact
     seed: StrictInt = 0
 
+    _methods = field_validator("methods")(
+        classmethod(lambda cls, v: _unique(_names(LOCALIZATIONS, "localization method")(v))))
     _kinds = field_validator("kinds")(classmethod(lambda cls, v: _names(TRACING_KINDS, "tracing kind")(v)))
+    _rule = field_validator("noise_scale_rule")(
+        classmethod(lambda cls, v: check_choice(v, NOISE_SCALE_RULES, "noise_scale_rule")))
 
     def corruption(self):
-        """The study's one corruption object (tracing, o_noise and Fact Forcing all use it)."""
+        """The study's one Gaussian noise (noise and attribution grids, o_noise and Fact Forcing all use it)."""
         from tracer.corruption import GaussianNoise
 
-        return GaussianNoise(scale=self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed)
+        return GaussianNoise(scale=self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed,
+                             rule=self.noise_scale_rule)
 
 
 class EditingConfig(_Section):
@@ -229,9 +242,18 @@ def parse_config(raw: dict[str, Any]) -> StudyConfig:
     """Validate a parsed TOML mapping into a :class:`StudyConfig` (:class:`ConfigError` listing every problem)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a study config is a TOML table, got {type(raw).__name__}")
-    unknown = set(raw) - {"study", "data", "tracing", "editing", "hparams"}
+    original = set(raw)
+    unknown = set(raw) - {"study", "data", "localization", "tracing", "editing", "hparams"}
     if unknown:
-        raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: study, data, tracing, editing, hparams")
+        raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: study, data, localization (or its "
+                          "older name tracing), editing, hparams")
+    if "localization" in raw:
+        if "tracing" in raw:
+            raise ConfigError("give either [localization] or its older name [tracing], not both")
+        loc = raw["localization"]
+        if not isinstance(loc, dict):
+            raise ConfigError("[localization] must be a table")
+        raw = {**{k: v for k, v in raw.items() if k != "localization"}, "tracing": {"noise_scale_rule": "s3", **loc}}
     study = raw.get("study", {})
     if not isinstance(study, dict):
         raise ConfigError("[study] must be a table")
@@ -239,7 +261,8 @@ def parse_config(raw: dict[str, Any]) -> StudyConfig:
     try:
         return StudyConfig.model_validate(flat)
     except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+        msg = _format(e)
+        raise ConfigError(msg.replace("tracing.", "localization.") if "localization" in original else msg) from None
 
 
 def check_against_model(config: StudyConfig, n_layers: int) -> None:

@@ -10,9 +10,30 @@ import polars as pl
 from locedit.study import collect_tables
 from tracer.vocab import DEFAULT_EDIT_TOKEN
 
-__all__ = ["study_analysis", "token_analysis", "write_report"]
+__all__ = ["localization_analysis", "study_analysis", "token_analysis", "write_report"]
 
 _FEW_FACTS = 30  # below this many facts the report says, above the table, that the statistics carry little weight
+
+
+def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5,
+                          n_boot: int = 1000) -> dict:
+    """The localization-method comparison (:mod:`stats.localization`) when the study localized with more than one
+    method: the comparison table (collapses max and last_subject, all and concentrated facts), Reber's paired
+    differences against noise, and the per-method analysis frames (None / [] otherwise)."""
+    from stats import localization_frames, localization_table, paired_differences
+
+    trace, edits = tables["tracing"], tables["edits"]
+    out: dict = {"table": None, "paired": [], "frames": None}
+    if "token" in edits.columns:
+        edits = edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN)
+    if edits.height == 0 or trace.height == 0 or "localization" not in trace.columns:
+        return out
+    if trace["localization"].n_unique() < 2 or window not in trace.filter(pl.col("kind") == kind)["window"].to_list():
+        return out
+    out["frames"] = localization_frames(edits, trace, kind=kind, window=window)
+    out["table"] = localization_table(edits, trace, kind=kind, window=window, n_boot=n_boot)
+    out["paired"] = paired_differences(edits, trace, kind=kind, window=window, n_boot=n_boot)
+    return out
 
 
 def token_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5, n_boot: int = 500) -> dict:
@@ -69,6 +90,8 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         fig_score_vs_trace,
         fig_scores_by_layer,
         fig_scores_by_token_layer,
+        fig_localization_correlations,
+        fig_localization_r2,
         fig_trace_heatmap,
         fig_window_effects,
         paper_tables,
@@ -93,6 +116,27 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
                 )
             except ValueError:
                 pass
+    n_edit_facts = edits["fact_id"].n_unique() if edits.height else 0
+    if 0 < n_edit_facts < _FEW_FACTS:
+        md["Statistical weight"] = (
+            f"This study edited {n_edit_facts} facts. Below ~{_FEW_FACTS} facts the regressions, correlations and "
+            "intervals in this report carry little statistical weight: read them as a check that the pipeline runs, "
+            "not as findings.")
+    loc = localization_analysis(tables)
+    if loc["table"] is not None and loc["table"].height:
+        n_facts = int(loc["table"]["n_facts"].max())
+        caveat = (f"Only {n_facts} facts: the intervals are wide and these statistics carry little weight "
+                  f"(say n ≥ {_FEW_FACTS}).\n\n" if n_facts < _FEW_FACTS else "")
+        md["Localization methods compared: ΔR² of adding each method's tracing effect to the edit layer"] = (
+            caveat + to_markdown(loc["table"].drop("note"), p_columns=("p",)))
+        if loc["paired"]:
+            md["Localization methods compared: Reber's question (paired bootstrap over facts)"] = caveat + "\n".join(
+                f"- {d.sentence}" for d in loc["paired"])
+        figs["Localization methods compared: ΔR² with 95% intervals"] = fig_localization_r2(loc["table"])
+        for (problem, method), _ in next(iter(loc["frames"].values())).group_by(["problem", "method"],
+                                                                                 maintain_order=True):
+            figs[f"Fig. 15 analog by localization method ({problem}, {method})"] = fig_localization_correlations(
+                loc["frames"], problem=problem, method=method)
     tok = token_analysis(tables)
     if tok["cells"] is not None and tok["cells"].height:
         n_facts = tok["cells"]["fact_id"].n_unique()

@@ -100,9 +100,11 @@ def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int) -> li
     layers = config.editing.layers or default_edit_layers(n_layers, config.model)
     units = []
     for fid in fact_ids:
-        for kind in config.tracing.kinds:
-            for w in _trace_windows(kind, config.tracing.windows):
-                units.append(("tracing", f"trace|{fid}|{kind}|w{w}", (fid, kind, w)))
+        for method in config.tracing.methods:
+            for kind in config.tracing.kinds:
+                for w in _trace_windows(kind, config.tracing.windows):
+                    key = f"trace|{fid}|{kind}|w{w}" + ("" if method == "noise" else f"|{method}")  # noise: old keys
+                    units.append(("tracing", key, (fid, kind, w, method)))
         for problem in config.editing.problems:
             for method in config.editing.methods:
                 tokens = config.editing.tokens if resolve_method(method).uses_token else (DEFAULT_EDIT_TOKEN,)
@@ -120,12 +122,16 @@ def _edit_key(fid: str, problem: str, method: str, layer: int, token: str | int)
     return key if token == DEFAULT_EDIT_TOKEN else f"{key}|T{token}"
 
 
-def _trace_record(model, fact, kind: str, window: int, config: StudyConfig) -> dict[str, Any]:
-    from tracer import trace
+def _trace_record(model, fact, kind: str, window: int, method: str, config: StudyConfig, dataset) -> dict[str, Any]:
+    """One localization grid (:func:`problems.localize.localize`); flip partners come from the whole dataset."""
+    from problems.localize import flip_partners, localize
 
-    res = trace(model, fact.prompt, fact.subject, fact.o_true, kind=kind, window=window,
-                noise=config.tracing.corruption())
-    return {"fact_id": fact.id, **res.to_record()}
+    partners = ()
+    if method == "flip":
+        partners = flip_partners(model, fact, dataset, config.tracing.flips, config.tracing.seed)
+    res = localize(model, fact, method, kind=kind, window=window, noise=config.tracing.corruption(),
+                   partners=partners)
+    return {"fact_id": fact.id, "localization": method, **res.to_record()}
 
 
 def _hparams_for(model, config: StudyConfig, problem: str, method: str):
@@ -256,7 +262,7 @@ def _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, pro
         bar.set_postfix_str(f"{table}: {fact.id} {'/'.join(map(str, spec[1:]))}")
         t0 = time.perf_counter()
         try:
-            rec = _trace_record(model, fact, *spec[1:], config) if table == "tracing" else _edit_record(
+            rec = _trace_record(model, fact, *spec[1:], config, dataset) if table == "tracing" else _edit_record(
                 model, fact, *spec[1:], config
             )
         except Exception as e:  # one bad record never stops the run

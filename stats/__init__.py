@@ -25,6 +25,7 @@ from stats.collapse import (
     peak_layers,
     per_layer_effect,
     per_layer_effects,
+    select_localization,
     with_fractional,
 )
 from stats.figures import (
@@ -34,6 +35,8 @@ from stats.figures import (
     fig_scores_by_layer,
     fig_scores_by_token_layer,
     fig_trace_heatmap,
+    fig_localization_correlations,
+    fig_localization_r2,
     fig_window_effects,
     png_available,
     save_html,
@@ -51,6 +54,15 @@ from stats.regressions import (
     pearson,
     regression_table,
     results_frame,
+)
+from stats.localization import (
+    LocalizationComparison,
+    PairedDifference,
+    delta_r2,
+    localization_frames,
+    localization_table,
+    paired_differences,
+    reber_sentence,
 )
 from stats.tokens import (
     CELL_KEYS,
@@ -110,6 +122,16 @@ __all__ = [
     "fig_score_vs_trace",
     "fig_scores_by_layer",
     "fig_scores_by_token_layer",
+    "fig_localization_correlations",
+    "fig_localization_r2",
+    "select_localization",
+    "LocalizationComparison",
+    "PairedDifference",
+    "delta_r2",
+    "localization_frames",
+    "localization_table",
+    "paired_differences",
+    "reber_sentence",
     "CELL_KEYS",
     "TOKEN_FORMULAS",
     "BestCellRate",

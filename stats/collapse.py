@@ -118,7 +118,8 @@ def with_fractional(trace: pl.DataFrame, *, recompute: bool = True) -> pl.DataFr
     return trace.with_columns(col.fill_nan(None).alias("fractional"))
 
 
-def _select(trace: pl.DataFrame, kind: str | None, window: int | None) -> pl.DataFrame:
+def _select(trace: pl.DataFrame, kind: str | None, window: int | None, localization: str | None = None) -> pl.DataFrame:
+    trace = select_localization(trace, localization)
     if kind is not None:
         out = trace.filter(pl.col("kind") == kind)
         if out.height == 0:
@@ -134,6 +135,28 @@ def _select(trace: pl.DataFrame, kind: str | None, window: int | None) -> pl.Dat
     return trace
 
 
+def select_localization(trace: pl.DataFrame, localization: str | None = None) -> pl.DataFrame:
+    """The rows of one localization method (``localization`` column, :data:`tracer.vocab.LOCALIZATIONS`). None:
+    "noise" when present (the paper's method), else the table's only method; a table without the column (older
+    runs) is all noise tracing."""
+    if "localization" not in trace.columns:
+        if localization not in (None, "noise"):
+            raise ValueError(f"this tracing table has no localization column (noise tracing only), asked {localization!r}")
+        return trace
+    present = trace["localization"].unique().to_list()
+    if localization is None:
+        if "noise" in present or not present:
+            localization = "noise"
+        elif len(present) == 1:
+            localization = present[0]
+        else:
+            raise ValueError(f"the tracing table holds several localization methods {sorted(present)}: name one")
+    out = trace.filter(pl.col("localization") == localization)
+    if out.height == 0 and trace.height:
+        raise ValueError(f"no tracing rows with localization={localization!r}; present: {sorted(present)}")
+    return out
+
+
 def per_layer_effects(
     trace: pl.DataFrame,
     *,
@@ -141,6 +164,7 @@ def per_layer_effects(
     kind: str | None = None,
     window: int | None = None,
     recompute: bool = True,
+    localization: str | None = None,
 ) -> pl.DataFrame:
     """Per-layer tracing effect per (fact_id, kind, window, layer) → column ``effect`` (§4.1; Fig. 16 for
     ``collapse="last_subject"``). Optionally restricted to one ``kind`` / ``window``.
@@ -149,7 +173,7 @@ def per_layer_effects(
     """
     _check_collapse(collapse)
     _check_columns(trace, _TRACE_REQUIRED, "tracing table")
-    t = with_fractional(_select(trace, kind, window), recompute=recompute)
+    t = with_fractional(_select(trace, kind, window, localization), recompute=recompute)
     keys = ["fact_id", "kind", "window", "layer"]
     if collapse == "max":
         agg = pl.col("fractional").max().alias("effect")
@@ -160,7 +184,8 @@ def per_layer_effects(
 
 
 def peak_layers(
-    trace: pl.DataFrame, *, kind: str | None = None, window: int | None = None, recompute: bool = True
+    trace: pl.DataFrame, *, kind: str | None = None, window: int | None = None, recompute: bool = True,
+    localization: str | None = None,
 ) -> pl.DataFrame:
     """Peak cell of each fact's grid (Figs. 1, 11): argmax over (token, layer) of the fractional effect.
 
@@ -169,7 +194,7 @@ def peak_layers(
     defined cell are dropped.
     """
     _check_columns(trace, _TRACE_REQUIRED, "tracing table")
-    t = with_fractional(_select(trace, kind, window), recompute=recompute).drop_nulls("fractional")
+    t = with_fractional(_select(trace, kind, window, localization), recompute=recompute).drop_nulls("fractional")
     keys = ["fact_id", "kind", "window"]
     return (
         t.sort(["fractional", "token_index", "layer"], descending=[True, False, False])

@@ -17,12 +17,12 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from stats.collapse import Collapse, peak_layers, per_layer_effects, with_fractional
-from stats.regressions import pearson
+from stats.collapse import Collapse, peak_layers, per_layer_effects, select_localization, with_fractional
+from stats.regressions import layer_correlations, pearson
 from stats.report import report_html  # re-exported: the report is the figures' consumer
 from editors.methods import DEFAULT_METHOD
 from problems.variants import DEFAULT_PROBLEM
-from tracer.vocab import DEFAULT_EDIT_TOKEN, EDIT_TOKENS, token_label
+from tracer.vocab import DEFAULT_EDIT_TOKEN, EDIT_TOKENS, LOCALIZATIONS, token_label
 from stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "fig_scores_by_layer",
     "fig_scores_by_token_layer",
     "fig_window_effects",
+    "fig_localization_r2",
+    "fig_localization_correlations",
     "save_html",
     "save_png",
     "png_available",
@@ -93,14 +95,16 @@ def fig_trace_heatmap(
     window: int = 10,
     value: str = "prob",
     title: str | None = None,
+    localization: str | None = None,
 ) -> go.Figure:
     """Fig. 2: one fact's tracing grid, tokens (rows, subject tokens marked with *) × layers.
 
-    ``value="prob"`` shows the restored p(o_true) (paper), ``"fractional"`` the fractional effect.
+    ``value="prob"`` shows the restored p(o_true) (paper), ``"fractional"`` the fractional effect;
+    ``localization``: which method's grid (default noise, see :func:`stats.collapse.select_localization`).
     """
     if value not in ("prob", "fractional"):
         raise ValueError("value must be 'prob' or 'fractional'")
-    sub = trace.filter((pl.col("fact_id") == fact_id) & (pl.col("kind") == kind) & (pl.col("window") == window))
+    sub = select_localization(trace, localization).filter((pl.col("fact_id") == fact_id) & (pl.col("kind") == kind) & (pl.col("window") == window))
     if sub.height == 0:
         raise ValueError(f"no tracing rows for fact_id={fact_id!r}, kind={kind!r}, window={window}")
     if value == "fractional":
@@ -271,6 +275,60 @@ def fig_scores_by_token_layer(
     fig.update_yaxes(title_text="mean score", col=1)
     fig.update_layout(title=title or f"Edit success by token and layer (Meng et al. Fig. 5): "
                                      f"{method_label(method)}, {problem_label(problem)}")
+    return fig
+
+
+def fig_localization_r2(table: pl.DataFrame, *, collapse: str = "max", subset: str = "all",
+                        title: str | None = None) -> go.Figure:
+    """ΔR² (R²(Layer × Trace) − R²(Layer)) per localization method with its bootstrap 95% interval, one panel per
+    problem × edit method (:func:`stats.localization.localization_table` rows)."""
+    sub = table.filter((pl.col("collapse") == collapse) & (pl.col("subset") == subset))
+    if sub.height == 0:
+        raise ValueError(f"no comparison rows for collapse={collapse!r}, subset={subset!r}")
+    panels = sub.select("problem", "method").unique(maintain_order=True).rows()
+    rows, cols = _grid(len(panels), 3)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{problem_label(p)} / {method_label(m)}"
+                                                              for p, m in panels])
+    locs = [l for l in LOCALIZATIONS if l in sub["localization"].to_list()]
+    for k, (p, m) in enumerate(panels):
+        a = sub.filter((pl.col("problem") == p) & (pl.col("method") == m))
+        a = a.with_columns(pl.col("localization").replace_strict({l: i for i, l in enumerate(locs)}).alias("_o")).sort("_o")
+        y = a["r2_diff"].to_list()
+        hi = [(h - v) if h is not None and v is not None and not math.isnan(h) else 0.0
+              for h, v in zip(a["ci_high"].to_list(), y)]
+        lo = [(v - l) if l is not None and v is not None and not math.isnan(l) else 0.0
+              for l, v in zip(a["ci_low"].to_list(), y)]
+        fig.add_trace(go.Bar(x=[LOCALIZATIONS[l].label for l in a["localization"].to_list()], y=y,
+                             error_y=dict(type="data", array=hi, arrayminus=lo, visible=True),
+                             marker_color=BOTH_COLOR, showlegend=False,
+                             text=[f"n={n}" for n in a["n_facts"].to_list()], textposition="outside"),
+                      row=k // cols + 1, col=k % cols + 1)
+    fig.update_yaxes(title_text="ΔR² (95% CI)", col=1)
+    fig.update_layout(title=title or f"Does localization predict editing? ΔR² by localization method "
+                                     f"(collapse {collapse}, {subset} facts)")
+    return fig
+
+
+def fig_localization_correlations(frames: dict[str, pl.DataFrame], *, problem: str = DEFAULT_PROBLEM,
+                                  method: str = DEFAULT_METHOD, metric: str = "rewrite_score",
+                                  title: str | None = None) -> go.Figure:
+    """Fig. 15 analog per localization method: Pearson ρ of ``metric`` vs the tracing effect at each edit layer,
+    one line per method (``frames``: :func:`stats.localization.localization_frames`)."""
+    fig = go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    for k, (loc, frame) in enumerate(frames.items()):
+        f = frame.filter((pl.col("problem") == problem) & (pl.col("method") == method))
+        if f.height == 0:
+            continue
+        c = layer_correlations(f, metric)
+        fig.add_trace(go.Scatter(x=c["layer"].to_list(), y=c["rho"].to_list(), mode="lines+markers",
+                                 name=LOCALIZATIONS[loc].label if loc in LOCALIZATIONS else loc,
+                                 line=dict(color=palette[k % len(palette)])))
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_xaxes(title_text="edit layer")
+    fig.update_yaxes(title_text=f"Pearson ρ ({METRIC_LABELS.get(metric, metric)} vs tracing effect)", range=[-1, 1])
+    fig.update_layout(title=title or f"Per-layer correlation by localization method: {method_label(method)}, "
+                                     f"{problem_label(problem)}")
     return fig
 
 

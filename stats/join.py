@@ -35,6 +35,7 @@ def join_trace(
     scores: list[str] | tuple[str, ...] | None = None,
     with_concentrated: bool = False,
     recompute: bool = True,
+    localization: str | None = None,
 ) -> pl.DataFrame:
     """Analysis frame ``fact_id, problem, method, layer, trace, <scores>`` (+ ``concentrated`` if asked).
 
@@ -49,6 +50,8 @@ def join_trace(
         recompute: recompute fractional effects from probabilities (see :func:`stats.collapse.with_fractional`);
             pass False for a representation-zeroing table (App. B, Figs. 21–22), whose ``fractional`` column is
             the deleted share of p_clean.
+        localization: which localization method's grids (:func:`stats.collapse.select_localization`; default
+            "noise", the paper's causal tracing).
 
     Inner join on (fact_id, layer): edits without a tracing effect at their layer (untraced fact, or a layer
     outside the traced range) are dropped; rows with a null trace (undefined fractional effect) are kept as null
@@ -61,7 +64,8 @@ def join_trace(
     bad = [s for s in scores if s not in edits.columns]
     if bad:
         raise ValueError(f"score columns {bad} not in edit outcomes table")
-    effects = per_layer_effects(trace, collapse=collapse, kind=kind, window=window, recompute=recompute)
+    effects = per_layer_effects(trace, collapse=collapse, kind=kind, window=window, recompute=recompute,
+                                localization=localization)
     eff = effects.select(
         pl.col("fact_id").cast(pl.String), pl.col("layer").cast(pl.Int64), pl.col("effect").alias("trace")
     )
@@ -75,7 +79,7 @@ def join_trace(
     out = left.join(eff, on=["fact_id", "layer"], how="inner").select(*ANALYSIS_KEYS, "trace", *scores)
     if with_concentrated:
         base = effects if collapse == "max" else per_layer_effects(
-            trace, collapse="max", kind=kind, window=window, recompute=recompute
+            trace, collapse="max", kind=kind, window=window, recompute=recompute, localization=localization
         )
         conc = concentrated_facts(base).select(pl.col("fact_id").cast(pl.String), "concentrated")
         out = out.join(conc, on="fact_id", how="left").with_columns(pl.col("concentrated").fill_null(False))

@@ -22,7 +22,7 @@ import pandas as pd
 import polars as pl
 import statsmodels.formula.api as smf
 
-from stats.collapse import with_fractional
+from stats.collapse import select_localization, with_fractional
 from stats.join import DEFAULT_KIND, DEFAULT_WINDOW, score_columns
 from stats.regressions import single_blas_thread
 
@@ -57,6 +57,7 @@ def join_cells(
     window: int = DEFAULT_WINDOW,
     scores: Sequence[str] | None = None,
     recompute: bool = True,
+    localization: str | None = None,
 ) -> pl.DataFrame:
     """Frame ``fact_id, problem, method, token, token_index, layer, effect, <scores>``: each edit with the fractional
     tracing effect of grid cell (``token_index``, ``layer``) of its fact (``kind``/``window``).
@@ -66,7 +67,8 @@ def join_cells(
     untraced fact or cell are dropped; a null (undefined) effect is kept as null.
     """
     scores = list(scores) if scores is not None else score_columns(edits)
-    t = with_fractional(trace.filter((pl.col("kind") == kind) & (pl.col("window") == window)), recompute=recompute)
+    t = select_localization(trace, localization)
+    t = with_fractional(t.filter((pl.col("kind") == kind) & (pl.col("window") == window)), recompute=recompute)
     cells = t.select(
         pl.col("fact_id").cast(pl.String), pl.col("token_index").cast(pl.Int64), pl.col("layer").cast(pl.Int64),
         pl.col("fractional").alias("effect"),

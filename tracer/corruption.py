@@ -4,7 +4,8 @@ the study config all take these objects (or a bare float, which :func:`as_corrup
 :class:`GaussianNoise` *scale* everywhere).
 
 Gaussian noise: s_noise = embed(s) + ε, ε ~ N(0, σ²), added at ``hook_embed`` to the subject's token positions
-only. σ is ``sigma`` when given (absolute), else ``scale`` × std(W_E) (ROME's rule with scale 3). One draw per
+only. σ is ``sigma`` when given (absolute), else ``scale`` × a noise-scale rule's std (:data:`NOISE_SCALE_RULES`:
+"s3", ROME's, the std of known_1000's subject-token embeddings; "embedding", the std of all of W_E). One draw per
 (seed, samples, n_subject_tokens) is reused for every restored cell and, for Fact Forcing, at the subject positions
 of *each* prompt, wherever the subject sits in it.
 """
@@ -12,8 +13,9 @@ of *each* prompt, wherever the subject sits in it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -23,6 +25,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 __all__ = [
+    "NOISE_SCALE_RULES",
+    "subject_embedding_std",
     "Corruption",
     "GaussianNoise",
     "SubjectFlip",
@@ -52,21 +56,49 @@ def embedding_std(model: HookedTransformer) -> float:
     return float(model.W_E.detach().float().std())
 
 
-def noise_std(model: HookedTransformer) -> float:
-    """The std a noise *scale* multiplies, by the model profile's ``noise_scale_rule`` ("embedding": std(W_E))."""
+def subject_embedding_std(model: HookedTransformer, subjects: Sequence[str]) -> float:
+    """ROME's ``collect_embedding_std``: the standard deviation of all entries of the embedding-layer outputs
+    (``hook_embed``) of the subjects' tokens, each subject tokenized alone (no BOS)."""
+    ids = [i for s in subjects for i in model.tokenizer(s, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise ValueError("no subject tokens to measure the embedding std on")
+    with torch.no_grad():
+        out = model.embed(torch.tensor([ids], device=model.cfg.device))
+    return float(out.float().std())
+
+
+def _known_subjects_std(model: HookedTransformer) -> float:
+    from problems.facts import load_dataset  # the vendored known_1000 (lazy: tracer does not need problems)
+
+    return subject_embedding_std(model, sorted({f.subject for f in load_dataset("known")}))
+
+
+NOISE_SCALE_RULES: Mapping[str, tuple[str, Callable[[HookedTransformer], float]]] = MappingProxyType({
+    "embedding": ("3 × std of all entries of W_E (locedit's rule before the s3 rule existed)", embedding_std),
+    "s3": ("ROME's s3: 3 × std of the embedding outputs of known_1000's subject tokens (reproduces ROME's and the "
+           "paper's grids)", _known_subjects_std),
+})
+"""Noise-scale rules by name: what a noise *scale* multiplies to give σ (description, ``model -> std``)."""
+
+
+def noise_std(model: HookedTransformer, rule: str | None = None) -> float:
+    """The std a noise *scale* multiplies: by ``rule`` (:data:`NOISE_SCALE_RULES`), default the model profile's
+    ``noise_scale_rule``."""
     from tracer.profiles import profile_for
 
-    rule = profile_for(model).noise_scale_rule
-    if rule == "embedding":
-        return embedding_std(model)
-    raise ValueError(f"unknown noise scale rule {rule!r}")
+    rule = profile_for(model).noise_scale_rule if rule is None else rule
+    if rule not in NOISE_SCALE_RULES:
+        raise ValueError(f"unknown noise scale rule {rule!r}; choose one of {tuple(NOISE_SCALE_RULES)}")
+    return NOISE_SCALE_RULES[rule][1](model)
 
 
-def resolve_sigma(model: HookedTransformer, scale: float | None = None, sigma: float | None = None) -> float:
+def resolve_sigma(
+    model: HookedTransformer, scale: float | None = None, sigma: float | None = None, rule: str | None = None
+) -> float:
     """Absolute noise σ: ``sigma`` if given, else ``scale`` × :func:`noise_std` (default scale 3, ROME's rule)."""
     if sigma is not None:
         return _positive_finite(sigma, "sigma")
-    return _positive_finite(ROME_NOISE_SCALE if scale is None else scale, "noise scale") * noise_std(model)
+    return _positive_finite(ROME_NOISE_SCALE if scale is None else scale, "noise scale") * noise_std(model, rule)
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,8 @@ class GaussianNoise:
         seed: seed of the draw; the same (seed, samples, n_tokens) always gives the same ε.
         values: optional explicit ``[samples, n_subject_tokens, d_model]`` tensor used instead of a draw.
         of: draw ``of`` samples and keep the first ``samples`` (a prefix of a larger draw, see :meth:`prefix`).
+        rule: the noise-scale rule a ``scale`` multiplies (:data:`NOISE_SCALE_RULES`: "s3", "embedding"); None:
+            the model profile's.
 
     :meth:`resolve` fixes σ for a model; :meth:`draw` needs a resolved object (``sigma`` or ``values`` set).
     """
@@ -90,6 +124,7 @@ class GaussianNoise:
     seed: int = 0
     values: Tensor | None = None
     of: int | None = None
+    rule: str | None = None
     kind: ClassVar[str] = "noise"
 
     def __post_init__(self) -> None:
@@ -108,6 +143,8 @@ class GaussianNoise:
                 )
             if not bool(torch.isfinite(self.values).all()):
                 raise ValueError("the noise tensor has NaN or infinite entries")
+        if self.rule is not None and self.rule not in NOISE_SCALE_RULES:
+            raise ValueError(f"unknown noise scale rule {self.rule!r}; choose one of {tuple(NOISE_SCALE_RULES)}")
         if self.of is not None and self.of < self.samples:
             raise ValueError(f"of ({self.of}) must be >= samples ({self.samples})")
 
@@ -123,10 +160,10 @@ class GaussianNoise:
         return self.sigma is not None or self.values is not None
 
     def resolve(self, model: HookedTransformer) -> GaussianNoise:
-        """This noise with σ fixed for ``model`` (``sigma``, else ``scale`` × std(W_E))."""
+        """This noise with σ fixed for ``model`` (``sigma``, else ``scale`` × the rule's std)."""
         if self.resolved:
             return self
-        return replace(self, sigma=resolve_sigma(model, self.scale))
+        return replace(self, sigma=resolve_sigma(model, self.scale, rule=self.rule))
 
     def prefix(self, samples: int | None) -> GaussianNoise:
         """The first ``samples`` samples of this draw (the same values: one seeded stream); all when None."""

@@ -44,7 +44,9 @@ class ModelProfile:
         editor_hparams: per edit method (``"rome"``, ``"memit"``, ``"ft-1"``, ...), field overrides of the
             reference hyper-parameter dataclass.
         problem_hparams: per (problem, edit method), Hase et al. App. A overrides applied on top.
-        noise_scale_rule: how a noise *scale* becomes σ: ``"embedding"`` — scale × std of all entries of W_E.
+        noise_scale_rule: how a noise *scale* becomes σ where a corruption names no rule
+            (:data:`tracer.corruption.NOISE_SCALE_RULES`): ``"embedding"`` — scale × std of all entries of W_E (every
+            profile, so that earlier runs resume with the same σ); studies choose ``"s3"`` (ROME's) in their config.
         prepend_bos: every prompt starts with the tokenizer's BOS token (subject spans shift by one).
         lean_fast_path: the lean suffix blocks may be used (they are used only where the config allows them).
     """
@@ -54,7 +56,7 @@ class ModelProfile:
     default_edit_layer: int | None = None
     editor_hparams: Mapping[str, Overrides] = field(default_factory=dict)
     problem_hparams: Mapping[tuple[str, str], Overrides] = field(default_factory=dict)
-    noise_scale_rule: Literal["embedding"] = "embedding"
+    noise_scale_rule: Literal["embedding", "s3"] = "embedding"
     prepend_bos: bool = False
     lean_fast_path: bool = True
 

@@ -132,6 +132,7 @@ class TraceResult:
             "sigma": None if self.sigma is None else float(self.sigma), "samples": int(self.samples),
             "corrupt": self.corrupt, "traced": None if self.traced is None else self.traced.tolist(),
             "prompt": self.prompt, "subject": self.subject, "target": self.target, "flip_subject": self.flip_subject,
+            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -147,7 +148,7 @@ class TraceResult:
             sigma=record.get("sigma"), samples=int(record.get("samples", 1)), corrupt=record.get("corrupt", "noise"),
             traced=None if traced is None else torch.tensor(traced, dtype=torch.bool),
             prompt=record.get("prompt", ""), subject=record.get("subject", ""), target=record.get("target", ""),
-            flip_subject=record.get("flip_subject"),
+            flip_subject=record.get("flip_subject"), extra=dict(record.get("extra") or {}),
         )
 
     def to_frame(self, fact_id: str | int = ""):
@@ -192,17 +193,27 @@ def _tracing_schema():
     import polars as pl
 
     return {
-        "fact_id": pl.String, "kind": pl.String, "window": pl.Int64, "corruption": pl.String,
-        "token_index": pl.Int64, "token": pl.String, "is_subject": pl.Boolean, "is_last_subject": pl.Boolean,
-        "layer": pl.Int64, "prob": pl.Float64, "p_clean": pl.Float64, "p_noised": pl.Float64,
-        "fractional": pl.Float64,
+        "fact_id": pl.String, "localization": pl.String, "kind": pl.String, "window": pl.Int64,
+        "corruption": pl.String, "sigma": pl.Float64, "flip_partner": pl.String, "token_index": pl.Int64,
+        "token": pl.String, "is_subject": pl.Boolean, "is_last_subject": pl.Boolean, "layer": pl.Int64,
+        "prob": pl.Float64, "p_clean": pl.Float64, "p_noised": pl.Float64, "fractional": pl.Float64,
+        "logit_diff": pl.Float64,
     }
 
 
 TRACING_COLUMNS = (
-    "fact_id", "kind", "window", "corruption", "token_index", "token", "is_subject", "is_last_subject", "layer",
-    "prob", "p_clean", "p_noised", "fractional",
+    "fact_id", "localization", "kind", "window", "corruption", "sigma", "flip_partner", "token_index", "token",
+    "is_subject", "is_last_subject", "layer", "prob", "p_clean", "p_noised", "fractional", "logit_diff",
 )
+
+
+def record_localization(rec: dict[str, Any]) -> str:
+    """The localization method of a tracing record: its ``localization`` field (study records), else read from
+    its corruption and algorithm (attribution of noise → "attribution"; older runs: "noise")."""
+    if rec.get("localization"):
+        return str(rec["localization"])
+    corrupt = rec.get("corrupt", "noise")
+    return "attribution" if rec.get("algorithm") == "attribution" else corrupt
 
 
 def tracing_frame(records: Sequence[dict[str, Any]]):
@@ -217,10 +228,17 @@ def tracing_frame(records: Sequence[dict[str, Any]]):
         T, L = res.n_tokens, res.n_layers
         s, e = res.subject_span
         t_idx = [t for t in range(T) for _ in range(L)]
-        cols["fact_id"] += [str(rec.get("fact_id", ""))] * (T * L)
-        cols["kind"] += [res.kind] * (T * L)
-        cols["window"] += [int(res.window)] * (T * L)
-        cols["corruption"] += [res.corrupt] * (T * L)
+        n = T * L
+        cols["fact_id"] += [str(rec.get("fact_id", ""))] * n
+        cols["localization"] += [record_localization(rec)] * n
+        cols["kind"] += [res.kind] * n
+        cols["window"] += [int(res.window)] * n
+        cols["corruption"] += [res.corrupt] * n
+        cols["sigma"] += [None if res.sigma is None else float(res.sigma)] * n
+        partners = res.extra.get("flip_partners")
+        cols["flip_partner"] += [";".join(partners) if partners else res.flip_subject] * n
+        ld = res.extra.get("logit_diff")
+        cols["logit_diff"] += [float(v) for row in ld["grid"] for v in row] if ld else [None] * n
         cols["token_index"] += t_idx
         cols["token"] += [res.tokens[t] for t in t_idx]
         cols["is_subject"] += [s <= t < e for t in t_idx]

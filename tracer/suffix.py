@@ -17,6 +17,7 @@ fast == plain tests run through whichever backend the model gets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,20 +35,34 @@ __all__ = ["Restore", "SuffixRunner"]
 
 @dataclass(frozen=True)
 class Restore:
-    """Inside one block, set an output at one suffix position of some rows (causal tracing's restoration).
+    """Inside one block, set an output at one or more suffix positions of some rows (causal tracing's restoration;
+    representation zeroing writes zeros).
 
     Attributes:
         kind: "mlp" / "attn" (the block's MLP / attention output, before it is added to the residual stream) or
             "resid" (the block's output).
         rows: ``[n]`` which rows of the block's input are restored.
-        position: the suffix-local position restored (before any ``query_positions`` selection).
-        value: ``[d_model]`` the value written there.
+        position: the suffix-local position restored, or a tuple of them (before any ``query_positions``
+            selection).
+        value: ``[d_model]`` the value written there (at every position of a tuple).
     """
 
     kind: Literal["mlp", "attn", "resid"]
     rows: Bool[Tensor, " n"]
-    position: int
+    position: int | tuple[int, ...]
     value: Float[Tensor, " d_model"]
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return (self.position,) if isinstance(self.position, int) else tuple(self.position)
+
+
+def _write(out: Tensor, rows: Tensor, positions: Sequence[int], value: Tensor) -> Tensor:
+    """``out[r, p] = value`` for every restored row r and position p."""
+    r = torch.nonzero(rows)[:, 0]
+    p = torch.as_tensor(list(positions), device=out.device)
+    out[r[:, None], p[None, :]] = value
+    return out
 
 
 def _as_cached(model: HookedTransformer, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,25 +144,24 @@ class SuffixRunner:
             if rows is not None:
                 pk, pv = pk[rows], pv[rows]
             past_k, past_v = pk[:, :, :longest], pv[:, :, :longest]
-        local = None
+        local: list[int] = []
         if restore is not None:
-            local = restore.position
-            if query_positions is not None:  # the restored position survives only if it is queried
-                hit = torch.nonzero(query_positions == restore.position)
-                local = int(hit[0, 0]) if len(hit) else None
+            local = list(restore.positions)
+            if query_positions is not None:  # a restored position survives only if it is queried
+                qp = query_positions.tolist()
+                local = [qp.index(p) for p in local if p in qp]
         kwargs = {}
-        if restore is not None and local is not None and restore.kind in ("mlp", "attn"):
+        if local and restore.kind in ("mlp", "attn"):
 
             def override(out, mask=restore.rows, local=local, value=restore.value):
-                out[mask, local] = value
-                return out
+                return _write(out, mask, local, value)
 
             kwargs[f"{restore.kind}_override"] = override
         out = self.lean.block(
             layer, x, past_k, past_v, query_positions=query_positions, starts=starts if ragged else None, **kwargs
         )
-        if restore is not None and local is not None and restore.kind == "resid":
-            out[restore.rows, local] = restore.value
+        if local and restore.kind == "resid":
+            _write(out, restore.rows, local, restore.value)
         return out
 
     def _tl_block(self, layer, x, prefix, starts, rows, query_positions, restore):
@@ -171,9 +185,8 @@ class SuffixRunner:
                 mask = restore.rows if idx is None else restore.rows[idx]
                 if bool(mask.any()):
 
-                    def write(act, hook, mask=mask, pos=restore.position, value=restore.value):
-                        act[mask, pos] = value
-                        return act
+                    def write(act, hook, mask=mask, pos=restore.positions, value=restore.value):
+                        return _write(act, mask, pos, value)
 
                     hooks.append((f"blocks.{layer}.{TRACING_KINDS[restore.kind].hook}", write))
             with self.model.hooks(fwd_hooks=hooks):

@@ -23,6 +23,9 @@ __all__ = [
     "TRACING_ALGORITHMS",
     "TRACING_KINDS",
     "EDIT_TOKENS",
+    "LOCALIZATIONS",
+    "LocalizationName",
+    "LocalizationSpec",
     "DEFAULT_EDIT_TOKEN",
     "CorruptionKind",
     "EditTokenRule",
@@ -43,6 +46,7 @@ __all__ = [
 TracingKind = Literal["mlp", "attn", "resid"]
 TracingAlgorithm = Literal["exact", "naive", "attribution"]
 CorruptionKind = Literal["noise", "flip", "zero"]
+LocalizationName = Literal["noise", "flip", "zero", "attribution"]
 EditTokenRule = Literal["subject_first", "subject_last", "after_subject", "prompt_last"]
 Effect = Literal["restored", "deleted"]
 
@@ -91,6 +95,34 @@ CORRUPTIONS: Mapping[str, CorruptionSpec] = {
     "zero": CorruptionSpec("zero", "zeroing", "deleted"),
 }
 assert tuple(TRACING_KINDS) == get_args(TracingKind) and tuple(CORRUPTIONS) == get_args(CorruptionKind)
+
+
+@dataclass(frozen=True)
+class LocalizationSpec:
+    """A localization method of the study: which corruption the grid uses and how it is computed.
+
+    Attributes:
+        name, label: the registry key and display label.
+        corruption: a :data:`CORRUPTIONS` kind ("noise", "flip", "zero").
+        algorithm: "exact" (a fast path equal to the naive one) or "attribution" (first-order estimate).
+        source: where the method comes from (for the report).
+    """
+
+    name: str
+    label: str
+    corruption: str
+    algorithm: str
+    source: str
+
+
+LOCALIZATIONS: Mapping[str, LocalizationSpec] = {
+    "noise": LocalizationSpec("noise", "causal tracing (noise)", "noise", "exact", "Meng et al. 2022; Hase et al. §3.2"),
+    "flip": LocalizationSpec("flip", "input flipping", "flip", "exact", "Reber, Redeeming the Localization Hypothesis"),
+    "zero": LocalizationSpec("zero", "representation zeroing", "zero", "exact", "Hase et al. App. B"),
+    "attribution": LocalizationSpec("attribution", "attribution patching (noise)", "noise", "attribution",
+                                    "first-order estimate of causal tracing (Nanda 2023; Syed et al. 2023)"),
+}
+assert tuple(LOCALIZATIONS) == get_args(LocalizationName)
 
 
 @dataclass(frozen=True)

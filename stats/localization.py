@@ -1,0 +1,236 @@
+"""Localization methods compared: does localization by method X predict where editing succeeds, better than noise?
+(Reber's question; Hase et al. App. B's robustness check.)
+
+For every localization method (:data:`tracer.vocab.LOCALIZATIONS`) × collapse × problem × edit method, the paper's
+Layer / Both models (``score ~ C(layer)`` vs ``score ~ C(layer) * trace``, :mod:`stats.regressions`) on that method's
+per-layer effects, with a bootstrap 95 % interval of ΔR² = R²(Both) − R²(Layer) over facts (all of a fact's edits
+resampled together), and Reber's test: a *paired* bootstrap over the facts both methods localized of
+ΔR²(X) − ΔR²(noise), with its interval and a sentence stating its sign.
+
+The bootstrap refits by least squares on the same design statsmodels builds (one-hot layers, layer × trace), which
+equals the formula fit's R² (tests/test_localization.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import polars as pl
+
+from stats.join import join_trace
+from stats.regressions import fit_regression, single_blas_thread
+
+__all__ = [
+    "LocalizationComparison",
+    "PairedDifference",
+    "delta_r2",
+    "localization_frames",
+    "localization_table",
+    "paired_differences",
+    "reber_sentence",
+]
+
+_NAN = float("nan")
+FEW_FACTS = 30
+
+
+def localization_frames(
+    edits: pl.DataFrame, trace: pl.DataFrame, *, kind: str = "mlp", window: int = 5, collapse: str = "max",
+) -> dict[str, pl.DataFrame]:
+    """The analysis frame (:func:`stats.join.join_trace`, with ``concentrated``) per localization method present in
+    ``trace`` (a table without a ``localization`` column is all noise)."""
+    methods = trace["localization"].unique(maintain_order=True).to_list() if "localization" in trace.columns else ["noise"]
+    out = {}
+    for m in methods:
+        sub = trace.filter((pl.col("kind") == kind) & (pl.col("window") == window))
+        if "localization" in sub.columns:
+            sub = sub.filter(pl.col("localization") == m)
+        if sub.height:
+            out[m] = join_trace(edits, sub, kind=kind, window=window, collapse=collapse, with_concentrated=True,
+                                localization=m)
+    return out
+
+
+def _design(layers: np.ndarray, trace: np.ndarray | None, levels: np.ndarray) -> np.ndarray:
+    onehot = (layers[:, None] == levels[None, :]).astype(float)
+    return onehot if trace is None else np.hstack([onehot, onehot * trace[:, None]])
+
+
+def _r2(x: np.ndarray, y: np.ndarray) -> float:
+    sst = float(((y - y.mean()) ** 2).sum())
+    if sst <= 0:
+        return _NAN
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return 1.0 - float(((y - x @ beta) ** 2).sum()) / sst
+
+
+def delta_r2(layers: np.ndarray, trace: np.ndarray, score: np.ndarray) -> float:
+    """R²(score ~ C(layer) * trace) − R²(score ~ C(layer)) by least squares (NaN when undefined)."""
+    levels = np.unique(layers)
+    if len(levels) < 2 or len(score) <= 2 * len(levels) or np.var(trace) == 0:
+        return _NAN
+    return _r2(_design(layers, trace, levels), score) - _r2(_design(layers, None, levels), score)
+
+
+def _by_fact(frame: pl.DataFrame, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    sub = frame.select("fact_id", "layer", pl.col("trace").cast(pl.Float64).fill_nan(None),
+                       pl.col(metric).cast(pl.Float64).fill_nan(None)).drop_nulls()
+    out = {}
+    for (fid,), g in sub.group_by(["fact_id"], maintain_order=True):
+        out[str(fid)] = (g["layer"].to_numpy(), g["trace"].to_numpy(), g[metric].to_numpy())
+    return dict(sorted(out.items()))
+
+
+def _stack(groups, facts):
+    parts = [groups[f] for f in facts]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _boot(groups: dict, n_boot: int, seed: int, facts: Sequence[str] | None = None) -> np.ndarray:
+    facts = list(facts if facts is not None else groups)
+    rng = np.random.default_rng(seed)
+    vals = np.full(n_boot, np.nan)
+    for b in range(n_boot):
+        pick = [facts[i] for i in rng.integers(0, len(facts), len(facts))]
+        vals[b] = delta_r2(*_stack(groups, pick))
+    return vals
+
+
+def _interval(vals: np.ndarray) -> tuple[float, float]:
+    ok = vals[np.isfinite(vals)]
+    if len(ok) < max(10, len(vals) // 2):
+        return _NAN, _NAN
+    return float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))
+
+
+@dataclass(frozen=True)
+class LocalizationComparison:
+    """One row of the comparison table."""
+
+    localization: str
+    collapse: str
+    subset: str  # "all" or "concentrated" (Table 2's subset, per method)
+    problem: str
+    method: str
+    metric: str
+    n: int
+    n_facts: int
+    r2_layer: float
+    r2_trace: float
+    r2_both: float
+    r2_diff: float
+    ci_low: float
+    ci_high: float
+    p: float
+    note: str = ""
+
+
+def localization_table(
+    edits: pl.DataFrame,
+    trace: pl.DataFrame,
+    *,
+    kind: str = "mlp",
+    window: int = 5,
+    collapses: Sequence[str] = ("max", "last_subject"),
+    metric: str = "rewrite_score",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """One row per localization × collapse × subset × problem × edit method: R² of Layer / Trace / Both, ΔR², its
+    bootstrap 95 % interval over facts, the F-test p and n (:class:`LocalizationComparison`)."""
+    rows = []
+    with single_blas_thread():
+        for collapse in collapses:
+            for loc, frame in localization_frames(edits, trace, kind=kind, window=window, collapse=collapse).items():
+                for subset in ("all", "concentrated"):
+                    f = frame if subset == "all" else frame.filter(pl.col("concentrated"))
+                    for (problem, method), g in f.sort(["problem", "method"]).group_by(["problem", "method"],
+                                                                                       maintain_order=True):
+                        res = fit_regression(g, metric, problem=problem, method=method)
+                        groups = _by_fact(g, metric)
+                        lo, hi = _interval(_boot(groups, n_boot, seed)) if n_boot and len(groups) > 1 else (_NAN, _NAN)
+                        rows.append(LocalizationComparison(
+                            loc, collapse, subset, str(problem), str(method), metric, res.n, len(groups),
+                            res.layer.r2, res.trace.r2, res.both.r2, res.r2_diff, lo, hi, res.p, res.note))
+    return pl.DataFrame([asdict(r) for r in rows]) if rows else pl.DataFrame()
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """ΔR²(localization) − ΔR²(baseline) on the facts both localized, with a paired bootstrap interval."""
+
+    localization: str
+    baseline: str
+    collapse: str
+    problem: str
+    method: str
+    metric: str
+    n_facts: int
+    difference: float
+    ci_low: float
+    ci_high: float
+    sentence: str
+
+
+def reber_sentence(d: PairedDifference) -> str:
+    """The comparison in words (the report's reading of Reber's question)."""
+    from tracer.vocab import LOCALIZATIONS
+
+    a = LOCALIZATIONS[d.localization].label if d.localization in LOCALIZATIONS else d.localization
+    b = LOCALIZATIONS[d.baseline].label if d.baseline in LOCALIZATIONS else d.baseline
+    if not np.isfinite(d.difference):
+        return f"{a} vs {b}: undefined ({d.n_facts} facts)."
+    pts = 100 * d.difference
+    verb = "more" if pts >= 0 else "fewer"
+    ci = f"95% CI [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]" if np.isfinite(d.ci_low) else "no interval"
+    if np.isfinite(d.ci_low) and (d.ci_low > 0 or d.ci_high < 0):
+        verdict = "the interval excludes 0"
+    else:
+        verdict = "the interval includes 0: no detectable difference"
+    return (f"{a} explains {abs(pts):.1f} {verb} points of variance in {d.metric} than {b} "
+            f"({d.problem}, {d.method}, collapse {d.collapse}; {ci}; {verdict}; n = {d.n_facts} facts).")
+
+
+def paired_differences(
+    edits: pl.DataFrame,
+    trace: pl.DataFrame,
+    *,
+    baseline: str = "noise",
+    kind: str = "mlp",
+    window: int = 5,
+    collapse: str = "max",
+    metric: str = "rewrite_score",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[PairedDifference]:
+    """Reber's test for every other localization method X: ΔR²(X) − ΔR²(``baseline``) per problem × edit method on
+    the facts both localized, with a paired bootstrap (the same resampled facts for both methods)."""
+    frames = localization_frames(edits, trace, kind=kind, window=window, collapse=collapse)
+    if baseline not in frames:
+        return []
+    out = []
+    base = frames[baseline]
+    with single_blas_thread():
+        for loc, frame in frames.items():
+            if loc == baseline:
+                continue
+            for (problem, method), g in frame.sort(["problem", "method"]).group_by(["problem", "method"],
+                                                                                   maintain_order=True):
+                gb = base.filter((pl.col("problem") == problem) & (pl.col("method") == method))
+                ga, gbb = _by_fact(g, metric), _by_fact(gb, metric)
+                facts = sorted(set(ga) & set(gbb))
+                if len(facts) < 2:
+                    continue
+                diff = delta_r2(*_stack(ga, facts)) - delta_r2(*_stack(gbb, facts))
+                rng = np.random.default_rng(seed)
+                vals = np.full(n_boot, np.nan)
+                for b in range(n_boot):
+                    pick = [facts[i] for i in rng.integers(0, len(facts), len(facts))]
+                    vals[b] = delta_r2(*_stack(ga, pick)) - delta_r2(*_stack(gbb, pick))
+                lo, hi = _interval(vals)
+                d = PairedDifference(loc, baseline, collapse, str(problem), str(method), metric, len(facts),
+                                     float(diff), lo, hi, "")
+                out.append(PairedDifference(**{**asdict(d), "sentence": reber_sentence(d)}))
+    return out

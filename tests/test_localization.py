@@ -1,0 +1,160 @@
+"""Every localization method in the study (issue 15): the exact zeroing and flip grids equal naive ones, flip
+partners are deterministic / same relation / different object, the σ rules, the config section, the tracing table's
+new columns, and the comparison statistics recover a planted relation."""
+
+import numpy as np
+import polars as pl
+import pytest
+import statsmodels.formula.api as smf
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from problems import load_dataset
+from problems.localize import NotEnoughPartnersError, flip_partners, localize
+from stats import delta_r2, localization_table, paired_differences
+from tracer import trace, zero
+from tracer.result import TRACING_COLUMNS, tracing_frame
+
+# subject at the start / middle / end of the prompt, 1 to 5 tokens long
+CASES = [
+    ("Danielle Darrieux speaks the language", "Danielle Darrieux", " French", "Barack Obama"),
+    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French", "Pelé"),
+    ("In Paris, the language is", "Paris", " French", "Berlin"),
+    ("The capital city of France is named", "France", " Paris", "the United Kingdom of Great Britain"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    out = {}
+    for name, extra in {
+        "llama": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                      gated_mlp=True, n_key_value_heads=2, d_mlp=48),
+        "gptj": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4,
+                     parallel_attn_mlp=True, d_mlp=64),
+        "gemma3": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary",
+                       rotary_dim=8, gated_mlp=True, n_key_value_heads=2, d_mlp=48, use_qk_norm=True,
+                       use_normalization_before_and_after=True, use_local_attn=True,
+                       attn_types=["local", "global", "local", "global"], window_size=4,
+                       original_architecture="Gemma3ForCausalLM"),
+    }.items():
+        cfg = HookedTransformerConfig(n_layers=4, d_model=32, d_head=8, n_heads=4, n_ctx=64, seed=0,
+                                      d_vocab=len(tokenizer), model_name=f"tiny-{name}", **extra)
+        torch.manual_seed(0)
+        out[name] = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "gemma3"])
+@pytest.mark.parametrize("kind", ["mlp", "attn", "resid"])
+def test_exact_zeroing_equals_naive(tiny, family, kind):
+    m, w = tiny[family], (1 if kind == "resid" else 3)
+    for prompt, subject, target, _ in CASES:
+        for per_token in (False, True):
+            e = zero(m, prompt, subject, target, kind=kind, window=w, per_token=per_token)
+            n = zero(m, prompt, subject, target, kind=kind, window=w, per_token=per_token, algorithm="naive")
+            assert e.algorithm == "exact" and n.algorithm == "naive"
+            rel = ((e.grid - n.grid).abs().max() / n.grid.abs().max()).item()
+            assert rel < 1e-5, (family, kind, prompt, per_token, rel)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_exact_flip_equals_naive_with_logit_difference(tiny, family):
+    m = tiny[family]
+    for prompt, subject, target, flip in CASES:
+        kw = dict(kind="mlp", window=3, corrupt="flip", flip_subject=flip, contrast=" English")
+        e, n = trace(m, prompt, subject, target, **kw), trace(m, prompt, subject, target, algorithm="naive", **kw)
+        assert ((e.grid - n.grid).abs().max() / n.grid.abs().max()).item() < 1e-5
+        le, ln = (torch.tensor(r.extra["logit_diff"]["grid"]) for r in (e, n))
+        traced = torch.isfinite(ln)
+        assert torch.equal(torch.isfinite(le), traced) and traced.any()
+        assert (le[traced] - ln[traced]).abs().max().item() < 1e-4
+        assert e.extra["logit_diff"]["clean"] == pytest.approx(n.extra["logit_diff"]["clean"], abs=1e-5)
+
+
+def test_flip_partners_deterministic_same_relation_other_object(tiny):
+    m = tiny["llama"]
+    facts = load_dataset("counterfact")
+    fact = facts[0]
+    a = flip_partners(m, fact, facts, 10, seed=0)
+    assert [p.id for p in a] == [p.id for p in flip_partners(m, fact, facts, 10, seed=0)]
+    assert [p.id for p in a] != [p.id for p in flip_partners(m, fact, facts, 10, seed=1)]
+    assert len({p.subject for p in a}) == 10
+    assert all(p.relation == fact.relation and p.o_true != fact.o_true and p.subject != fact.subject for p in a)
+    with pytest.raises(NotEnoughPartnersError, match="eligible flip partners"):
+        flip_partners(m, fact, facts[:50], 10)
+    res = localize(m, fact, "flip", kind="mlp", window=3, partners=a[:2])
+    singles = [trace(m, fact.prompt, fact.subject, fact.o_true, kind="mlp", window=3, corrupt="flip",
+                     flip_subject=p.subject) for p in a[:2]]
+    torch.testing.assert_close(res.grid, (singles[0].grid + singles[1].grid) / 2)
+    assert res.p_noised == pytest.approx((singles[0].p_noised + singles[1].p_noised) / 2)
+    frame = tracing_frame([{**res.to_record(), "fact_id": fact.id, "localization": "flip"}])
+    assert tuple(frame.columns) == TRACING_COLUMNS
+    assert frame["flip_partner"][0] == f"{a[0].id};{a[1].id}" and frame["localization"][0] == "flip"
+    assert frame["logit_diff"].drop_nulls().len() > 0 and frame["sigma"].null_count() == frame.height
+
+
+def test_localization_config_section():
+    from locedit.config import ConfigError, parse_config
+
+    cfg = parse_config({"study": {"name": "x"}, "localization": {"methods": ["noise", "flip", "zero", "attribution"],
+                                                                   "flips": 4}})
+    assert cfg.tracing.methods == ("noise", "flip", "zero", "attribution") and cfg.tracing.flips == 4
+    assert cfg.tracing.noise_scale_rule == "s3" and cfg.tracing.corruption().rule == "s3"
+    assert parse_config({"tracing": {}}).tracing.noise_scale_rule == "embedding"  # older configs keep their σ
+    with pytest.raises(ConfigError, match="localization.methods"):
+        parse_config({"localization": {"methods": ["noise", "gradient"]}})
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config({"localization": {}, "tracing": {}})
+    from locedit.study import unit_keys
+
+    keys = [k for t, k, _ in unit_keys(cfg, ["cf:1"], 30) if t == "tracing"]
+    assert keys == ["trace|cf:1|mlp|w5", "trace|cf:1|mlp|w5|flip", "trace|cf:1|mlp|w5|zero",
+                    "trace|cf:1|mlp|w5|attribution"]
+
+
+def test_delta_r2_equals_the_formula_fit():
+    rng = np.random.default_rng(0)
+    df = pl.DataFrame({"layer": rng.integers(0, 4, 200), "trace": rng.random(200), "score": rng.random(200)})
+    pdf = df.to_pandas()
+    ref = smf.ols("score ~ C(layer) * trace", pdf).fit().rsquared - smf.ols("score ~ C(layer)", pdf).fit().rsquared
+    assert delta_r2(df["layer"].to_numpy(), df["trace"].to_numpy(), df["score"].to_numpy()) == pytest.approx(ref, abs=1e-10)
+
+
+def _planted(n_facts=80, seed=0):
+    """Edits at 4 layers; the rewrite score depends on method A's per-layer effect, not on B's (noise)."""
+    rng = np.random.default_rng(seed)
+    trace_rows, edit_rows = [], []
+    for f in range(n_facts):
+        for layer in range(4):
+            a, b = rng.random(), rng.random()
+            for loc, eff in (("flip", a), ("noise", b)):
+                trace_rows.append({"fact_id": f"f{f}", "localization": loc, "kind": "mlp", "window": 5,
+                                   "corruption": loc, "token_index": 0, "token": "x", "is_subject": True,
+                                   "is_last_subject": True, "layer": layer, "prob": 0.1 + 0.8 * eff, "p_clean": 0.9,
+                                   "p_noised": 0.1, "fractional": eff})
+            edit_rows.append({"fact_id": f"f{f}", "problem": "error_injection", "method": "rome", "layer": layer,
+                              "rewrite_score": 0.1 * layer + 0.5 * a + 0.05 * rng.standard_normal()})
+    return pl.DataFrame(edit_rows), pl.DataFrame(trace_rows)
+
+
+def test_comparison_recovers_a_planted_relation():
+    edits, trace_tab = _planted()
+    table = localization_table(edits, trace_tab, collapses=("max",), n_boot=300)
+    row = {r["localization"]: r for r in table.filter(pl.col("subset") == "all").iter_rows(named=True)}
+    assert row["flip"]["ci_low"] > 0.1 and row["flip"]["r2_diff"] > 0.3
+    assert row["noise"]["ci_low"] <= 0 <= row["noise"]["ci_high"] or row["noise"]["ci_low"] < 0.02
+    assert row["noise"]["n_facts"] == 80 and row["flip"]["p"] < 1e-6
+    (d,) = paired_differences(edits, trace_tab, n_boot=300)
+    assert d.localization == "flip" and d.baseline == "noise" and d.ci_low > 0.1
+    assert "input flipping explains" in d.sentence and "more points of variance" in d.sentence
+    assert "excludes 0" in d.sentence
+
+
+@pytest.mark.slow
+def test_s3_rule_reproduces_rome_sigma(model):
+    from tracer.corruption import GaussianNoise, noise_std
+
+    assert 3 * noise_std(model, "s3") == pytest.approx(0.3500, abs=5e-4)
+    assert 3 * noise_std(model, "embedding") == pytest.approx(0.4067, abs=5e-4)
+    assert GaussianNoise(rule="s3").resolve(model).sigma == pytest.approx(0.3500, abs=5e-4)
