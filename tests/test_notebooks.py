@@ -9,9 +9,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_three_notebooks():
+def test_there_are_four_notebooks():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_trace_a_fact.ipynb", "02_edit_a_fact.ipynb", "03_localization_vs_editing.ipynb"]
+        "01_trace_a_fact.ipynb", "02_edit_a_fact.ipynb", "03_localization_vs_editing.ipynb", "04_noise_vs_flip.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
