@@ -60,13 +60,24 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    model = None
-    if args.device:
-        from tracer import load_model
+    if args.executor == "ray":
+        from locedit.executor import run_study_ray
 
-        model = load_model(config.model, device=args.device)
-    summary = run_study(config, run_dir, model=model, limit=args.limit, shard=args.shard,
-                        retry_failed=args.retry_failed)
+        if args.shard != (0, 1):
+            raise ValueError("--shard is the no-Ray way to split a study; with --executor ray use --actors")
+        summary = run_study_ray(
+            config, run_dir, address=args.address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor, threads_per_actor=args.threads_per_actor, device=args.device,
+            limit=args.limit, retry_failed=args.retry_failed,
+        )
+    else:
+        model = None
+        if args.device:
+            from tracer import load_model
+
+            model = load_model(config.model, device=args.device)
+        summary = run_study(config, run_dir, model=model, limit=args.limit, shard=args.shard,
+                            retry_failed=args.retry_failed)
     print(f"study {config.name!r}: {summary.done} units done, {summary.skipped} already done, "
           f"{summary.failed} failed, {summary.seconds:.0f} s -> {run_dir}")
     if not args.no_report and args.shard == (0, 1) and summary.done + summary.skipped > 0:
@@ -108,7 +119,10 @@ def cmd_summary(args) -> int:
     _warn_bad_lines(args.run_dirs)
     if edits.is_empty():
         raise ValueError(f"no finished edits in {', '.join(args.run_dirs)}")
-    table = score_summary(edits, by=[c.strip() for c in args.by.split(",") if c.strip()])
+    by = [c.strip() for c in args.by.split(",") if c.strip()]
+    if "token" in edits.columns and "token" not in by and edits["token"].n_unique() > 1:
+        by.insert(by.index("layer") if "layer" in by else len(by), "token")  # a token study: one row per token rule
+    table = score_summary(edits, by=by)
     if args.markdown:
         print(to_markdown(table))
     else:
@@ -201,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true")
     r.add_argument("--device", default=None)
     r.add_argument("--no-report", action="store_true")
+    r.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                   help="serial (one process, or --shard i/n) or ray (actors; pip install -e '.[ray]')")
+    r.add_argument("--address", default=None, help="ray: a running cluster (auto, HOST:PORT); default: a local Ray")
+    r.add_argument("--actors", type=int, default=2, help="ray: number of actors (each loads the model once)")
+    r.add_argument("--gpus-per-actor", type=float, default=0.0)
+    r.add_argument("--cpus-per-actor", type=float, default=1.0)
+    r.add_argument("--threads-per-actor", type=int, default=None, help="ray: torch threads per actor (default: cpus)")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="tables and figures (report.html) from one or more run dirs / shards")
@@ -236,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. A user error (a ``ValueError`` — bad config, name, input — or a missing file) prints one line
     and exits 2; Ctrl-C prints one line and exits 130; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    from locedit.executor import RayUnavailableError
+    from tracer.models import ModelUnavailableError
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -243,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("locedit: interrupted (finished units are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModelUnavailableError, RayUnavailableError) as e:
         if args.debug:
             raise
         print(f"locedit: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,7 +167,9 @@ def _journal_path(run_dir: Path, table: str, shard: tuple[int, int]) -> Path:
     return run_dir / "journal" / f"{table}.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def _prepare_run_dir(run_dir: Path, config: StudyConfig, model, facts: Sequence) -> list[str]:
+def _prepare_run_dir(run_dir: Path, config: StudyConfig, select: Callable[[], Sequence]) -> list[str]:
+    """Write (or check against) ``config.json``; the study's fact ids from ``facts.json``, or from ``select()`` (the
+    selected facts) at the first start."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path, facts_path = run_dir / "config.json", run_dir / "facts.json"
     cfg = json.loads(json.dumps(config.to_dict()))
@@ -186,7 +188,7 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, model, facts: Sequence)
         write_atomic(cfg_path, json.dumps(cfg, indent=2))
     if facts_path.exists():
         return json.loads(facts_path.read_text())
-    ids = [f.id for f in select_facts(model, config, facts)]
+    ids = [f.id for f in select()]
     write_atomic(facts_path, json.dumps(ids))
     return ids
 
@@ -207,11 +209,13 @@ def run_study(
     shard: tuple[int, int] = (0, 1),
     retry_failed: bool = False,
     progress: bool = True,
-    flush_every: int = 25,
+    flush_seconds: float = 60.0,
 ) -> StudySummary:
     """Run (or resume) a study. ``limit`` caps the number of facts; ``shard=(i, n)`` runs facts ``i::n``.
 
-    Parquet tables are rewritten from the journals every ``flush_every`` units and at the end."""
+    Parquet tables are rewritten from the journals every ``flush_seconds`` seconds (each rewrite reads every
+    journal line once: linear in the study's size) and at the end. ``locedit.executor.run_study_ray`` runs the same
+    units on Ray actors."""
     i, n = shard
     if not (0 <= i < n):
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
@@ -225,6 +229,16 @@ def run_study(
     from problems import load_dataset
 
     dataset = load_dataset(config.data.dataset)
+    lock = lock_run_dir(run_dir, shard)
+    try:
+        return _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, progress, flush_seconds, start)
+    finally:
+        lock.release()
+
+
+def lock_run_dir(run_dir: Path, shard: tuple[int, int] = (0, 1)) -> FileLock:
+    """The lock one process holds while it runs ``shard`` of ``run_dir`` (a Ray run holds shard 0/1's)."""
+    i, n = shard
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / f".lock.shard-{i}-of-{n}"))
     try:
@@ -233,54 +247,85 @@ def run_study(
         raise StudyLockedError(
             f"another process is running shard {i}/{n} of {run_dir}; wait for it or use another --shard"
         ) from None
+    return lock
+
+
+def todo_units(run_dir: Path, config: StudyConfig, fact_ids: Sequence[str], n_layers: int, retry_failed: bool):
+    """All units of ``fact_ids`` and those still to run (not finished; failed ones only with ``retry_failed``)."""
+    finished = _finished(run_dir)
+    failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))} - finished
+    units = unit_keys(config, fact_ids, n_layers)
+    return units, [u for u in units if u[1] not in finished and (retry_failed or u[1] not in failed)]
+
+
+def run_unit(model, fact, table: str, key: str, spec: tuple, config: StudyConfig, dataset) -> tuple[str, dict]:
+    """Run one unit: ``(table, record)`` on success, ``("failures", failure record)`` when it raises (one bad record
+    never stops a run). The one unit runner of the serial and the Ray executors."""
+    t0 = time.perf_counter()
     try:
-        return _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, progress, flush_every, start)
-    finally:
-        lock.release()
+        rec = _trace_record(model, fact, *spec[1:], config, dataset) if table == "tracing" else _edit_record(
+            model, fact, *spec[1:], config
+        )
+    except Exception as e:
+        log.error("unit %s failed: %s\n%s", key, e, traceback.format_exc())
+        return "failures", {"key": key, "stage": table, "fact_id": fact.id, "error_type": type(e).__name__,
+                            "error": str(e)}
+    rec["key"] = key
+    rec["seconds"] = rec.get("seconds", time.perf_counter() - t0)
+    return table, rec
 
 
-def _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, progress, flush_every, start):
+class TableFlusher:
+    """Rewrites the Parquet tables from the journals (:func:`collect_tables`, linear in the journal's size) on a time
+    interval and on :meth:`final`: at least ``seconds`` apart, and at least ``ratio`` × the last rewrite's own
+    duration apart, so rewriting costs at most 1/(ratio + 1) of the run's time and the total stays linear in the
+    number of units (a rewrite every 25 units was quadratic; ``benchmarks/bench_study_scale.py``)."""
+
+    def __init__(self, run_dir: Path, seconds: float = 60.0, ratio: float = 20.0):
+        self.run_dir, self.seconds, self.ratio = run_dir, seconds, ratio
+        self.last, self.cost = time.monotonic(), 0.0
+
+    def due(self, now: float) -> bool:
+        return now - self.last >= max(self.seconds, self.ratio * self.cost)
+
+    def maybe(self) -> None:
+        if self.due(time.monotonic()):
+            self.final()
+
+    def final(self) -> None:
+        t = time.monotonic()
+        collect_tables(self.run_dir)
+        self.last = time.monotonic()
+        self.cost = self.last - t
+
+
+def _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, progress, flush_seconds, start):
     i, n = shard
-    fact_ids = _prepare_run_dir(run_dir, config, model, dataset)
+    fact_ids = _prepare_run_dir(run_dir, config, lambda: select_facts(model, config, dataset))
     _setup_log(run_dir)
-    _check_provenance(run_dir, config, model)
+    _check_provenance(run_dir, provenance(config, model))
     if limit is not None:
         fact_ids = fact_ids[:limit]
     fact_ids = fact_ids[i::n]
     wanted = set(fact_ids)
     by_id = {f.id: f for f in dataset if f.id in wanted}
     journals = {t: Journal(_journal_path(run_dir, t, shard)) for t in ("tracing", "edits", "failures")}
-    finished = _finished(run_dir)
-    failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))} - finished
-    units = unit_keys(config, fact_ids, model.cfg.n_layers)
-    todo = [u for u in units if u[1] not in finished and (retry_failed or u[1] not in failed)]
+    units, todo = todo_units(run_dir, config, fact_ids, model.cfg.n_layers, retry_failed)
     log.info("study %s shard %d/%d: %d facts, %d units, %d to do", config.name, i, n, len(fact_ids), len(units), len(todo))
     n_done = n_failed = 0
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
-    for count, (table, key, spec) in enumerate(todo, 1):
+    flusher = TableFlusher(run_dir, flush_seconds)
+    for table, key, spec in todo:
         fact = by_id[spec[0]]
         bar.set_postfix_str(f"{table}: {fact.id} {'/'.join(map(str, spec[1:]))}")
-        t0 = time.perf_counter()
-        try:
-            rec = _trace_record(model, fact, *spec[1:], config, dataset) if table == "tracing" else _edit_record(
-                model, fact, *spec[1:], config
-            )
-        except Exception as e:  # one bad record never stops the run
-            n_failed += 1
-            log.error("unit %s failed: %s\n%s", key, e, traceback.format_exc())
-            journals["failures"].append(
-                {"key": key, "stage": table, "fact_id": fact.id, "error_type": type(e).__name__, "error": str(e)}
-            )
-        else:
-            rec["key"] = key
-            rec["seconds"] = rec.get("seconds", time.perf_counter() - t0)
-            journals[table].append(rec)
-            n_done += 1
+        out, rec = run_unit(model, fact, table, key, spec, config, dataset)
+        journals[out].append(rec)
+        n_failed += out == "failures"
+        n_done += out != "failures"
         bar.update(1)
-        if count % flush_every == 0:
-            collect_tables(run_dir)
+        flusher.maybe()
     bar.close()
-    collect_tables(run_dir)
+    flusher.final()
     return StudySummary(str(run_dir), len(fact_ids), shard, n_done, len(units) - len(todo), n_failed,
                         time.perf_counter() - start)
 
@@ -316,11 +361,10 @@ def provenance(config: StudyConfig, model) -> dict[str, Any]:
     }
 
 
-def _check_provenance(run_dir: Path, config: StudyConfig, model) -> None:
-    """Write ``provenance.json`` at the first start; at a resume, warn when the thread count or device differ (rows
-    computed under another thread count can differ at ~1e-6)."""
+def _check_provenance(run_dir: Path, now: dict[str, Any]) -> None:
+    """Write ``provenance.json`` (``now``: :func:`provenance`) at the first start; at a resume, warn when the thread
+    count or device differ (rows computed under another thread count can differ at ~1e-6)."""
     path = run_dir / "provenance.json"
-    now = provenance(config, model)
     if not path.exists():
         write_atomic(path, json.dumps(now, indent=2))
         return

@@ -160,10 +160,10 @@ def test_a_second_process_on_the_same_shard_is_refused(model, tmp_path):
 
 
 def test_provenance_is_recorded_and_a_thread_change_warns(model, tmp_path):
-    from locedit.study import _check_provenance
+    from locedit.study import _check_provenance, provenance
 
     config = parse_config({})
-    _check_provenance(tmp_path, config, model)
+    _check_provenance(tmp_path, provenance(config, model))
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["threads"] == torch.get_num_threads() and prov["device"] == "cpu"
     assert prov["hparams"]["error_injection|rome"]["kl_factor"] == 1.0 and prov["versions"]["torch"]
@@ -171,7 +171,7 @@ def test_provenance_is_recorded_and_a_thread_change_warns(model, tmp_path):
     torch.set_num_threads(before + 1)
     try:
         with pytest.warns(UserWarning, match="threads"):
-            _check_provenance(tmp_path, config, model)
+            _check_provenance(tmp_path, provenance(config, model))
     finally:
         torch.set_num_threads(before)
 
