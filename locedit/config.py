@@ -130,9 +130,9 @@ class TracingConfig(_Section):
     samples: PositiveInt = 10
     noise: PositiveNumber = 3.0  # the GaussianNoise scale (a multiplier of the noise-scale rule's std)
     sigma: PositiveNumber | None = None  # an absolute sigma instead
-    # "s3" (ROME's: std of known_1000's subject-token embeddings; the default of [localization]) or "embedding"
-    # (std of all of W_E; the default of [tracing], so that earlier runs resume with their sigma)
-    noise_scale_rule: StrictStr = "embedding"
+    # "s3" (ROME's: std of known_1000's subject-token embeddings; the default) or "embedding" (std of all of W_E;
+    # the default of a [tracing] section, the older name, so that earlier runs resume with their sigma)
+    noise_scale_rule: StrictStr = "s3"
     flips: PositiveInt = 10  # flip partners per fact
     seed: StrictInt = 0
 
@@ -253,7 +253,10 @@ def parse_config(raw: dict[str, Any]) -> StudyConfig:
         loc = raw["localization"]
         if not isinstance(loc, dict):
             raise ConfigError("[localization] must be a table")
-        raw = {**{k: v for k, v in raw.items() if k != "localization"}, "tracing": {"noise_scale_rule": "s3", **loc}}
+        raw = {**{k: v for k, v in raw.items() if k != "localization"}, "tracing": loc}
+    elif isinstance(raw.get("tracing"), dict) and "noise_scale_rule" not in raw["tracing"]:
+        # a [tracing] section (configs and run directories from before [localization]): the sigma rule it ran with
+        raw = {**raw, "tracing": {**raw["tracing"], "noise_scale_rule": "embedding"}}
     study = raw.get("study", {})
     if not isinstance(study, dict):
         raise ConfigError("[study] must be a table")
