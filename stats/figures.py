@@ -280,8 +280,8 @@ def fig_scores_by_token_layer(
 
 def fig_localization_r2(table: pl.DataFrame, *, collapse: str = "max", subset: str = "all",
                         title: str | None = None) -> go.Figure:
-    """ΔR² (R²(Layer × Trace) − R²(Layer)) per localization method with its bootstrap 95% interval, one panel per
-    problem × edit method (:func:`stats.localization.localization_table` rows)."""
+    """Adjusted ΔR² (adjusted R²(Layer × Trace) − adjusted R²(Layer)) per localization method with its bootstrap 95%
+    interval, one panel per problem × edit method (:func:`stats.localization.localization_table` rows)."""
     sub = table.filter((pl.col("collapse") == collapse) & (pl.col("subset") == subset))
     if sub.height == 0:
         raise ValueError(f"no comparison rows for collapse={collapse!r}, subset={subset!r}")
@@ -293,7 +293,7 @@ def fig_localization_r2(table: pl.DataFrame, *, collapse: str = "max", subset: s
     for k, (p, m) in enumerate(panels):
         a = sub.filter((pl.col("problem") == p) & (pl.col("method") == m))
         a = a.with_columns(pl.col("localization").replace_strict({l: i for i, l in enumerate(locs)}).alias("_o")).sort("_o")
-        y = a["r2_diff"].to_list()
+        y = a["r2_diff_adj"].to_list()
         hi = [(h - v) if h is not None and v is not None and not math.isnan(h) else 0.0
               for h, v in zip(a["ci_high"].to_list(), y)]
         lo = [(v - l) if l is not None and v is not None and not math.isnan(l) else 0.0
@@ -303,7 +303,7 @@ def fig_localization_r2(table: pl.DataFrame, *, collapse: str = "max", subset: s
                              marker_color=BOTH_COLOR, showlegend=False,
                              text=[f"n={n}" for n in a["n_facts"].to_list()], textposition="outside"),
                       row=k // cols + 1, col=k % cols + 1)
-    fig.update_yaxes(title_text="ΔR² (95% CI)", col=1)
+    fig.update_yaxes(title_text="adjusted ΔR² (95% CI)", col=1)
     fig.update_layout(title=title or f"Does localization predict editing? ΔR² by localization method "
                                      f"(collapse {collapse}, {subset} facts)")
     return fig

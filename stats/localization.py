@@ -58,20 +58,25 @@ def _design(layers: np.ndarray, trace: np.ndarray | None, levels: np.ndarray) ->
     return onehot if trace is None else np.hstack([onehot, onehot * trace[:, None]])
 
 
-def _r2(x: np.ndarray, y: np.ndarray) -> float:
+def _r2(x: np.ndarray, y: np.ndarray, adjusted: bool) -> float:
     sst = float(((y - y.mean()) ** 2).sum())
     if sst <= 0:
         return _NAN
     beta, *_ = np.linalg.lstsq(x, y, rcond=None)
-    return 1.0 - float(((y - x @ beta) ** 2).sum()) / sst
+    r2 = 1.0 - float(((y - x @ beta) ** 2).sum()) / sst
+    n, k = x.shape  # k includes the intercept (the one-hot layer columns span it)
+    return 1.0 - (1.0 - r2) * (n - 1) / (n - k) if adjusted else r2
 
 
-def delta_r2(layers: np.ndarray, trace: np.ndarray, score: np.ndarray) -> float:
-    """R²(score ~ C(layer) * trace) − R²(score ~ C(layer)) by least squares (NaN when undefined)."""
+def delta_r2(layers: np.ndarray, trace: np.ndarray, score: np.ndarray, *, adjusted: bool = False) -> float:
+    """R²(score ~ C(layer) * trace) − R²(score ~ C(layer)) by least squares (NaN when undefined). ``adjusted``: the
+    difference of adjusted R² — which, unlike the plain difference (≥ 0 for nested models whatever the data), is
+    centred near 0 when the tracing effect carries nothing, so its interval can contain 0."""
     levels = np.unique(layers)
     if len(levels) < 2 or len(score) <= 2 * len(levels) or np.var(trace) == 0:
         return _NAN
-    return _r2(_design(layers, trace, levels), score) - _r2(_design(layers, None, levels), score)
+    return (_r2(_design(layers, trace, levels), score, adjusted)
+            - _r2(_design(layers, None, levels), score, adjusted))
 
 
 def _by_fact(frame: pl.DataFrame, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -94,7 +99,7 @@ def _boot(groups: dict, n_boot: int, seed: int, facts: Sequence[str] | None = No
     vals = np.full(n_boot, np.nan)
     for b in range(n_boot):
         pick = [facts[i] for i in rng.integers(0, len(facts), len(facts))]
-        vals[b] = delta_r2(*_stack(groups, pick))
+        vals[b] = delta_r2(*_stack(groups, pick), adjusted=True)
     return vals
 
 
@@ -120,7 +125,8 @@ class LocalizationComparison:
     r2_layer: float
     r2_trace: float
     r2_both: float
-    r2_diff: float
+    r2_diff: float  # the paper's ΔR² (≥ 0 by construction)
+    r2_diff_adj: float  # ΔR² of adjusted R²; the interval is this one's
     ci_low: float
     ci_high: float
     p: float
@@ -138,8 +144,10 @@ def localization_table(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """One row per localization × collapse × subset × problem × edit method: R² of Layer / Trace / Both, ΔR², its
-    bootstrap 95 % interval over facts, the F-test p and n (:class:`LocalizationComparison`)."""
+    """One row per localization × collapse × subset × problem × edit method: R² of Layer / Trace / Both, ΔR² (the
+    paper's), adjusted ΔR² with its bootstrap 95 % interval over facts, the F-test p and n
+    (:class:`LocalizationComparison`). The interval is on the *adjusted* difference: the plain one is ≥ 0 for any
+    data (adding six parameters never lowers R²), so its interval could never contain 0."""
     rows = []
     with single_blas_thread():
         for collapse in collapses:
@@ -151,9 +159,10 @@ def localization_table(
                         res = fit_regression(g, metric, problem=problem, method=method)
                         groups = _by_fact(g, metric)
                         lo, hi = _interval(_boot(groups, n_boot, seed)) if n_boot and len(groups) > 1 else (_NAN, _NAN)
+                        adj = delta_r2(*_stack(groups, list(groups)), adjusted=True) if groups else _NAN
                         rows.append(LocalizationComparison(
                             loc, collapse, subset, str(problem), str(method), metric, res.n, len(groups),
-                            res.layer.r2, res.trace.r2, res.both.r2, res.r2_diff, lo, hi, res.p, res.note))
+                            res.layer.r2, res.trace.r2, res.both.r2, res.r2_diff, adj, lo, hi, res.p, res.note))
     return pl.DataFrame([asdict(r) for r in rows]) if rows else pl.DataFrame()
 
 
@@ -206,7 +215,9 @@ def paired_differences(
     seed: int = 0,
 ) -> list[PairedDifference]:
     """Reber's test for every other localization method X: ΔR²(X) − ΔR²(``baseline``) per problem × edit method on
-    the facts both localized, with a paired bootstrap (the same resampled facts for both methods)."""
+    the facts both localized, with a paired bootstrap (the same resampled facts for both methods). Both models
+    have the same rows and parameters, so the difference of plain and of adjusted ΔR² differ only by the factor
+    (n − 1)/(n − k); the plain one is reported."""
     frames = localization_frames(edits, trace, kind=kind, window=window, collapse=collapse)
     if baseline not in frames:
         return []

@@ -5,7 +5,8 @@
   *position the rule named in that fact's prompt* (``token_index``) and the edit layer — not the per-layer max;
 * :func:`token_regressions` fits, per (problem, method), OLS models of the score on layer, token, layer × token and
   layer × token + the cell's tracing effect (statsmodels formulas, :data:`TOKEN_FORMULAS`): R² of each, ΔR² of
-  adding the effect, its nested-model F-test, and a bootstrap 95 % interval of ΔR² over facts;
+  adding the effect, its nested-model F-test, and a bootstrap 95 % interval over facts of the *adjusted* ΔR² (the
+  plain one is ≥ 0 on any data);
 * :func:`best_cell_rate` asks directly: for each fact, is the edited (token, layer) cell with the largest tracing
   effect among its best-editing cells? It reports that rate next to the chance rate (the mean share of a fact's
   cells that are best) and a one-sided Poisson-binomial p-value.
@@ -106,9 +107,10 @@ class TokenRegression:
     r2_layer_token: float
     r2_with_effect: float
     r2_diff: float  # R²(layer × token + effect) − R²(layer × token)
+    r2_diff_adj: float  # the same with adjusted R²; the interval is this one's
     f: float
     p: float
-    ci_low: float  # bootstrap 95 % interval of r2_diff over facts
+    ci_low: float  # bootstrap 95 % interval of r2_diff_adj over facts
     ci_high: float
     note: str = ""
 
@@ -128,9 +130,11 @@ def _r2(formula: str, data: pd.DataFrame):
 
 
 def _delta_r2(data: pd.DataFrame) -> float:
+    """Adjusted-R² gain of adding the cell effect (can be < 0: its interval can contain 0, unlike the plain gain)."""
     if data["score"].var() == 0:
         return _NAN
-    return float(_r2(TOKEN_FORMULAS["with_effect"], data).rsquared - _r2(TOKEN_FORMULAS["layer_token"], data).rsquared)
+    return float(_r2(TOKEN_FORMULAS["with_effect"], data).rsquared_adj
+                 - _r2(TOKEN_FORMULAS["layer_token"], data).rsquared_adj)
 
 
 def _bootstrap(data: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, float]:
@@ -172,7 +176,7 @@ def token_regressions(
                 nt = int(data["token"].nunique()) if n else 0
                 nl = int(data["layer"].nunique()) if n else 0
                 r2 = dict.fromkeys(TOKEN_FORMULAS, _NAN)
-                f = p = lo = hi = _NAN
+                f = p = lo = hi = adj = _NAN
                 note = ""
                 if nt < 2 or nl < 2:
                     note = f"needs ≥ 2 token rules and ≥ 2 layers (has {nt} and {nl})"
@@ -183,13 +187,14 @@ def token_regressions(
                 else:
                     fits = {k: _r2(v, data) for k, v in TOKEN_FORMULAS.items()}
                     r2 = {k: float(v.rsquared) for k, v in fits.items()}
+                    adj = float(fits["with_effect"].rsquared_adj - fits["layer_token"].rsquared_adj)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         f, p, _ = (float(x) for x in fits["with_effect"].compare_f_test(fits["layer_token"]))
                     lo, hi = _bootstrap(data, n_boot, seed) if n_boot else (_NAN, _NAN)
                 out.append(TokenRegression(
                     str(problem), str(method), metric, n, nf, nt, nl, r2["layer"], r2["token"], r2["layer_token"],
-                    r2["with_effect"], r2["with_effect"] - r2["layer_token"], f, p, lo, hi, note,
+                    r2["with_effect"], r2["with_effect"] - r2["layer_token"], adj, f, p, lo, hi, note,
                 ))
     return out
 

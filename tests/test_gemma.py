@@ -10,18 +10,12 @@ from editors.inputs import build_batch
 from problems import load_dataset
 from tracer import locate_subject, target_probs, trace
 from tracer.lean import lean_supported
-from tracer.models import load_hf_reference
 from tracer.profiles import profile_for
 from tracer.tokens import encode
 
 PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of", "Toko Yasuda plays the"]
 # known CounterFact facts (positions in the vendored file) and Gemma 3 270M's p(o_true) measured when this test was written
 KNOWN = {0: 0.336, 6: 0.422, 13: 0.394, 18: 0.380, 23: 0.343}
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return load_hf_reference("gemma3-270m")
 
 
 def test_profile_and_architecture(gemma):
@@ -33,8 +27,8 @@ def test_profile_and_architecture(gemma):
     assert profile_for(gemma).edit_layer(cfg.n_layers) == 3
 
 
-def test_logits_equal_the_hf_model(gemma, hf):
-    hf_model, tokenizer = hf
+def test_logits_equal_the_hf_model(gemma, gemma_hf):
+    hf_model, tokenizer = gemma_hf
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids  # HF's own encoding: BOS first
         assert ids[0, 0].item() == tokenizer.bos_token_id

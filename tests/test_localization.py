@@ -120,6 +120,9 @@ def test_delta_r2_equals_the_formula_fit():
     pdf = df.to_pandas()
     ref = smf.ols("score ~ C(layer) * trace", pdf).fit().rsquared - smf.ols("score ~ C(layer)", pdf).fit().rsquared
     assert delta_r2(df["layer"].to_numpy(), df["trace"].to_numpy(), df["score"].to_numpy()) == pytest.approx(ref, abs=1e-10)
+    both, lay = smf.ols("score ~ C(layer) * trace", pdf).fit(), smf.ols("score ~ C(layer)", pdf).fit()
+    assert delta_r2(df["layer"].to_numpy(), df["trace"].to_numpy(), df["score"].to_numpy(), adjusted=True) == \
+        pytest.approx(both.rsquared_adj - lay.rsquared_adj, abs=1e-10)
 
 
 def _planted(n_facts=80, seed=0):
@@ -144,7 +147,8 @@ def test_comparison_recovers_a_planted_relation():
     table = localization_table(edits, trace_tab, collapses=("max",), n_boot=300)
     row = {r["localization"]: r for r in table.filter(pl.col("subset") == "all").iter_rows(named=True)}
     assert row["flip"]["ci_low"] > 0.1 and row["flip"]["r2_diff"] > 0.3
-    assert row["noise"]["ci_low"] <= 0 <= row["noise"]["ci_high"] or row["noise"]["ci_low"] < 0.02
+    assert row["noise"]["ci_low"] < 0 < row["noise"]["ci_high"]  # adjusted ΔR²: the null's interval contains 0
+    assert row["noise"]["r2_diff"] > 0  # while the plain ΔR² of a nested model is positive on any data
     assert row["noise"]["n_facts"] == 80 and row["flip"]["p"] < 1e-6
     (d,) = paired_differences(edits, trace_tab, n_boot=300)
     assert d.localization == "flip" and d.baseline == "noise" and d.ci_low > 0.1

@@ -270,11 +270,11 @@ def converted_cache_path(name: str = EMBEDDED_MODEL) -> Path:
     return cache_dir() / "models" / f"{entry.name}-{key}"
 
 
-def _convert_packaged(entry: PackagedModel, path: Path) -> None:
-    hf_model, tokenizer = load_hf_reference(entry.name, torch.float32)
+def _convert_packaged(entry: PackagedModel, path: Path, reference=None) -> None:
+    """Convert and cache ``entry`` (``reference``: its :func:`load_hf_reference` pair, if already loaded)."""
+    hf_model, tokenizer = reference if reference is not None else load_hf_reference(entry.name, torch.float32)
     cfg = entry.config(torch.float32, "cpu")
     state_dict = {k: v.detach().clone().contiguous() for k, v in entry.convert(hf_model, cfg).items()}
-    del hf_model
     # atomic: a concurrent, failed or killed conversion never leaves a half-written cache folder behind;
     # meta.json carries the checksum of the weights, verified at every load
     buf = io.BytesIO()
