@@ -73,9 +73,11 @@ def test_full_grid_basics(resid_full):
 def test_to_frame(resid_full):
     df = resid_full.to_frame(fact_id="0")
     assert df.columns == [
-        "fact_id", "kind", "window", "corruption", "token_index", "token", "is_subject", "is_last_subject",
-        "layer", "prob", "p_clean", "p_noised", "fractional",
+        "fact_id", "localization", "kind", "window", "corruption", "sigma", "flip_partner", "token_index", "token",
+        "is_subject", "is_last_subject", "layer", "prob", "p_clean", "p_noised", "fractional", "logit_diff",
     ]
+    assert df["localization"].unique().to_list() == ["noise"] and df["sigma"][0] == pytest.approx(resid_full.sigma)
+    assert df["logit_diff"].null_count() == df.height and df["flip_partner"].null_count() == df.height
     assert df.height == 10 * 30
     assert df.filter(df["is_last_subject"])["token_index"].unique().to_list() == [8]
     assert df["is_subject"].sum() == 5 * 30
