@@ -180,12 +180,11 @@ edit layer (ΔR², bootstrap 95% interval over facts), and Reber's paired test a
 shipped study (see `configs/reber.toml`): read the intervals, not the point estimates."""),
         ("code", """from pathlib import Path
 import locedit
-from locedit.study import collect_tables
+import polars as pl
 from stats import fig_localization_r2, localization_table, paired_differences
 
-run = Path(locedit.__file__).resolve().parent.parent / "studies" / "reber"
-tables = collect_tables(run)
-edits, trace = tables["edits"], tables["tracing"]
+run = Path(locedit.__file__).resolve().parent.parent / "studies" / "reber"  # the shipped tables (read, not rewritten)
+edits, trace = pl.read_parquet(run / "edits.parquet"), pl.read_parquet(run / "tracing.parquet")
 print(trace["fact_id"].n_unique(), "facts,", edits.height, "edits,", trace["localization"].unique().to_list())
 table = localization_table(edits, trace, collapses=("max",), n_boot=200)
 table.filter(table["subset"] == "all").select("localization", "problem", "n_facts", "r2_layer", "r2_both",
