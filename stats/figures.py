@@ -207,6 +207,30 @@ def fig_r2_bars(results: pl.DataFrame, *, metric: str = "rewrite_score", title: 
     return fig
 
 
+def _score_lines_by_layer(
+    sub: pl.DataFrame, by: str, groups: Sequence[str], label, metrics: Sequence[str]
+) -> go.Figure:
+    """Mean score by edit layer, one line per value of ``by`` (in ``groups`` order, named by ``label``), one panel
+    per metric, error bars = 95% normal CI of the mean (Figs. 5 and 7)."""
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics])
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for j, m in enumerate(metrics):
+        agg = (sub.group_by(by, "layer")
+               .agg(pl.col(m).mean().alias("mean"), pl.col(m).std().alias("sd"), pl.col(m).count().alias("n"))
+               .sort("layer"))
+        for k, g in enumerate(groups):
+            a = agg.filter(pl.col(by) == g)
+            ci = [1.96 * (sd or 0.0) / math.sqrt(n) if n else 0.0 for sd, n in zip(a["sd"].to_list(), a["n"].to_list())]
+            fig.add_trace(go.Scatter(x=a["layer"].to_list(), y=a["mean"].to_list(), mode="lines+markers",
+                                     error_y=dict(type="data", array=ci, visible=True), name=label(g),
+                                     legendgroup=g, showlegend=j == 0,
+                                     line=dict(color=palette[k % len(palette)])), row=1, col=j + 1)
+    fig.update_xaxes(title_text="edit layer")
+    fig.update_yaxes(range=[-0.05, 1.05])
+    fig.update_yaxes(title_text="mean score", col=1)
+    return fig
+
+
 def fig_scores_by_layer(
     edits: pl.DataFrame,
     *,
@@ -220,22 +244,7 @@ def fig_scores_by_layer(
     if sub.height == 0:
         raise ValueError(f"no edit rows for problem={problem!r}")
     meths = _ordered(sub["method"].to_list(), METHOD_ORDER)
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics])
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-    for j, m in enumerate(metrics):
-        agg = (sub.group_by("method", "layer")
-               .agg(pl.col(m).mean().alias("mean"), pl.col(m).std().alias("sd"), pl.col(m).count().alias("n"))
-               .sort("layer"))
-        for k, me in enumerate(meths):
-            a = agg.filter(pl.col("method") == me)
-            ci = [1.96 * (sd or 0.0) / math.sqrt(n) if n else 0.0 for sd, n in zip(a["sd"].to_list(), a["n"].to_list())]
-            fig.add_trace(go.Scatter(x=a["layer"].to_list(), y=a["mean"].to_list(), mode="lines+markers",
-                                     error_y=dict(type="data", array=ci, visible=True), name=method_label(me),
-                                     legendgroup=me, showlegend=j == 0,
-                                     line=dict(color=palette[k % len(palette)])), row=1, col=j + 1)
-    fig.update_xaxes(title_text="edit layer")
-    fig.update_yaxes(range=[-0.05, 1.05])
-    fig.update_yaxes(title_text="mean score", col=1)
+    fig = _score_lines_by_layer(sub, "method", meths, method_label, metrics)
     fig.update_layout(title=title or f"Edit success by layer: {problem_label(problem)}")
     return fig
 
@@ -254,25 +263,9 @@ def fig_scores_by_token_layer(
     if sub.height == 0 or "token" not in sub.columns:
         raise ValueError(f"no edit rows with a token column for problem={problem!r}, method={method!r}")
     sub = sub.with_columns(pl.col("token").cast(pl.String).fill_null(DEFAULT_EDIT_TOKEN))
-    known = list(EDIT_TOKENS)
-    tokens = sorted(sub["token"].unique().to_list(), key=lambda t: (known.index(t) if t in known else len(known), t))
+    tokens = _ordered(sub["token"].to_list(), list(EDIT_TOKENS))
     metrics = [m for m in metrics if m in sub.columns]
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics])
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-    for j, m in enumerate(metrics):
-        agg = (sub.group_by("token", "layer")
-               .agg(pl.col(m).mean().alias("mean"), pl.col(m).std().alias("sd"), pl.col(m).count().alias("n"))
-               .sort("layer"))
-        for k, tok in enumerate(tokens):
-            a = agg.filter(pl.col("token") == tok)
-            ci = [1.96 * (sd or 0.0) / math.sqrt(n) if n else 0.0 for sd, n in zip(a["sd"].to_list(), a["n"].to_list())]
-            fig.add_trace(go.Scatter(x=a["layer"].to_list(), y=a["mean"].to_list(), mode="lines+markers",
-                                     error_y=dict(type="data", array=ci, visible=True), name=token_label(tok),
-                                     legendgroup=tok, showlegend=j == 0,
-                                     line=dict(color=palette[k % len(palette)])), row=1, col=j + 1)
-    fig.update_xaxes(title_text="edit layer")
-    fig.update_yaxes(range=[-0.05, 1.05])
-    fig.update_yaxes(title_text="mean score", col=1)
+    fig = _score_lines_by_layer(sub, "token", tokens, token_label, metrics)
     fig.update_layout(title=title or f"Edit success by token and layer (Meng et al. Fig. 5): "
                                      f"{method_label(method)}, {problem_label(problem)}")
     return fig
