@@ -21,7 +21,6 @@ Without ``ray`` installed, :class:`RayUnavailableError` says how to install it (
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -288,8 +287,3 @@ def run_study_ray(
         if started_here:
             ray.shutdown()
 
-
-def cluster_resources() -> dict[str, Any]:
-    """The connected cluster's resources (for ``locedit info --ray``)."""
-    ray = _ray()
-    return json.loads(json.dumps(ray.cluster_resources()))

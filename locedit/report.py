@@ -15,6 +15,13 @@ __all__ = ["localization_analysis", "study_analysis", "token_analysis", "write_r
 _FEW_FACTS = 30  # below this many facts the report says, above the table, that the statistics carry little weight
 
 
+def own_token_edits(edits: pl.DataFrame) -> pl.DataFrame:
+    """The edits at ROME's and MEMIT's own position (the default token rule; rows of older runs have none)."""
+    if "token" not in edits.columns:
+        return edits
+    return edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN)
+
+
 def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5,
                           n_boot: int = 1000) -> dict:
     """The localization-method comparison (:mod:`stats.localization`) when the study localized with more than one
@@ -24,8 +31,7 @@ def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp",
 
     trace, edits = tables["tracing"], tables["edits"]
     out: dict = {"table": None, "paired": [], "frames": None}
-    if "token" in edits.columns:
-        edits = edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN)
+    edits = own_token_edits(edits)
     if edits.height == 0 or trace.height == 0 or "localization" not in trace.columns:
         return out
     if trace["localization"].n_unique() < 2 or window not in trace.filter(pl.col("kind") == kind)["window"].to_list():
@@ -60,8 +66,7 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
     from stats import join_trace, layer_correlations, regression_table
 
     trace, edits = tables["tracing"], tables["edits"]
-    if "token" in edits.columns:  # the paper's analysis: ROME/MEMIT at their own position (the token study is apart)
-        edits = edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN)
+    edits = own_token_edits(edits)  # the paper's analysis: ROME/MEMIT at their own position (the token study is apart)
     out: dict = {"analysis": None, "results": None, "concentrated": None, "correlations": None, "window": None}
     if trace.height == 0 or edits.height == 0:
         return out
@@ -175,7 +180,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
             )
         figs["Fig. 6: R² of Layer vs Layer + Tracing"] = fig_r2_bars(an["results"])
     if edits.height:
-        own = edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN) if "token" in edits.columns else edits
+        own = own_token_edits(edits)
         for problem in own["problem"].unique(maintain_order=True).to_list():
             figs[f"Fig. 7: scores by edit layer ({problem})"] = fig_scores_by_layer(own, problem=problem)
     config = json.loads((dirs[0] / "config.json").read_text()) if (dirs[0] / "config.json").exists() else {}
