@@ -1,4 +1,4 @@
-"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``summary``, ``tune-ft``, ``info``."""
+"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``pack``, ``findings``, ``summary``, ``tune-ft``, ``info``."""
 
 from __future__ import annotations
 
@@ -106,6 +106,27 @@ def cmd_report(args) -> int:
     path = write_report(*args.run_dirs, out=args.out)
     _warn_bad_lines(args.run_dirs)
     print(f"report: {path}")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from locedit.study import pack_run_dir
+
+    for run_dir in args.run_dirs:
+        for path, removed in pack_run_dir(run_dir):
+            state = "plain journal removed" if removed else "snapshot: a run is appending to the plain journal"
+            print(f"{path} ({path.stat().st_size / 2**10:.0f} KiB; {state})")
+    return 0
+
+
+def cmd_findings(args) -> int:
+    from locedit.findings import write_findings
+
+    fresh = write_findings(args.run_dir, args.doc, check=args.check)
+    if args.check:
+        print(f"{args.doc}: {'up to date' if fresh else 'out of date'} with {args.run_dir}")
+        return 0 if fresh else 1
+    print(f"{args.doc}: {'unchanged' if fresh else 'tables regenerated'} from {args.run_dir}")
     return 0
 
 
@@ -228,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default=None, help="default: <first run dir>/report.html")
     rep.set_defaults(func=cmd_report)
+
+    pk = sub.add_parser("pack", help="gzip a run directory's journals for shipping (it reports and resumes as is)")
+    pk.add_argument("run_dirs", nargs="+")
+    pk.set_defaults(func=cmd_pack)
+
+    fd = sub.add_parser("findings", help="regenerate a findings document's tables (docs/FINDINGS.md) from a run dir")
+    fd.add_argument("run_dir")
+    fd.add_argument("--doc", default="docs/FINDINGS.md")
+    fd.add_argument("--check", action="store_true", help="write nothing; exit 1 if the document is out of date")
+    fd.set_defaults(func=cmd_findings)
 
     sm = sub.add_parser("summary", help="mean scores, probabilities and seconds per problem × method × layer")
     sm.add_argument("run_dirs", nargs="+")

@@ -42,7 +42,7 @@ import dataclasses
 import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -161,10 +161,16 @@ class EditingConfig(_Section):
     # ROME/MEMIT edit positions (tracer.vocab.EDIT_TOKENS names or int offsets from the last subject token); methods
     # without a key position (FT) are edited once whatever this lists
     tokens: Annotated[tuple[StrictStr | StrictInt, ...], Field(min_length=1)] = (DEFAULT_EDIT_TOKEN,)
+    # the token rules other than the default only for these methods (None: every method with a key position) and
+    # only for the study's first `token_facts` facts (None: all); elsewhere the default token
+    token_methods: Annotated[tuple[StrictStr, ...], Field(min_length=1)] | None = None
+    token_facts: PositiveInt | None = None
 
     _problems = field_validator("problems")(classmethod(lambda cls, v: _names(PROBLEMS, "problem")(v)))
     _methods = field_validator("methods")(classmethod(lambda cls, v: _names(EDIT_METHODS, "edit method")(v)))
     _tokens = field_validator("tokens")(classmethod(lambda cls, v: _unique(tuple(check_edit_token(t) for t in v))))
+    _token_methods = field_validator("token_methods")(
+        classmethod(lambda cls, v: v if v is None else _names(EDIT_METHODS, "edit method")(v)))
 
 
 def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -204,6 +210,8 @@ def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
 class StudyConfig(_Section):
     name: StrictStr = "study"
     model: StrictStr = "smollm2-135m"
+    # unit order: "fact" (every unit of a fact, then the next) or "stage" (each stage over all facts; study.unit_keys)
+    order: Literal["fact", "stage"] = "fact"
     data: DataConfig = DataConfig()
     tracing: TracingConfig = TracingConfig()
     editing: EditingConfig = EditingConfig()

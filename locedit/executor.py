@@ -196,9 +196,10 @@ def run_study_ray(
         fact_ids = _prepare_run_dir(run_dir, config, lambda: _select_on_actors(ray, pool, config, dataset))
         _setup_log(run_dir)
         _check_provenance(run_dir, info["provenance"])
+        study_ids = fact_ids
         if limit is not None:
             fact_ids = fact_ids[:limit]
-        units, todo = todo_units(run_dir, config, fact_ids, info["n_layers"], retry_failed)
+        units, todo = todo_units(run_dir, config, fact_ids, info["n_layers"], retry_failed, study_ids)
         log.info("study %s on Ray: %d actors (%s cpus, %s gpus each), %d facts, %d units, %d to do", config.name,
                  actors, cpus_per_actor, gpus_per_actor, len(fact_ids), len(units), len(todo))
         by_fact: dict[str, list] = defaultdict(list)

@@ -7,10 +7,14 @@ a torn last line or a line garbled anywhere — and keep every valid record afte
 to ``quarantine.jsonl`` beside the journal (with the journal's name and the line number) before appending again, so
 nothing is deleted and nothing valid is lost. Each record carries a unique ``key``; readers keep the first record
 per key, so no row is ever duplicated. Parquet tables are *derived* from the journals (written atomically).
+
+A journal may also be gzip-compressed (``NAME.jsonl.gz``, written by :func:`compress_journal` for shipping a
+finished or paused run): readers take both forms, writers always append to the plain ``NAME.jsonl`` beside it.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -21,7 +25,8 @@ import polars as pl
 
 from tracer.atomic import atomic_path, write_atomic
 
-__all__ = ["Journal", "QUARANTINE", "read_journal", "read_journals", "scan_journal", "write_parquet_atomic"]
+__all__ = ["Journal", "QUARANTINE", "compress_journal", "journal_files", "read_journal", "read_journals",
+           "scan_journal", "write_parquet_atomic"]
 
 QUARANTINE = "quarantine.jsonl"
 
@@ -42,7 +47,7 @@ def scan_journal(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int
     records, bad = [], []
     if not path.exists():
         return records, bad
-    with open(path, "rb") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         for i, line in enumerate(f, 1):
             rec = _parse(line)
             if rec is None:
@@ -100,12 +105,17 @@ def read_journal(path: str | Path) -> Iterator[dict[str, Any]]:
     yield from scan_journal(path)[0]
 
 
+def _journal_order(p: Path) -> tuple:
+    """Shards in name order; a compressed journal before its plain sibling (it holds the older records)."""
+    return (str(p.with_name(p.name.removesuffix(".gz"))), not p.name.endswith(".gz"))
+
+
 def read_journals(paths: Iterable[str | Path], skipped: list | None = None) -> list[dict[str, Any]]:
     """Records of several journals (e.g. shards), first record per key kept, in file then line order; the
     ``(path, line number)`` of every skipped bad line is appended to ``skipped`` when given."""
     seen: set[str] = set()
     out = []
-    for p in sorted(Path(x) for x in paths):
+    for p in sorted((Path(x) for x in paths), key=_journal_order):
         records, bad = scan_journal(p)
         if skipped is not None:
             skipped += [(str(p), n) for n, _ in bad]
@@ -114,6 +124,30 @@ def read_journals(paths: Iterable[str | Path], skipped: list | None = None) -> l
                 seen.add(r["key"])
                 out.append(r)
     return out
+
+
+def journal_files(journal_dir: str | Path, table: str = "*") -> list[Path]:
+    """The journals of ``table`` (every table with "*") in a run's ``journal/`` folder, plain and compressed, sorted;
+    never the quarantine file."""
+    d = Path(journal_dir)
+    paths = [*d.glob(f"{table}.*.jsonl"), *d.glob(f"{table}.*.jsonl.gz")]
+    return sorted((p for p in paths if not p.name.startswith(QUARANTINE)), key=_journal_order)
+
+
+def compress_journal(plain: str | Path, remove_plain: bool = False) -> Path:
+    """Merge the plain journal ``NAME.jsonl`` into ``NAME.jsonl.gz`` (the records of both, first per key, older
+    first; written atomically and byte-reproducibly: gzip mtime 0). ``remove_plain`` then deletes the plain file --
+    only safe when no process appends to it (the caller holds the shard's lock). Returns the compressed file."""
+    plain = Path(plain)
+    packed = plain.with_name(plain.name + ".gz")
+    records = read_journals([packed, plain])
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records).encode()
+    with atomic_path(packed) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(
+            fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(text)
+    if remove_plain:
+        plain.unlink()
+    return packed
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> None:

@@ -37,7 +37,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from locedit.config import ConfigError, StudyConfig, check_against_model, default_edit_layers, parse_config
-from locedit.journal import QUARANTINE, Journal, read_journals, scan_journal, write_parquet_atomic
+from locedit.journal import Journal, compress_journal, journal_files, read_journals, scan_journal, write_parquet_atomic
 from tracer.atomic import write_atomic
 from editors.methods import resolve_method
 from tracer.result import tracing_frame
@@ -95,24 +95,50 @@ def _trace_windows(kind: str, windows: Sequence[int]) -> tuple[int, ...]:
     return (1,) if kind == "resid" else tuple(windows)
 
 
-def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int) -> list[tuple[str, str, tuple]]:
-    """All units of a study in run order: ``(table, key, spec)`` with table "tracing" or "edits"."""
-    layers = config.editing.layers or default_edit_layers(n_layers, config.model)
-    units = []
-    for fid in fact_ids:
-        for method in config.tracing.methods:
-            for kind in config.tracing.kinds:
-                for w in _trace_windows(kind, config.tracing.windows):
-                    key = f"trace|{fid}|{kind}|w{w}" + ("" if method == "noise" else f"|{method}")  # noise: old keys
-                    units.append(("tracing", key, (fid, kind, w, method)))
-        for problem in config.editing.problems:
-            for method in config.editing.methods:
-                tokens = config.editing.tokens if resolve_method(method).uses_token else (DEFAULT_EDIT_TOKEN,)
-                for token in tokens:
-                    for layer in layers:
-                        units.append(("edits", _edit_key(fid, problem, method, layer, token),
-                                      (fid, problem, method, layer, token)))
-    return units
+def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int,
+              study_ids: Sequence[str] | None = None) -> list[tuple[str, str, tuple]]:
+    """All units of a study in run order: ``(table, key, spec)`` with table "tracing" or "edits".
+
+    ``[study] order = "fact"`` (the default) runs every unit of a fact before the next fact; ``"stage"`` runs one
+    stage over every fact before the next -- each localization method, then each edit method at the default token
+    (all problems of a fact together), then the other token rules -- so a study stopped early has its first stages
+    complete over all facts (and its problems equally far). ``[editing] token_methods`` / ``token_facts`` limit the token rules other than the
+    default to those methods and to the first ``token_facts`` facts of ``study_ids`` (the study's fact order,
+    ``facts.json``; default ``fact_ids``); elsewhere a method is edited at the default token."""
+    ed = config.editing
+    layers = ed.layers or default_edit_layers(n_layers, config.model)
+    study_ids = list(fact_ids if study_ids is None else study_ids)
+    token_ids = set(study_ids if ed.token_facts is None else study_ids[: ed.token_facts])
+
+    def tokens_for(method: str, fid: str) -> tuple:
+        if not resolve_method(method).uses_token:
+            return (DEFAULT_EDIT_TOKEN,)
+        if fid not in token_ids or (ed.token_methods is not None and method not in ed.token_methods):
+            return (DEFAULT_EDIT_TOKEN,)
+        return ed.tokens
+
+    def traces(fid: str, method: str):
+        for kind in config.tracing.kinds:
+            for w in _trace_windows(kind, config.tracing.windows):
+                key = f"trace|{fid}|{kind}|w{w}" + ("" if method == "noise" else f"|{method}")  # noise: old keys
+                yield "tracing", key, (fid, kind, w, method)
+
+    def edits(fid: str, problem: str, method: str, token):
+        if token in tokens_for(method, fid):
+            for layer in layers:
+                yield "edits", _edit_key(fid, problem, method, layer, token), (fid, problem, method, layer, token)
+
+    if config.order == "fact":
+        return [u for fid in fact_ids for u in (
+            *(u for m in config.tracing.methods for u in traces(fid, m)),
+            *(u for p in ed.problems for m in ed.methods for t in tokens_for(m, fid) for u in edits(fid, p, m, t)),
+        )]
+    others = [t for t in ed.tokens if t != DEFAULT_EDIT_TOKEN]
+    return [
+        *(u for m in config.tracing.methods for fid in fact_ids for u in traces(fid, m)),
+        *(u for m in ed.methods for fid in fact_ids for p in ed.problems for u in edits(fid, p, m, DEFAULT_EDIT_TOKEN)),
+        *(u for m in ed.methods for fid in fact_ids for p in ed.problems for t in others for u in edits(fid, p, m, t)),
+    ]
 
 
 def _edit_key(fid: str, problem: str, method: str, layer: int, token: str | int) -> str:
@@ -195,8 +221,8 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, select: Callable[[], Se
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     """A ``config.json`` (``StudyConfig.to_dict``) back to the TOML layout ``parse_config`` takes."""
-    out = {k: v for k, v in flat.items() if k not in ("name", "model")}
-    out["study"] = {k: flat[k] for k in ("name", "model") if k in flat}
+    out = {k: v for k, v in flat.items() if k not in ("name", "model", "order")}
+    out["study"] = {k: flat[k] for k in ("name", "model", "order") if k in flat}
     return out
 
 
@@ -250,11 +276,38 @@ def lock_run_dir(run_dir: Path, shard: tuple[int, int] = (0, 1)) -> FileLock:
     return lock
 
 
-def todo_units(run_dir: Path, config: StudyConfig, fact_ids: Sequence[str], n_layers: int, retry_failed: bool):
-    """All units of ``fact_ids`` and those still to run (not finished; failed ones only with ``retry_failed``)."""
+def pack_run_dir(run_dir: str | Path) -> list[tuple[Path, bool]]:
+    """Compress a run directory's journals for shipping (``journal/NAME.jsonl`` -> ``NAME.jsonl.gz``, merged with
+    an earlier ``.gz``). A shard no process is running loses its plain journal; a running one keeps appending to it
+    and its ``.gz`` is a snapshot (pack again later). Every reader takes both forms, so a packed run reports and
+    resumes like a plain one. Returns ``(compressed file, plain journal removed)`` per journal."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "journal").is_dir():
+        raise ValueError(f"{run_dir} is not a locedit run directory (it has no journal/ folder)")
+    out = []
+    for plain in journal_files(run_dir / "journal"):
+        if plain.suffix == ".gz":
+            continue
+        shard = tuple(int(x) for x in plain.name.split(".shard-")[1].removesuffix(".jsonl").split("-of-"))
+        try:
+            lock = lock_run_dir(run_dir, shard)
+        except StudyLockedError:
+            out.append((compress_journal(plain), False))
+            continue
+        try:
+            out.append((compress_journal(plain, remove_plain=True), True))
+        finally:
+            lock.release()
+    return out
+
+
+def todo_units(run_dir: Path, config: StudyConfig, fact_ids: Sequence[str], n_layers: int, retry_failed: bool,
+               study_ids: Sequence[str] | None = None):
+    """All units of ``fact_ids`` and those still to run (not finished; failed ones only with ``retry_failed``).
+    ``study_ids``: the study's whole fact order (``[editing] token_facts`` counts in it)."""
     finished = _finished(run_dir)
-    failed = {r["key"] for r in read_journals((run_dir / "journal").glob("failures.*.jsonl"))} - finished
-    units = unit_keys(config, fact_ids, n_layers)
+    failed = {r["key"] for r in read_journals(journal_files(run_dir / "journal", "failures"))} - finished
+    units = unit_keys(config, fact_ids, n_layers, study_ids)
     return units, [u for u in units if u[1] not in finished and (retry_failed or u[1] not in failed)]
 
 
@@ -304,13 +357,14 @@ def _run_locked(config, run_dir, model, dataset, limit, shard, retry_failed, pro
     fact_ids = _prepare_run_dir(run_dir, config, lambda: select_facts(model, config, dataset))
     _setup_log(run_dir)
     _check_provenance(run_dir, provenance(config, model))
+    study_ids = fact_ids
     if limit is not None:
         fact_ids = fact_ids[:limit]
     fact_ids = fact_ids[i::n]
     wanted = set(fact_ids)
     by_id = {f.id: f for f in dataset if f.id in wanted}
     journals = {t: Journal(_journal_path(run_dir, t, shard)) for t in ("tracing", "edits", "failures")}
-    units, todo = todo_units(run_dir, config, fact_ids, model.cfg.n_layers, retry_failed)
+    units, todo = todo_units(run_dir, config, fact_ids, model.cfg.n_layers, retry_failed, study_ids)
     log.info("study %s shard %d/%d: %d facts, %d units, %d to do", config.name, i, n, len(fact_ids), len(units), len(todo))
     n_done = n_failed = 0
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
@@ -385,8 +439,7 @@ def _check_provenance(run_dir: Path, now: dict[str, Any]) -> None:
 
 def _finished(*run_dirs: Path) -> set[str]:
     """Keys of the units with a result (tracing or edits) in any shard's journal."""
-    paths = [p for d in run_dirs for p in (d / "journal").glob("*.jsonl")
-             if not p.name.startswith("failures") and p.name != QUARANTINE]
+    paths = [p for d in run_dirs for p in journal_files(d / "journal") if not p.name.startswith("failures")]
     return {r["key"] for r in read_journals(paths)}
 
 
@@ -406,9 +459,8 @@ def bad_journal_lines(*run_dirs: str | Path) -> list[tuple[str, int]]:
     """``(journal, line number)`` of every line the readers skip (torn or garbled; see :mod:`locedit.journal`)."""
     out = []
     for d in run_dirs:
-        for p in sorted((Path(d) / "journal").glob("*.jsonl")):
-            if p.name != QUARANTINE:
-                out += [(str(p), n) for n, _ in scan_journal(p)[1]]
+        for p in journal_files(Path(d) / "journal"):
+            out += [(str(p), n) for n, _ in scan_journal(p)[1]]
     return out
 
 
@@ -423,7 +475,7 @@ def collect_tables(*run_dirs: str | Path) -> dict[str, pl.DataFrame]:
             raise ValueError(f"{d} is not a locedit run directory (it has no journal/ folder)")
 
     def records(table):
-        return read_journals([p for d in dirs for p in (d / "journal").glob(f"{table}.*.jsonl")])
+        return read_journals([p for d in dirs for p in journal_files(d / "journal", table)])
 
     edits = records("edits")
     finished = _finished(*dirs)

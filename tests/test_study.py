@@ -1,4 +1,5 @@
-"""The batch study: resumable after kill -9 with exactly the rows of an uninterrupted run; bad units are logged."""
+"""The batch study: resumable after kill -9 (and after its journals were packed) with exactly the rows of an
+uninterrupted run; bad units are logged."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from locedit.config import ConfigError, parse_config
 from locedit.journal import Journal, read_journal
-from locedit.study import collect_tables, run_study
+from locedit.study import collect_tables, pack_run_dir, run_study
 
 RAW = {
     "study": {"name": "resume-test", "model": "smollm2-135m"},
@@ -102,6 +103,11 @@ def test_kill_and_resume_equals_uninterrupted(model, tmp_path):
     proc.wait()
     n_before = written()
     assert 4 <= n_before < summary.done
+
+    # ship it half-done: journals gzip-compressed (plain files removed, no process holds the lock); it resumes as is
+    packed = pack_run_dir(killed)
+    assert packed and all(removed for _, removed in packed)
+    assert not list((killed / "journal").glob("*.jsonl"))
 
     resumed = run_study(config, killed, model=model, progress=False)
     assert resumed.skipped >= n_before and resumed.done + resumed.skipped == summary.done

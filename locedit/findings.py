@@ -1,0 +1,414 @@
+"""``locedit findings``: the generated tables of ``docs/FINDINGS.md`` -- a study's results in the paper's layout next
+to the paper's own numbers (:mod:`stats.paper`), from a run directory's journals alone (no model, no recompute).
+
+``docs/FINDINGS.md`` is prose written around generated blocks::
+
+    <!-- findings:table3 -->
+    ... replaced by :func:`findings_blocks`["table3"] ...
+    <!-- /findings:table3 -->
+
+``locedit findings studies/reference --doc docs/FINDINGS.md`` rewrites every block from the run's tables;
+``--check`` only says whether the document is up to date (the test suite runs it on the shipped study). Blocks:
+``status`` (facts and units done per stage, compute), ``headline`` (R² Layer / Trace / Both, ΔR² with its interval
+and p per localization × problem × method), ``table1``, ``table3``, ``table2``, ``table7``, ``fig4``, ``fig7``,
+``localization`` (the per-method comparison incl. the concentrated subsets), ``reber`` (paired differences
+against noise), ``tokens`` (the token × layer result) and ``cost`` (measured seconds per unit per stage and what the
+unfinished stages would take).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from editors.methods import DEFAULT_METHOD
+from problems.variants import DEFAULT_PROBLEM
+from tracer.vocab import DEFAULT_EDIT_TOKEN
+
+__all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
+
+FINDINGS_BLOCKS = ("status", "headline", "table1", "table3", "table2", "table7", "fig4", "fig7", "localization",
+                   "reber", "tokens", "cost")
+_BLOCK = re.compile(r"(<!-- findings:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /findings:(?P=name) -->)", re.S)
+_N_BOOT = 1000
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _ci(lo, hi, digits: int = 3) -> str:
+    if lo is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a"
+    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _p(p) -> str:
+    from stats.tables import format_p
+
+    return format_p(p)
+
+
+def _md(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    out = ["| " + " | ".join(header) + " |",
+           "| " + " | ".join("---" if i < right_from else "---:" for i in range(len(header))) + " |"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _labels():
+    from stats.tables import METHOD_LABELS, PROBLEM_LABELS
+
+    return PROBLEM_LABELS, METHOD_LABELS
+
+
+# ---------------------------------------------------------------- stages and compute
+
+
+def _stage_of(key: str) -> str:
+    parts = key.split("|")
+    if parts[0] == "trace":
+        return f"localization: {parts[4] if len(parts) > 4 else 'noise'}"
+    method = parts[3]
+    return f"edits: {method}" + (f" at token rule {parts[5][1:]}" if len(parts) > 5 else "")
+
+
+def _stages(run_dir: Path) -> tuple[dict[str, int], dict[str, list[float]], int]:
+    """Units per stage in the study's design, measured seconds of the finished ones per stage, torch threads."""
+    from locedit.config import parse_config
+    from locedit.journal import journal_files, read_journals
+    from locedit.study import _nested, unit_keys
+
+    config = parse_config(_nested(json.loads((run_dir / "config.json").read_text())))
+    facts = json.loads((run_dir / "facts.json").read_text())
+    prov = json.loads((run_dir / "provenance.json").read_text()) if (run_dir / "provenance.json").exists() else {}
+    n_layers = int(prov.get("model", {}).get("n_layers", 30))
+    total: dict[str, int] = defaultdict(int)
+    for _, key, _ in unit_keys(config, facts, n_layers):
+        total[_stage_of(key)] += 1
+    secs: dict[str, list[float]] = defaultdict(list)
+    done = [p for p in journal_files(run_dir / "journal") if not p.name.startswith("failures")]
+    for rec in read_journals(done):
+        secs[_stage_of(rec["key"])].append(float(rec.get("seconds", float("nan"))))
+    return dict(total), dict(secs), int(prov.get("threads", 1))
+
+
+def _status_block(run_dir: Path, tables: dict[str, pl.DataFrame]) -> str:
+    total, secs, threads = _stages(run_dir)
+    rows = []
+    for stage, n in total.items():
+        d = len(secs.get(stage, []))
+        rows.append([stage, f"{d} / {n}", "complete" if d == n else ("not started" if d == 0 else "partial")])
+    edits = tables["edits"]
+    n_traced = tables["tracing"]["fact_id"].n_unique() if tables["tracing"].height else 0
+    n_edited = edits["fact_id"].n_unique() if edits.height else 0
+    wall = sum(s for v in secs.values() for s in v if math.isfinite(s))
+    facts = len(json.loads((run_dir / "facts.json").read_text()))
+    return (f"{facts} facts selected; {n_traced} localized, {n_edited} edited. Units finished: "
+            f"{sum(len(v) for v in secs.values())} of {sum(total.values())}; their own times sum to "
+            f"{wall / 3600:.2f} h of wall-clock on {threads} torch thread(s) ({wall * threads / 3600:.2f} CPU-hours).\n\n"
+            + _md(["stage", "units done", "state"], rows, right_from=1))
+
+
+def _cost_block(run_dir: Path) -> str:
+    total, secs, threads = _stages(run_dir)
+    rows, left = [], 0.0
+    for stage, n in total.items():
+        v = [s for s in secs.get(stage, []) if math.isfinite(s)]
+        mean = float(np.mean(v)) if v else float("nan")
+        remaining = (n - len(secs.get(stage, []))) * mean if v else float("nan")
+        if math.isfinite(remaining):
+            left += remaining
+        rows.append([stage, str(len(v)), _num(mean, 1), str(n), "n/a" if not v else f"{remaining / 3600:.1f}"])
+    return (_md(["stage", "units timed", "mean s / unit", "units in design", "hours left at that rate"], rows)
+            + f"\nStages not started have no measured rate; the measured ones leave ≈ {left / 3600:.1f} h of "
+              f"wall-clock ({threads} threads).\n")
+
+
+# ---------------------------------------------------------------- regressions
+
+
+def _loc_table(tables: dict[str, pl.DataFrame], n_boot: int) -> pl.DataFrame:
+    from locedit.report import own_token_edits
+    from stats import localization_table
+
+    edits = own_token_edits(tables["edits"])
+    if edits.height == 0 or tables["tracing"].height == 0:
+        return pl.DataFrame()
+    return localization_table(edits, tables["tracing"], collapses=("max",), n_boot=n_boot)
+
+
+def _sorted_rows(df: pl.DataFrame) -> list[dict]:
+    from stats.tables import METHOD_ORDER, PROBLEM_ORDER
+
+    def key(r):
+        return (PROBLEM_ORDER.index(r["problem"]) if r["problem"] in PROBLEM_ORDER else 99,
+                METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99)
+
+    return sorted(df.iter_rows(named=True), key=key)
+
+
+def _headline_block(loc: pl.DataFrame) -> str:
+    from stats.paper import PAPER_TABLE3
+
+    problems, methods = _labels()
+    if loc.height == 0:
+        return "No finished edits yet.\n"
+    rows = []
+    for name in loc["localization"].unique(maintain_order=True).to_list():
+        sub = loc.filter((pl.col("localization") == name) & (pl.col("subset") == "all"))
+        for r in _sorted_rows(sub):
+            paper = PAPER_TABLE3.get((problems.get(r["problem"]), methods.get(r["method"]))) if name == "noise" else None
+            rows.append([name, problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
+                         str(r["n_facts"]), str(r["n"]), _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]),
+                         _num(r["r2_diff"]), _num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]), _p(r["p"]),
+                         "—" if paper is None else f"{paper.layer:.3f} / {paper.trace:.3f} / {paper.diff:.3f}"])
+    return _md(["localization", "problem", "method", "facts", "edits", "R² layer", "R² trace", "R² both", "ΔR²",
+                "adj. ΔR²", "adj. ΔR² 95% CI", "F-test p", "paper layer / trace / ΔR²"], rows, right_from=3)
+
+
+def _table3_block(loc: pl.DataFrame) -> str:
+    from stats.paper import PAPER_TABLE3
+
+    problems, methods = _labels()
+    sub = loc.filter((pl.col("localization") == "noise") & (pl.col("subset") == "all")) if loc.height else loc
+    rows = []
+    for r in _sorted_rows(sub) if sub.height else []:
+        p = PAPER_TABLE3.get((problems.get(r["problem"]), methods.get(r["method"])))
+        paper = ["—"] * 5 if p is None else [f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}", p.p]
+        rows.append([problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
+                     _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]), _num(r["r2_diff"]), _p(r["p"]),
+                     str(r["n_facts"]), *paper])
+    if not rows:
+        return "No finished edits yet.\n"
+    return _md(["Editing Problem", "Method", "Layer", "Trace", "Both", "Diff", "p-value", "facts",
+                "paper Layer", "paper Trace", "paper Both", "paper Diff", "paper p"], rows, right_from=2)
+
+
+def _table1_block(loc: pl.DataFrame) -> str:
+    from stats.paper import PAPER_TABLE3
+
+    problems, methods = _labels()
+    p = PAPER_TABLE3[(problems[DEFAULT_PROBLEM], methods[DEFAULT_METHOD])]
+    sub = loc.filter((pl.col("localization") == "noise") & (pl.col("subset") == "all") & (
+        pl.col("problem") == DEFAULT_PROBLEM) & (pl.col("method") == DEFAULT_METHOD)) if loc.height else loc
+    if sub.height == 0:
+        return "No finished ROME Error Injection edits yet.\n"
+    r = sub.row(0, named=True)
+    return _md(["", "Layer", "Tracing Effect", "Both", "facts"], [
+        ["this study (SmolLM2-135M)", _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]), str(r["n_facts"])],
+        ["paper (GPT-J 6B)", f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", "652"]])
+
+
+def _table2_block(loc: pl.DataFrame) -> str:
+    from stats.paper import PAPER_TABLE2_N_FACTS, PAPER_TABLE2_ROME as p
+
+    problems, methods = _labels()
+    if loc.height == 0:
+        return "No finished edits yet.\n"
+    rows = []
+    for name in loc["localization"].unique(maintain_order=True).to_list():
+        allf = {(r["problem"], r["method"]): r["n_facts"] for r in loc.filter(
+            (pl.col("localization") == name) & (pl.col("subset") == "all")).iter_rows(named=True)}
+        sub = loc.filter((pl.col("localization") == name) & (pl.col("subset") == "concentrated"))
+        for r in _sorted_rows(sub):
+            rows.append([name, problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
+                         f"{r['n_facts']} of {allf.get((r['problem'], r['method']), '?')}", _num(r["r2_layer"]),
+                         _num(r["r2_trace"]), _num(r["r2_both"]), _num(r["r2_diff"]), _p(r["p"])])
+    rows.append(["noise (paper)", "Error Injection", "ROME", f"{PAPER_TABLE2_N_FACTS} of 652", f"{p.layer:.3f}",
+                 f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}", "—"])
+    return _md(["localization", "problem", "method", "concentrated facts", "Layer", "Trace", "Both", "Diff",
+                "p-value"], rows, right_from=3)
+
+
+def _analysis(tables: dict[str, pl.DataFrame], localization: str = "noise") -> pl.DataFrame | None:
+    from locedit.report import own_token_edits
+    from stats import localization_frames
+
+    edits = own_token_edits(tables["edits"])
+    if edits.height == 0 or tables["tracing"].height == 0:
+        return None
+    return localization_frames(edits, tables["tracing"]).get(localization)
+
+
+def _table7_block(tables: dict[str, pl.DataFrame]) -> str:
+    from stats import fit_regression
+    from stats.paper import PAPER_TABLE7_ROME as p
+
+    a = _analysis(tables)
+    if a is None:
+        return "No finished edits yet.\n"
+    g = a.filter((pl.col("problem") == DEFAULT_PROBLEM) & (pl.col("method") == DEFAULT_METHOD))
+    if g.height == 0:
+        return "No finished ROME Error Injection edits yet.\n"
+    r = fit_regression(g, "rewrite_score", problem=DEFAULT_PROBLEM, method=DEFAULT_METHOD)
+    return _md(["ROME rewrite score, Error Injection", "this study", "paper"], [
+        ["RMSE, Layer", _num(r.layer.rmse), f"{p['rmse_layer']:.3f}"],
+        ["RMSE, Tracing Effect", _num(r.trace.rmse), f"{p['rmse_trace']:.3f}"],
+        ["MAE, Layer", _num(r.layer.mae), f"{p['mae_layer']:.3f}"],
+        ["MAE, Tracing Effect", _num(r.trace.mae), f"{p['mae_trace']:.3f}"]])
+
+
+def _fig4_block(tables: dict[str, pl.DataFrame]) -> str:
+    from stats import layer_correlations
+    from stats.paper import PAPER_FIG4
+
+    problems, methods = _labels()
+    rows = []
+    for name in ("noise", "flip", "zero"):
+        a = _analysis(tables, name)
+        if a is None:
+            continue
+        corr = layer_correlations(a, "rewrite_score")
+        for r in corr.iter_rows(named=True):
+            n, rho = r["n"], r["rho"]
+            lo = hi = float("nan")
+            if n > 3 and rho is not None and math.isfinite(rho) and abs(rho) < 1:
+                z, se = math.atanh(rho), 1 / math.sqrt(n - 3)
+                lo, hi = math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
+            rows.append([name, problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
+                         str(r["layer"]), str(n), _num(rho, 2), _ci(lo, hi, 2), _p(r["p"])])
+    if not rows:
+        return "No finished edits yet.\n"
+    return (_md(["localization", "problem", "method", "edit layer", "facts", "Pearson ρ (rewrite vs effect)",
+                 "95% CI (Fisher z)", "p"], rows, right_from=3)
+            + f"\nPaper (Fig. 4, GPT-J, ROME, Error Injection, noise): ρ = {PAPER_FIG4['rho']} at layer "
+              f"{PAPER_FIG4['layer']} of 28.\n")
+
+
+def _fig7_block(tables: dict[str, pl.DataFrame]) -> str:
+    from locedit.report import own_token_edits
+    from stats.paper import PAPER_FIG7
+
+    problems, methods = _labels()
+    edits = own_token_edits(tables["edits"])
+    if edits.height == 0:
+        return "No finished edits yet.\n"
+    metrics = ("rewrite_score", "paraphrase_score", "neighborhood_score")
+
+    def cell(v: pl.Series) -> str:
+        x = v.cast(pl.Float64).fill_nan(None).drop_nulls().to_numpy()
+        if len(x) < 2:
+            return _num(float(x[0]) if len(x) else None)
+        half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
+        return f"{x.mean():.3f} ± {half:.3f}"
+
+    rows = []
+    for r in _sorted_rows(edits.select("problem", "method").unique()):
+        sub = edits.filter((pl.col("problem") == r["problem"]) & (pl.col("method") == r["method"]))
+        for layer in sorted(sub["layer"].unique().to_list()):
+            g = sub.filter(pl.col("layer") == layer)
+            rows.append([problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]), str(layer),
+                         str(g.height), *(cell(g[m]) for m in metrics)])
+    return (_md(["problem", "method", "edit layer", "facts", "rewrite (mean ± 95%)", "paraphrase", "neighborhood"],
+                rows, right_from=2) + f"\nPaper (Fig. 7, GPT-J): {PAPER_FIG7}\n")
+
+
+def _localization_block(loc: pl.DataFrame) -> str:
+    problems, methods = _labels()
+    if loc.height == 0 or loc["localization"].n_unique() < 2:
+        return "Only one localization method has finished so far.\n"
+    rows = []
+    for subset in ("all", "concentrated"):
+        for name in loc["localization"].unique(maintain_order=True).to_list():
+            sub = loc.filter((pl.col("localization") == name) & (pl.col("subset") == subset))
+            for r in _sorted_rows(sub):
+                rows.append([subset, name, problems.get(r["problem"], r["problem"]),
+                             methods.get(r["method"], r["method"]), str(r["n_facts"]), _num(r["r2_trace"]),
+                             _num(r["r2_diff"]), _num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]), _p(r["p"])])
+    return _md(["facts", "localization", "problem", "method", "n facts", "R² trace alone", "ΔR²", "adj. ΔR²",
+                "adj. ΔR² 95% CI", "F-test p"], rows, right_from=4)
+
+
+def _reber_block(tables: dict[str, pl.DataFrame], n_boot: int) -> str:
+    from locedit.report import own_token_edits
+    from stats import paired_differences
+
+    edits = own_token_edits(tables["edits"])
+    if edits.height == 0 or tables["tracing"].height == 0:
+        return "No finished edits yet.\n"
+    diffs = paired_differences(edits, tables["tracing"], n_boot=n_boot)
+    if not diffs:
+        return "Only one localization method has finished so far.\n"
+    problems, methods = _labels()
+    rows = [[d.localization, problems.get(d.problem, d.problem), methods.get(d.method, d.method), str(d.n_facts),
+             f"{100 * d.difference:+.1f}", _ci(100 * d.ci_low, 100 * d.ci_high, 1),
+             "yes" if math.isfinite(d.ci_low) and (d.ci_low > 0 or d.ci_high < 0) else "no"] for d in diffs]
+    return _md(["method X", "problem", "edit method", "facts", "ΔR²(X) − ΔR²(noise), points", "95% CI (paired)",
+                "excludes 0"], rows, right_from=3)
+
+
+def _tokens_block(tables: dict[str, pl.DataFrame]) -> str:
+    from locedit.report import token_analysis
+    from stats.tables import score_summary, to_markdown
+
+    edits = tables["edits"]
+    if edits.height == 0 or "token" not in edits.columns or edits["token"].n_unique() < 2:
+        return "The token rules have not run yet (they are the study's last stage).\n"
+    facts = edits.filter(pl.col("token") != DEFAULT_EDIT_TOKEN)["fact_id"].unique()
+    sub = {**tables, "edits": edits.filter(pl.col("fact_id").is_in(facts.implode()))}
+    an = token_analysis(sub)
+    means = score_summary(sub["edits"], by=("problem", "method", "token", "layer"),
+                          columns=("rewrite_score", "neighborhood_score"))
+    out = [f"Facts edited at every token rule: {facts.len()}.", "", to_markdown(means, title="Mean score by token rule × layer")]
+    if an["regressions"] is not None and an["regressions"].height:
+        cols = [c for c in ("problem", "method", "n", "n_facts", "r2_layer", "r2_token", "r2_layer_token",
+                            "r2_with_effect", "r2_diff", "r2_diff_adj", "ci_low", "ci_high", "p") if
+                c in an["regressions"].columns]
+        out += [to_markdown(an["regressions"].select(cols), p_columns=("p",),
+                            title="Token-level regressions: does the cell's tracing effect add to layer × token?")]
+    if an["best_cell"] is not None and an["best_cell"].height:
+        out += [to_markdown(an["best_cell"], p_columns=("p",),
+                            title="Is a fact's peak-tracing cell among its best-editing cells?")]
+    return "\n".join(out)
+
+
+def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, str]:
+    """Every generated block of ``docs/FINDINGS.md`` (Markdown) from ``run_dir``'s journals."""
+    from locedit.study import collect_tables
+
+    run_dir = Path(run_dir)
+    tables = collect_tables(run_dir)
+    loc = _loc_table(tables, n_boot)
+    return {
+        "status": _status_block(run_dir, tables),
+        "headline": _headline_block(loc),
+        "table1": _table1_block(loc),
+        "table3": _table3_block(loc),
+        "table2": _table2_block(loc),
+        "table7": _table7_block(tables),
+        "fig4": _fig4_block(tables),
+        "fig7": _fig7_block(tables),
+        "localization": _localization_block(loc),
+        "reber": _reber_block(tables, n_boot),
+        "tokens": _tokens_block(tables),
+        "cost": _cost_block(run_dir),
+    }
+
+
+def update_document(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with the body of each ``<!-- findings:NAME -->`` block replaced by ``blocks[NAME]`` (a block the
+    text has but ``blocks`` lacks is a ``ValueError``)."""
+    unknown = sorted({m["name"] for m in _BLOCK.finditer(text)} - set(blocks))
+    if unknown:
+        raise ValueError(f"unknown findings block(s) {unknown}; known: {list(blocks)}")
+    return _BLOCK.sub(lambda m: m.group(1) + blocks[m["name"]].rstrip("\n") + "\n" + m.group(4), text)
+
+
+def write_findings(run_dir: str | Path, doc: str | Path, *, check: bool = False, n_boot: int = _N_BOOT) -> bool:
+    """Regenerate ``doc``'s blocks from ``run_dir``; with ``check`` write nothing. Returns whether ``doc`` was
+    already up to date."""
+    doc = Path(doc)
+    if not doc.is_file():
+        raise FileNotFoundError(f"no findings document {doc}")
+    text = doc.read_text()
+    new = update_document(text, findings_blocks(run_dir, n_boot=n_boot))
+    if not check and new != text:
+        doc.write_text(new)
+    return new == text
