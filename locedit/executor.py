@@ -202,44 +202,51 @@ def run_study_ray(
         units, todo = todo_units(run_dir, config, fact_ids, info["n_layers"], retry_failed, study_ids)
         log.info("study %s on Ray: %d actors (%s cpus, %s gpus each), %d facts, %d units, %d to do", config.name,
                  actors, cpus_per_actor, gpus_per_actor, len(fact_ids), len(units), len(todo))
-        by_fact: dict[str, list] = defaultdict(list)
+        # one actor call per run of consecutive units of one fact in run order: a whole fact in "fact" order, one
+        # (stage, fact) in "stage" order -- so the stages finish in order here too
+        batches: list[tuple[str, list]] = []
         for u in todo:
-            by_fact[u[2][0]].append(u)
-        queue = deque(fid for fid in fact_ids if fid in by_fact)
+            if batches and batches[-1][0] == u[2][0]:
+                batches[-1][1].append(u)
+            else:
+                batches.append((u[2][0], [u]))
+        queue = deque(range(len(batches)))
         journals = {t: Journal(_journal_path(run_dir, t, (0, 1))) for t in ("tracing", "edits", "failures")}
         flusher = TableFlusher(run_dir, flush_seconds)
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study (ray)", unit="unit",
                    disable=not progress)
-        inflight: dict = {}  # object ref -> (actor index, fact id)
+        inflight: dict = {}  # object ref -> (actor index, batch index)
         idle = list(range(len(pool)))
-        tries: dict[str, int] = defaultdict(int)
+        tries: dict[int, int] = defaultdict(int)
         done_units: dict[int, int] = defaultdict(int)
         n_done = n_failed = facts_done = 0
         t0 = time.monotonic()
 
         def submit():
             while idle and queue:
-                a, fid = idle.pop(), queue.popleft()
-                ref = pool[a].run_fact.remote(fid, [(t, k, list(spec)) for t, k, spec in by_fact[fid]])
-                inflight[ref] = (a, fid)
+                a, b = idle.pop(), queue.popleft()
+                fid, batch = batches[b]
+                ref = pool[a].run_fact.remote(fid, [(t, k, list(spec)) for t, k, spec in batch])
+                inflight[ref] = (a, b)
 
         submit()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             ref = ready[0]
-            a, fid = inflight.pop(ref)
+            a, b = inflight.pop(ref)
+            fid = batches[b][0]
             try:
                 res = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.NodeDiedError) as e:
-                tries[fid] += 1
-                log.warning("actor %d died while running %s (%s); replacing it and re-queueing the fact (try %d)",
-                            a, fid, type(e).__name__, tries[fid])
+                tries[b] += 1
+                log.warning("actor %d died while running %s (%s); replacing it and re-queueing its units (try %d)",
+                            a, fid, type(e).__name__, tries[b])
                 pool[a] = spawn()
-                if tries[fid] <= max_fact_retries:
-                    queue.appendleft(fid)
+                if tries[b] <= max_fact_retries:
+                    queue.appendleft(b)
                 else:
-                    for _, key, _spec in by_fact[fid]:
+                    for _, key, _spec in batches[b][1]:
                         journals["failures"].append({"key": key, "stage": "actor", "fact_id": fid,
                                                      "error_type": type(e).__name__, "error": str(e)[:500]})
                         n_failed += 1
