@@ -11,7 +11,8 @@ to the paper's own numbers (:mod:`stats.paper`), from a run directory's journals
 ``--check`` only says whether the document is up to date (the test suite runs it on the shipped study). Blocks:
 ``status`` (facts and units done per stage, compute), ``headline`` (R² Layer / Trace / Both, ΔR² with its interval
 and p per localization × problem × method), ``table1``, ``table3``, ``table2``, ``table7``, ``fig4``, ``fig7``,
-``localization`` (the per-method comparison incl. the concentrated subsets), ``reber`` (paired differences
+``agreement`` (where each localization method peaks on every localized fact, and how well it agrees with
+noise), ``localization`` (the per-method comparison incl. the concentrated subsets), ``reber`` (paired differences
 against noise), ``tokens`` (the token × layer result) and ``cost`` (measured seconds per unit per stage and what the
 unfinished stages would take).
 """
@@ -33,8 +34,8 @@ from tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
 
-FINDINGS_BLOCKS = ("status", "headline", "table1", "table3", "table2", "table7", "fig4", "fig7", "localization",
-                   "reber", "tokens", "cost")
+FINDINGS_BLOCKS = ("status", "headline", "table1", "table3", "table2", "table7", "fig4", "fig7", "agreement",
+                   "localization", "reber", "tokens", "cost")
 _BLOCK = re.compile(r"(<!-- findings:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /findings:(?P=name) -->)", re.S)
 _N_BOOT = 1000
 
@@ -326,6 +327,52 @@ def _localization_block(loc: pl.DataFrame) -> str:
                 "adj. ΔR² 95% CI", "F-test p"], rows, right_from=4)
 
 
+def _agreement_block(tables: dict[str, pl.DataFrame]) -> str:
+    """Where each method localizes, on every localized fact (no edits needed): the per-layer effect curve (max over
+    tokens, window 5), its peak layer, the concentrated share, and each method's agreement with noise."""
+    from stats import concentrated_facts, per_layer_effects
+
+    trace = tables["tracing"]
+    if trace.height == 0 or "localization" not in trace.columns:
+        return "No localization has finished yet.\n"
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    rows = []
+    for name in trace["localization"].unique(maintain_order=True).to_list():
+        eff = per_layer_effects(trace, kind="mlp", window=5, localization=name)
+        if eff.height == 0:
+            continue
+        conc = concentrated_facts(eff)
+        curves[name] = {fid: g.sort("layer")["effect"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+                        for (fid,), g in eff.group_by(["fact_id"])}
+        peaks = np.array([int(np.nanargmax(c)) for c in curves[name].values() if np.isfinite(c).any()])
+        maxes = np.array([np.nanmax(c) for c in curves[name].values() if np.isfinite(c).any()])
+        rows.append([name, str(len(curves[name])), f"{peaks.mean():.1f}", f"{np.median(peaks):.0f}",
+                     f"{np.percentile(peaks, 25):.0f}–{np.percentile(peaks, 75):.0f}", _num(float(np.median(maxes))),
+                     f"{conc['concentrated'].mean():.2f}"])
+    out = _md(["localization", "facts", "mean peak layer", "median", "IQR", "median peak effect",
+               "concentrated share"], rows)
+    if "noise" in curves and len(curves) > 1:
+        pair_rows = []
+        for name, c in curves.items():
+            if name == "noise":
+                continue
+            facts = sorted(set(c) & set(curves["noise"]))
+            rs, close = [], []
+            for f in facts:
+                a, b = curves["noise"][f], c[f]
+                ok = np.isfinite(a) & np.isfinite(b)
+                if ok.sum() >= 3 and np.ptp(a[ok]) > 0 and np.ptp(b[ok]) > 0:
+                    rs.append(float(np.corrcoef(a[ok], b[ok])[0, 1]))
+                if np.isfinite(a).any() and np.isfinite(b).any():
+                    close.append(abs(int(np.nanargmax(a)) - int(np.nanargmax(b))) <= 2)
+            pair_rows.append([f"noise vs {name}", str(len(facts)), _num(float(np.median(rs)) if rs else None, 2),
+                              f"{np.percentile(rs, 25):.2f}–{np.percentile(rs, 75):.2f}" if rs else "n/a",
+                              f"{np.mean(close):.2f}" if close else "n/a"])
+        out += "\n" + _md(["pair", "facts", "median per-fact r of the per-layer curves", "IQR",
+                           "share with peak layers ≤ 2 apart"], pair_rows)
+    return out
+
+
 def _reber_block(tables: dict[str, pl.DataFrame], n_boot: int) -> str:
     from locedit.report import own_token_edits
     from stats import paired_differences
@@ -385,6 +432,7 @@ def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, 
         "table7": _table7_block(tables),
         "fig4": _fig4_block(tables),
         "fig7": _fig7_block(tables),
+        "agreement": _agreement_block(tables),
         "localization": _localization_block(loc),
         "reber": _reber_block(tables, n_boot),
         "tokens": _tokens_block(tables),
