@@ -240,8 +240,8 @@ def run_study_ray(
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.NodeDiedError) as e:
                 tries[b] += 1
-                log.warning("actor %d died while running %s (%s); replacing it and re-queueing the fact's units (try %d)",
-                            a, fid, type(e).__name__, tries[b])
+                log.warning("actor %d died while running %s (%s); replacing it and re-queueing the fact's units "
+                            "(try %d)", a, fid, type(e).__name__, tries[b])
                 pool[a] = spawn()
                 if tries[b] <= max_fact_retries:
                     queue.appendleft(b)
