@@ -10,7 +10,8 @@ to the paper's own numbers (:mod:`stats.paper`), from a run directory's journals
 ``locedit findings studies/reference --doc docs/FINDINGS.md`` rewrites every block from the run's tables;
 ``--check`` only says whether the document is up to date (the test suite runs it on the shipped study). Blocks:
 ``status`` (facts and units done per stage, compute), ``headline`` (R² Layer / Trace / Both, ΔR² with its interval
-and p per localization × problem × method), ``table1``, ``table3``, ``table2``, ``table7``, ``fig4``, ``fig7``,
+and p per localization × problem × method), ``table1``, ``table3``, ``facts`` (how much of the score is the fact
+itself: R² of layer, fact and layer + fact fixed effects), ``table2``, ``table7``, ``fig4``, ``fig7``,
 ``agreement`` (where each localization method peaks on every localized fact, and how well it agrees with
 noise), ``localization`` (the per-method comparison incl. the concentrated subsets), ``reber`` (paired differences
 against noise), ``tokens`` (the token × layer result) and ``cost`` (measured seconds per unit per stage and what the
@@ -34,7 +35,7 @@ from tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
 
-FINDINGS_BLOCKS = ("status", "headline", "table1", "table3", "table2", "table7", "fig4", "fig7", "agreement",
+FINDINGS_BLOCKS = ("status", "headline", "table1", "table3", "facts", "table2", "table7", "fig4", "fig7", "agreement",
                    "localization", "reber", "tokens", "cost")
 _BLOCK = re.compile(r"(<!-- findings:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /findings:(?P=name) -->)", re.S)
 _N_BOOT = 1000
@@ -205,6 +206,30 @@ def _table1_block(loc: pl.DataFrame) -> str:
     return _md(["", "Layer", "Tracing Effect", "Both", "facts"], [
         ["this study (SmolLM2-135M)", _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]), str(r["n_facts"])],
         ["paper (GPT-J 6B)", f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", "652"]])
+
+
+def _fact_block(tables: dict[str, pl.DataFrame]) -> str:
+    """How much of the rewrite score's variance is the fact itself: R² of ``score ~ C(layer)``, ``score ~ C(fact)``
+    and ``score ~ C(layer) + C(fact)`` per problem × method (statsmodels OLS on the edits)."""
+    import statsmodels.formula.api as smf
+
+    from locedit.report import own_token_edits
+
+    problems, methods = _labels()
+    edits = own_token_edits(tables["edits"])
+    if edits.height == 0:
+        return "No finished edits yet.\n"
+    rows = []
+    for r in _sorted_rows(edits.select("problem", "method").unique()):
+        g = edits.filter((pl.col("problem") == r["problem"]) & (pl.col("method") == r["method"])).select(
+            "fact_id", "layer", pl.col("rewrite_score").cast(pl.Float64).fill_nan(None)).drop_nulls().to_pandas()
+        if g["fact_id"].nunique() < 2 or g["layer"].nunique() < 2:
+            continue
+        fits = {f: smf.ols(f"rewrite_score ~ {f}", g).fit().rsquared
+                for f in ("C(layer)", "C(fact_id)", "C(layer) + C(fact_id)")}
+        rows.append([problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
+                     str(g["fact_id"].nunique()), *(_num(v) for v in fits.values())])
+    return _md(["problem", "method", "facts", "R² layer", "R² fact", "R² layer + fact"], rows, right_from=2)
 
 
 def _table2_block(loc: pl.DataFrame) -> str:
@@ -428,6 +453,7 @@ def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, 
         "headline": _headline_block(loc),
         "table1": _table1_block(loc),
         "table3": _table3_block(loc),
+        "facts": _fact_block(tables),
         "table2": _table2_block(loc),
         "table7": _table7_block(tables),
         "fig4": _fig4_block(tables),
