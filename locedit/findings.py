@@ -26,11 +26,23 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 
 from editors.methods import DEFAULT_METHOD
 from problems.variants import DEFAULT_PROBLEM
+from stats.paper import (
+    PAPER_FIG4,
+    PAPER_FIG7,
+    PAPER_N_FACTS,
+    PAPER_TABLE2_N_FACTS,
+    PAPER_TABLE2_ROME,
+    PAPER_TABLE3,
+    PAPER_TABLE7_ROME,
+)
+from stats.tables import format_num, format_p, method_label, problem_label, sort_paper_order
 from tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
@@ -41,36 +53,35 @@ _BLOCK = re.compile(r"(<!-- findings:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /
 _N_BOOT = 1000
 
 
-def _num(x, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
 def _ci(lo, hi, digits: int = 3) -> str:
     if lo is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return "n/a"
     return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-def _p(p) -> str:
-    from stats.tables import format_p
-
-    return format_p(p)
-
-
 def _md(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    """A Markdown table of already formatted cells (columns from ``right_from`` on right-aligned)."""
     out = ["| " + " | ".join(header) + " |",
            "| " + " | ".join("---" if i < right_from else "---:" for i in range(len(header))) + " |"]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 
-def _labels():
-    from stats.tables import METHOD_LABELS, PROBLEM_LABELS
-
-    return PROBLEM_LABELS, METHOD_LABELS
+def _labels(r) -> list[str]:
+    """The paper's labels of a row's problem and method."""
+    return [problem_label(r["problem"]), method_label(r["method"])]
 
 
 # ---------------------------------------------------------------- stages and compute
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """Units per stage in the study's design, measured seconds of the finished ones per stage, torch threads."""
+
+    total: dict[str, int]
+    seconds: dict[str, list[float]]
+    threads: int
 
 
 def _stage_of(key: str) -> str:
@@ -81,8 +92,7 @@ def _stage_of(key: str) -> str:
     return f"edits: {method}" + (f" at token rule {parts[5][1:]}" if len(parts) > 5 else "")
 
 
-def _stages(run_dir: Path) -> tuple[dict[str, int], dict[str, list[float]], int]:
-    """Units per stage in the study's design, measured seconds of the finished ones per stage, torch threads."""
+def _stages(run_dir: Path) -> _Stages:
     from locedit.config import parse_config
     from locedit.journal import journal_files, read_journals
     from locedit.study import _nested, unit_keys
@@ -98,95 +108,75 @@ def _stages(run_dir: Path) -> tuple[dict[str, int], dict[str, list[float]], int]
     done = [p for p in journal_files(run_dir / "journal") if not p.name.startswith("failures")]
     for rec in read_journals(done):
         secs[_stage_of(rec["key"])].append(float(rec.get("seconds", float("nan"))))
-    return dict(total), dict(secs), int(prov.get("threads", 1))
+    return _Stages(dict(total), dict(secs), int(prov.get("threads", 1)))
 
 
-def _status_block(run_dir: Path, tables: dict[str, pl.DataFrame]) -> str:
-    total, secs, threads = _stages(run_dir)
+def _status_block(st: _Stages, n_facts: int, tables: dict[str, pl.DataFrame]) -> str:
     rows = []
-    for stage, n in total.items():
-        d = len(secs.get(stage, []))
+    for stage, n in st.total.items():
+        d = len(st.seconds.get(stage, []))
         rows.append([stage, f"{d} / {n}", "complete" if d == n else ("not started" if d == 0 else "partial")])
     edits = tables["edits"]
     n_traced = tables["tracing"]["fact_id"].n_unique() if tables["tracing"].height else 0
     n_edited = edits["fact_id"].n_unique() if edits.height else 0
-    wall = sum(s for v in secs.values() for s in v if math.isfinite(s))
-    facts = len(json.loads((run_dir / "facts.json").read_text()))
-    return (f"{facts} facts selected; {n_traced} localized, {n_edited} edited. Units finished: "
-            f"{sum(len(v) for v in secs.values())} of {sum(total.values())}; their own times sum to "
-            f"{wall / 3600:.2f} h of wall-clock on {threads} torch thread(s) ({wall * threads / 3600:.2f} CPU-hours).\n\n"
-            + _md(["stage", "units done", "state"], rows, right_from=1))
+    wall = sum(s for v in st.seconds.values() for s in v if math.isfinite(s))
+    return (f"{n_facts} facts selected; {n_traced} localized, {n_edited} edited. Units finished: "
+            f"{sum(len(v) for v in st.seconds.values())} of {sum(st.total.values())}; their own times sum to "
+            f"{wall / 3600:.2f} h of wall-clock on {st.threads} torch thread(s) ({wall * st.threads / 3600:.2f} "
+            "CPU-hours).\n\n" + _md(["stage", "units done", "state"], rows, right_from=1))
 
 
-def _cost_block(run_dir: Path) -> str:
-    total, secs, threads = _stages(run_dir)
+def _cost_block(st: _Stages) -> str:
     rows, left = [], 0.0
-    for stage, n in total.items():
-        v = [s for s in secs.get(stage, []) if math.isfinite(s)]
+    for stage, n in st.total.items():
+        v = [s for s in st.seconds.get(stage, []) if math.isfinite(s)]
         mean = float(np.mean(v)) if v else float("nan")
-        remaining = (n - len(secs.get(stage, []))) * mean if v else float("nan")
+        remaining = (n - len(st.seconds.get(stage, []))) * mean if v else float("nan")
         if math.isfinite(remaining):
             left += remaining
-        rows.append([stage, str(len(v)), _num(mean, 1), str(n), "n/a" if not v else f"{remaining / 3600:.1f}"])
+        rows.append([stage, str(len(v)), format_num(mean, 1), str(n), "n/a" if not v else f"{remaining / 3600:.1f}"])
     return (_md(["stage", "units timed", "mean s / unit", "units in design", "hours left at that rate"], rows)
             + f"\nStages not started have no measured rate; the measured ones leave ≈ {left / 3600:.1f} h of "
-              f"wall-clock ({threads} threads).\n")
+              f"wall-clock ({st.threads} threads).\n")
 
 
 # ---------------------------------------------------------------- regressions
 
 
-def _loc_table(tables: dict[str, pl.DataFrame], n_boot: int) -> pl.DataFrame:
-    from locedit.report import own_token_edits
-    from stats import localization_table
-
-    edits = own_token_edits(tables["edits"])
-    if edits.height == 0 or tables["tracing"].height == 0:
-        return pl.DataFrame()
-    return localization_table(edits, tables["tracing"], collapses=("max",), n_boot=n_boot)
+def _loc_rows(loc: pl.DataFrame, subset: str, localization: str) -> list[dict]:
+    """The comparison table's rows of one localization method and subset, in the paper's order."""
+    if loc.height == 0:
+        return []
+    sub = loc.filter((pl.col("localization") == localization) & (pl.col("subset") == subset))
+    return list(sort_paper_order(sub).iter_rows(named=True))
 
 
-def _sorted_rows(df: pl.DataFrame) -> list[dict]:
-    from stats.tables import METHOD_ORDER, PROBLEM_ORDER
-
-    def key(r):
-        return (PROBLEM_ORDER.index(r["problem"]) if r["problem"] in PROBLEM_ORDER else 99,
-                METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99)
-
-    return sorted(df.iter_rows(named=True), key=key)
+def _localizations(loc: pl.DataFrame) -> list[str]:
+    return loc["localization"].unique(maintain_order=True).to_list() if loc.height else []
 
 
 def _headline_block(loc: pl.DataFrame) -> str:
-    from stats.paper import PAPER_TABLE3
-
-    problems, methods = _labels()
     if loc.height == 0:
         return "No finished edits yet.\n"
     rows = []
-    for name in loc["localization"].unique(maintain_order=True).to_list():
-        sub = loc.filter((pl.col("localization") == name) & (pl.col("subset") == "all"))
-        for r in _sorted_rows(sub):
-            paper = PAPER_TABLE3.get((problems.get(r["problem"]), methods.get(r["method"]))) if name == "noise" else None
-            rows.append([name, problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
-                         str(r["n_facts"]), str(r["n"]), _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]),
-                         _num(r["r2_diff"]), _num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]), _p(r["p"]),
+    for name in _localizations(loc):
+        for r in _loc_rows(loc, "all", name):
+            paper = PAPER_TABLE3.get(tuple(_labels(r))) if name == "noise" else None
+            rows.append([name, *_labels(r), str(r["n_facts"]), str(r["n"]), format_num(r["r2_layer"]),
+                         format_num(r["r2_trace"]), format_num(r["r2_both"]), format_num(r["r2_diff"]),
+                         format_num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]), format_p(r["p"]),
                          "—" if paper is None else f"{paper.layer:.3f} / {paper.trace:.3f} / {paper.diff:.3f}"])
     return _md(["localization", "problem", "method", "facts", "edits", "R² layer", "R² trace", "R² both", "ΔR²",
                 "adj. ΔR²", "adj. ΔR² 95% CI", "F-test p", "paper layer / trace / ΔR²"], rows, right_from=3)
 
 
 def _table3_block(loc: pl.DataFrame) -> str:
-    from stats.paper import PAPER_TABLE3
-
-    problems, methods = _labels()
-    sub = loc.filter((pl.col("localization") == "noise") & (pl.col("subset") == "all")) if loc.height else loc
     rows = []
-    for r in _sorted_rows(sub) if sub.height else []:
-        p = PAPER_TABLE3.get((problems.get(r["problem"]), methods.get(r["method"])))
+    for r in _loc_rows(loc, "all", "noise"):
+        p = PAPER_TABLE3.get(tuple(_labels(r)))
         paper = ["—"] * 5 if p is None else [f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}", p.p]
-        rows.append([problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
-                     _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]), _num(r["r2_diff"]), _p(r["p"]),
-                     str(r["n_facts"]), *paper])
+        rows.append([*_labels(r), format_num(r["r2_layer"]), format_num(r["r2_trace"]), format_num(r["r2_both"]),
+                     format_num(r["r2_diff"]), format_p(r["p"]), str(r["n_facts"]), *paper])
     if not rows:
         return "No finished edits yet.\n"
     return _md(["Editing Problem", "Method", "Layer", "Trace", "Both", "Diff", "p-value", "facts",
@@ -194,80 +184,65 @@ def _table3_block(loc: pl.DataFrame) -> str:
 
 
 def _table1_block(loc: pl.DataFrame) -> str:
-    from stats.paper import PAPER_TABLE3
-
-    problems, methods = _labels()
-    p = PAPER_TABLE3[(problems[DEFAULT_PROBLEM], methods[DEFAULT_METHOD])]
-    sub = loc.filter((pl.col("localization") == "noise") & (pl.col("subset") == "all") & (
-        pl.col("problem") == DEFAULT_PROBLEM) & (pl.col("method") == DEFAULT_METHOD)) if loc.height else loc
-    if sub.height == 0:
+    p = PAPER_TABLE3[(problem_label(DEFAULT_PROBLEM), method_label(DEFAULT_METHOD))]
+    rows = [r for r in _loc_rows(loc, "all", "noise") if (r["problem"], r["method"]) == (DEFAULT_PROBLEM,
+                                                                                         DEFAULT_METHOD)]
+    if not rows:
         return "No finished ROME Error Injection edits yet.\n"
-    r = sub.row(0, named=True)
+    r = rows[0]
     return _md(["", "Layer", "Tracing Effect", "Both", "facts"], [
-        ["this study (SmolLM2-135M)", _num(r["r2_layer"]), _num(r["r2_trace"]), _num(r["r2_both"]), str(r["n_facts"])],
-        ["paper (GPT-J 6B)", f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", "652"]])
+        ["this study (SmolLM2-135M)", format_num(r["r2_layer"]), format_num(r["r2_trace"]), format_num(r["r2_both"]),
+         str(r["n_facts"])],
+        ["paper (GPT-J 6B)", f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", str(PAPER_N_FACTS)]])
 
 
-def _fact_block(tables: dict[str, pl.DataFrame]) -> str:
+def _groups(edits: pl.DataFrame):
+    """(problem, method) groups of the edits in the paper's order: ``(row with problem and method, group)``."""
+    for r in sort_paper_order(edits.select("problem", "method").unique()).iter_rows(named=True):
+        yield r, edits.filter((pl.col("problem") == r["problem"]) & (pl.col("method") == r["method"]))
+
+
+def _fact_block(edits: pl.DataFrame) -> str:
     """How much of the rewrite score's variance is the fact itself: R² of ``score ~ C(layer)``, ``score ~ C(fact)``
     and ``score ~ C(layer) + C(fact)`` per problem × method (statsmodels OLS on the edits)."""
     import statsmodels.formula.api as smf
 
-    from locedit.report import own_token_edits
-
-    problems, methods = _labels()
-    edits = own_token_edits(tables["edits"])
     if edits.height == 0:
         return "No finished edits yet.\n"
     rows = []
-    for r in _sorted_rows(edits.select("problem", "method").unique()):
-        g = edits.filter((pl.col("problem") == r["problem"]) & (pl.col("method") == r["method"])).select(
-            "fact_id", "layer", pl.col("rewrite_score").cast(pl.Float64).fill_nan(None)).drop_nulls().to_pandas()
+    for r, sub in _groups(edits):
+        g = sub.select("fact_id", "layer", pl.col("rewrite_score").cast(pl.Float64).fill_nan(None)).drop_nulls()
+        g = g.to_pandas()
         if g["fact_id"].nunique() < 2 or g["layer"].nunique() < 2:
             continue
         fits = {f: smf.ols(f"rewrite_score ~ {f}", g).fit().rsquared
                 for f in ("C(layer)", "C(fact_id)", "C(layer) + C(fact_id)")}
-        rows.append([problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
-                     str(g["fact_id"].nunique()), *(_num(v) for v in fits.values())])
+        rows.append([*_labels(r), str(g["fact_id"].nunique()), *(format_num(v) for v in fits.values())])
     return _md(["problem", "method", "facts", "R² layer", "R² fact", "R² layer + fact"], rows, right_from=2)
 
 
 def _table2_block(loc: pl.DataFrame) -> str:
-    from stats.paper import PAPER_TABLE2_N_FACTS, PAPER_TABLE2_ROME as p
-
-    problems, methods = _labels()
+    p = PAPER_TABLE2_ROME
     if loc.height == 0:
         return "No finished edits yet.\n"
     rows = []
-    for name in loc["localization"].unique(maintain_order=True).to_list():
-        allf = {(r["problem"], r["method"]): r["n_facts"] for r in loc.filter(
-            (pl.col("localization") == name) & (pl.col("subset") == "all")).iter_rows(named=True)}
-        sub = loc.filter((pl.col("localization") == name) & (pl.col("subset") == "concentrated"))
-        for r in _sorted_rows(sub):
-            rows.append([name, problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
-                         f"{r['n_facts']} of {allf.get((r['problem'], r['method']), '?')}", _num(r["r2_layer"]),
-                         _num(r["r2_trace"]), _num(r["r2_both"]), _num(r["r2_diff"]), _p(r["p"])])
-    rows.append(["noise (paper)", "Error Injection", "ROME", f"{PAPER_TABLE2_N_FACTS} of 652", f"{p.layer:.3f}",
-                 f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}", "—"])
+    for name in _localizations(loc):
+        allf = {(r["problem"], r["method"]): r["n_facts"] for r in _loc_rows(loc, "all", name)}
+        for r in _loc_rows(loc, "concentrated", name):
+            rows.append([name, *_labels(r), f"{r['n_facts']} of {allf.get((r['problem'], r['method']), '?')}",
+                         format_num(r["r2_layer"]), format_num(r["r2_trace"]), format_num(r["r2_both"]),
+                         format_num(r["r2_diff"]), format_p(r["p"])])
+    rows.append(["noise (paper)", "Error Injection", "ROME", f"{PAPER_TABLE2_N_FACTS} of {PAPER_N_FACTS}",
+                 f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}", "—"])
     return _md(["localization", "problem", "method", "concentrated facts", "Layer", "Trace", "Both", "Diff",
                 "p-value"], rows, right_from=3)
 
 
-def _analysis(tables: dict[str, pl.DataFrame], localization: str = "noise") -> pl.DataFrame | None:
-    from locedit.report import own_token_edits
-    from stats import localization_frames
-
-    edits = own_token_edits(tables["edits"])
-    if edits.height == 0 or tables["tracing"].height == 0:
-        return None
-    return localization_frames(edits, tables["tracing"]).get(localization)
-
-
-def _table7_block(tables: dict[str, pl.DataFrame]) -> str:
+def _table7_block(frames: dict[str, pl.DataFrame]) -> str:
     from stats import fit_regression
-    from stats.paper import PAPER_TABLE7_ROME as p
 
-    a = _analysis(tables)
+    p = PAPER_TABLE7_ROME
+    a = frames.get("noise")
     if a is None:
         return "No finished edits yet.\n"
     g = a.filter((pl.col("problem") == DEFAULT_PROBLEM) & (pl.col("method") == DEFAULT_METHOD))
@@ -275,31 +250,27 @@ def _table7_block(tables: dict[str, pl.DataFrame]) -> str:
         return "No finished ROME Error Injection edits yet.\n"
     r = fit_regression(g, "rewrite_score", problem=DEFAULT_PROBLEM, method=DEFAULT_METHOD)
     return _md(["ROME rewrite score, Error Injection", "this study", "paper"], [
-        ["RMSE, Layer", _num(r.layer.rmse), f"{p['rmse_layer']:.3f}"],
-        ["RMSE, Tracing Effect", _num(r.trace.rmse), f"{p['rmse_trace']:.3f}"],
-        ["MAE, Layer", _num(r.layer.mae), f"{p['mae_layer']:.3f}"],
-        ["MAE, Tracing Effect", _num(r.trace.mae), f"{p['mae_trace']:.3f}"]])
+        ["RMSE, Layer", format_num(r.layer.rmse), f"{p['rmse_layer']:.3f}"],
+        ["RMSE, Tracing Effect", format_num(r.trace.rmse), f"{p['rmse_trace']:.3f}"],
+        ["MAE, Layer", format_num(r.layer.mae), f"{p['mae_layer']:.3f}"],
+        ["MAE, Tracing Effect", format_num(r.trace.mae), f"{p['mae_trace']:.3f}"]])
 
 
-def _fig4_block(tables: dict[str, pl.DataFrame]) -> str:
+def _fig4_block(frames: dict[str, pl.DataFrame]) -> str:
     from stats import layer_correlations
-    from stats.paper import PAPER_FIG4
 
-    problems, methods = _labels()
     rows = []
     for name in ("noise", "flip", "zero"):
-        a = _analysis(tables, name)
-        if a is None:
+        if name not in frames:
             continue
-        corr = layer_correlations(a, "rewrite_score")
-        for r in corr.iter_rows(named=True):
+        for r in layer_correlations(frames[name], "rewrite_score").iter_rows(named=True):
             n, rho = r["n"], r["rho"]
             lo = hi = float("nan")
             if n > 3 and rho is not None and math.isfinite(rho) and abs(rho) < 1:
                 z, se = math.atanh(rho), 1 / math.sqrt(n - 3)
                 lo, hi = math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
-            rows.append([name, problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]),
-                         str(r["layer"]), str(n), _num(rho, 2), _ci(lo, hi, 2), _p(r["p"])])
+            rows.append([name, *_labels(r), str(r["layer"]), str(n), format_num(rho, 2), _ci(lo, hi, 2),
+                         format_p(r["p"])])
     if not rows:
         return "No finished edits yet.\n"
     return (_md(["localization", "problem", "method", "edit layer", "facts", "Pearson ρ (rewrite vs effect)",
@@ -308,12 +279,7 @@ def _fig4_block(tables: dict[str, pl.DataFrame]) -> str:
               f"{PAPER_FIG4['layer']} of 28.\n")
 
 
-def _fig7_block(tables: dict[str, pl.DataFrame]) -> str:
-    from locedit.report import own_token_edits
-    from stats.paper import PAPER_FIG7
-
-    problems, methods = _labels()
-    edits = own_token_edits(tables["edits"])
+def _fig7_block(edits: pl.DataFrame) -> str:
     if edits.height == 0:
         return "No finished edits yet.\n"
     metrics = ("rewrite_score", "paraphrase_score", "neighborhood_score")
@@ -321,43 +287,38 @@ def _fig7_block(tables: dict[str, pl.DataFrame]) -> str:
     def cell(v: pl.Series) -> str:
         x = v.cast(pl.Float64).fill_nan(None).drop_nulls().to_numpy()
         if len(x) < 2:
-            return _num(float(x[0]) if len(x) else None)
+            return format_num(float(x[0]) if len(x) else None)
         half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
         return f"{x.mean():.3f} ± {half:.3f}"
 
     rows = []
-    for r in _sorted_rows(edits.select("problem", "method").unique()):
-        sub = edits.filter((pl.col("problem") == r["problem"]) & (pl.col("method") == r["method"]))
+    for r, sub in _groups(edits):
         for layer in sorted(sub["layer"].unique().to_list()):
             g = sub.filter(pl.col("layer") == layer)
-            rows.append([problems.get(r["problem"], r["problem"]), methods.get(r["method"], r["method"]), str(layer),
-                         str(g.height), *(cell(g[m]) for m in metrics)])
+            rows.append([*_labels(r), str(layer), str(g.height), *(cell(g[m]) for m in metrics)])
     return (_md(["problem", "method", "edit layer", "facts", "rewrite (mean ± 95%)", "paraphrase", "neighborhood"],
                 rows, right_from=2) + f"\nPaper (Fig. 7, GPT-J): {PAPER_FIG7}\n")
 
 
 def _localization_block(loc: pl.DataFrame) -> str:
-    problems, methods = _labels()
-    if loc.height == 0 or loc["localization"].n_unique() < 2:
+    if len(_localizations(loc)) < 2:
         return "Only one localization method has finished so far.\n"
     rows = []
     for subset in ("all", "concentrated"):
-        for name in loc["localization"].unique(maintain_order=True).to_list():
-            sub = loc.filter((pl.col("localization") == name) & (pl.col("subset") == subset))
-            for r in _sorted_rows(sub):
-                rows.append([subset, name, problems.get(r["problem"], r["problem"]),
-                             methods.get(r["method"], r["method"]), str(r["n_facts"]), _num(r["r2_trace"]),
-                             _num(r["r2_diff"]), _num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]), _p(r["p"])])
+        for name in _localizations(loc):
+            for r in _loc_rows(loc, subset, name):
+                rows.append([subset, name, *_labels(r), str(r["n_facts"]), format_num(r["r2_trace"]),
+                             format_num(r["r2_diff"]), format_num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]),
+                             format_p(r["p"])])
     return _md(["facts", "localization", "problem", "method", "n facts", "R² trace alone", "ΔR²", "adj. ΔR²",
                 "adj. ΔR² 95% CI", "F-test p"], rows, right_from=4)
 
 
-def _agreement_block(tables: dict[str, pl.DataFrame]) -> str:
+def _agreement_block(trace: pl.DataFrame) -> str:
     """Where each method localizes, on every localized fact (no edits needed): the per-layer effect curve (max over
     tokens, window 5), its peak layer, the concentrated share, and each method's agreement with noise."""
     from stats import concentrated_facts, per_layer_effects
 
-    trace = tables["tracing"]
     if trace.height == 0 or "localization" not in trace.columns:
         return "No localization has finished yet.\n"
     curves: dict[str, dict[str, np.ndarray]] = {}
@@ -372,7 +333,7 @@ def _agreement_block(tables: dict[str, pl.DataFrame]) -> str:
         peaks = np.array([int(np.nanargmax(c)) for c in curves[name].values() if np.isfinite(c).any()])
         maxes = np.array([np.nanmax(c) for c in curves[name].values() if np.isfinite(c).any()])
         rows.append([name, str(len(curves[name])), f"{peaks.mean():.1f}", f"{np.median(peaks):.0f}",
-                     f"{np.percentile(peaks, 25):.0f}–{np.percentile(peaks, 75):.0f}", _num(float(np.median(maxes))),
+                     f"{np.percentile(peaks, 25):.0f}–{np.percentile(peaks, 75):.0f}", format_num(float(np.median(maxes))),
                      f"{conc['concentrated'].mean():.2f}"])
     out = _md(["localization", "facts", "mean peak layer", "median", "IQR", "median peak effect",
                "concentrated share"], rows)
@@ -390,7 +351,7 @@ def _agreement_block(tables: dict[str, pl.DataFrame]) -> str:
                     rs.append(float(np.corrcoef(a[ok], b[ok])[0, 1]))
                 if np.isfinite(a).any() and np.isfinite(b).any():
                     close.append(abs(int(np.nanargmax(a)) - int(np.nanargmax(b))) <= 2)
-            pair_rows.append([f"noise vs {name}", str(len(facts)), _num(float(np.median(rs)) if rs else None, 2),
+            pair_rows.append([f"noise vs {name}", str(len(facts)), format_num(float(np.median(rs)) if rs else None, 2),
                               f"{np.percentile(rs, 25):.2f}–{np.percentile(rs, 75):.2f}" if rs else "n/a",
                               f"{np.mean(close):.2f}" if close else "n/a"])
         out += "\n" + _md(["pair", "facts", "median per-fact r of the per-layer curves", "IQR",
@@ -398,18 +359,15 @@ def _agreement_block(tables: dict[str, pl.DataFrame]) -> str:
     return out
 
 
-def _reber_block(tables: dict[str, pl.DataFrame], n_boot: int) -> str:
-    from locedit.report import own_token_edits
+def _reber_block(edits: pl.DataFrame, trace: pl.DataFrame, n_boot: int) -> str:
     from stats import paired_differences
 
-    edits = own_token_edits(tables["edits"])
-    if edits.height == 0 or tables["tracing"].height == 0:
+    if edits.height == 0 or trace.height == 0:
         return "No finished edits yet.\n"
-    diffs = paired_differences(edits, tables["tracing"], n_boot=n_boot)
+    diffs = paired_differences(edits, trace, n_boot=n_boot)
     if not diffs:
         return "Only one localization method has finished so far.\n"
-    problems, methods = _labels()
-    rows = [[d.localization, problems.get(d.problem, d.problem), methods.get(d.method, d.method), str(d.n_facts),
+    rows = [[d.localization, problem_label(d.problem), method_label(d.method), str(d.n_facts),
              f"{100 * d.difference:+.1f}", _ci(100 * d.ci_low, 100 * d.ci_high, 1),
              "yes" if math.isfinite(d.ci_low) and (d.ci_low > 0 or d.ci_high < 0) else "no"] for d in diffs]
     return _md(["method X", "problem", "edit method", "facts", "ΔR²(X) − ΔR²(noise), points", "95% CI (paired)",
@@ -443,26 +401,34 @@ def _tokens_block(tables: dict[str, pl.DataFrame]) -> str:
 
 def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, str]:
     """Every generated block of ``docs/FINDINGS.md`` (Markdown) from ``run_dir``'s journals."""
+    from locedit.report import own_token_edits
     from locedit.study import collect_tables
+    from stats import localization_frames, localization_table
 
     run_dir = Path(run_dir)
     tables = collect_tables(run_dir)
-    loc = _loc_table(tables, n_boot)
+    trace = tables["tracing"]
+    edits = own_token_edits(tables["edits"])  # the paper's analysis: each method at its own token
+    paired = edits.height > 0 and trace.height > 0
+    loc = localization_table(edits, trace, collapses=("max",), n_boot=n_boot) if paired else pl.DataFrame()
+    frames = localization_frames(edits, trace) if paired else {}
+    n_facts = len(json.loads((run_dir / "facts.json").read_text()))
+    stages = _stages(run_dir)
     return {
-        "status": _status_block(run_dir, tables),
+        "status": _status_block(stages, n_facts, tables),
         "headline": _headline_block(loc),
         "table1": _table1_block(loc),
         "table3": _table3_block(loc),
-        "facts": _fact_block(tables),
+        "facts": _fact_block(edits),
         "table2": _table2_block(loc),
-        "table7": _table7_block(tables),
-        "fig4": _fig4_block(tables),
-        "fig7": _fig7_block(tables),
-        "agreement": _agreement_block(tables),
+        "table7": _table7_block(frames),
+        "fig4": _fig4_block(frames),
+        "fig7": _fig7_block(edits),
+        "agreement": _agreement_block(trace),
         "localization": _localization_block(loc),
-        "reber": _reber_block(tables, n_boot),
+        "reber": _reber_block(edits, trace, n_boot),
         "tokens": _tokens_block(tables),
-        "cost": _cost_block(run_dir),
+        "cost": _cost_block(stages),
     }
 
 

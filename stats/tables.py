@@ -38,6 +38,7 @@ __all__ = [
     "to_markdown",
     "paper_tables",
     "score_summary",
+    "sort_paper_order",
 ]
 
 # Problem and method names, order and labels come from the registries (problems.PROBLEMS, editors.EDIT_METHODS).
@@ -87,7 +88,8 @@ def format_num(x: float | None, digits: int = 3) -> str:
     return "n/a" if _isnan(x) else f"{x:.{digits}f}"
 
 
-def _sorted(results: pl.DataFrame) -> pl.DataFrame:
+def sort_paper_order(results: pl.DataFrame) -> pl.DataFrame:
+    """Rows in the paper's problem order, then method order (names outside the registries last)."""
     po = {v: i for i, v in enumerate(PROBLEM_ORDER)}
     mo = {v: i for i, v in enumerate(METHOD_ORDER)}
     return results.with_columns(
@@ -100,7 +102,7 @@ def _pick(results: pl.DataFrame, metric: str) -> pl.DataFrame:
     sub = results.filter(pl.col("metric") == metric)
     if sub.height == 0:
         raise ValueError(f"no regression results for metric {metric!r}; have {results['metric'].unique().to_list()}")
-    return _sorted(sub)
+    return sort_paper_order(sub)
 
 
 def table1(
