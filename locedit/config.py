@@ -65,6 +65,7 @@ from tracer.vocab import DEFAULT_EDIT_TOKEN, LOCALIZATIONS, TRACING_KINDS, check
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "STUDY_KEYS",
     "EditingConfig",
     "StudyConfig",
     "TracingConfig",
@@ -221,6 +222,10 @@ class StudyConfig(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+#: the keys of the ``[study]`` table (every StudyConfig field that is not a section of its own)
+STUDY_KEYS = tuple(k for k in StudyConfig.model_fields if k not in ("data", "tracing", "editing", "hparams"))
 
 
 def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:

@@ -36,7 +36,7 @@ import polars as pl
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from locedit.config import ConfigError, StudyConfig, check_against_model, default_edit_layers, parse_config
+from locedit.config import STUDY_KEYS, ConfigError, StudyConfig, check_against_model, default_edit_layers, parse_config
 from locedit.journal import Journal, compress_journal, journal_files, read_journals, scan_journal, write_parquet_atomic
 from tracer.atomic import write_atomic
 from editors.methods import resolve_method
@@ -102,9 +102,9 @@ def unit_keys(config: StudyConfig, fact_ids: Sequence[str], n_layers: int,
     ``[study] order = "fact"`` (the default) runs every unit of a fact before the next fact; ``"stage"`` runs one
     stage over every fact before the next -- each localization method, then each edit method at the default token
     (all problems of a fact together), then the other token rules -- so a study stopped early has its first stages
-    complete over all facts (and its problems equally far). ``[editing] token_methods`` / ``token_facts`` limit the token rules other than the
-    default to those methods and to the first ``token_facts`` facts of ``study_ids`` (the study's fact order,
-    ``facts.json``; default ``fact_ids``); elsewhere a method is edited at the default token."""
+    complete over all facts (and its problems equally far). ``[editing] token_methods`` / ``token_facts`` limit the
+    token rules other than the default to those methods and to the first ``token_facts`` facts of ``study_ids`` (the
+    study's fact order, ``facts.json``; default ``fact_ids``); elsewhere a method is edited at the default token."""
     ed = config.editing
     layers = ed.layers or default_edit_layers(n_layers, config.model)
     study_ids = list(fact_ids if study_ids is None else study_ids)
@@ -221,8 +221,8 @@ def _prepare_run_dir(run_dir: Path, config: StudyConfig, select: Callable[[], Se
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     """A ``config.json`` (``StudyConfig.to_dict``) back to the TOML layout ``parse_config`` takes."""
-    out = {k: v for k, v in flat.items() if k not in ("name", "model", "order")}
-    out["study"] = {k: flat[k] for k in ("name", "model", "order") if k in flat}
+    out = {k: v for k, v in flat.items() if k not in STUDY_KEYS}
+    out["study"] = {k: flat[k] for k in STUDY_KEYS if k in flat}
     return out
 
 
