@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from editors import EditRequest, apply, default_hparams, key_second_moments, restore, window_layers
-from editors.templates import context_templates
-from tracer import load_model
+from locedit.editors import EditRequest, apply, default_hparams, key_second_moments, restore, window_layers
+from locedit.editors.templates import context_templates
+from locedit.tracer import load_model
 
 
 def main() -> None:

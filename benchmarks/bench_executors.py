@@ -19,7 +19,7 @@ import torch
 from locedit.config import parse_config
 from locedit.executor import run_study_ray
 from locedit.study import collect_tables, run_study
-from tracer import load_model
+from locedit.tracer import load_model
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def load_facts(path: Path = DATA) -> list[dict]:
 @torch.no_grad()
 def is_correct(model, fact) -> bool:
     """Greedy first token after the prompt equals the target's first token."""
-    from tracer.tokens import encode, target_tokens
+    from locedit.tracer.tokens import encode, target_tokens
 
     ids = encode(model, fact["prompt"]).to(model.cfg.device)
     return int(model(ids[None])[0, -1].argmax()) == int(target_tokens(model, fact["target"])[0])
@@ -58,7 +58,7 @@ def is_correct(model, fact) -> bool:
 
 def pick_facts(model, facts, n: int, spread: bool = True) -> list[dict]:
     """``n`` correct facts; with ``spread``, of different prompt lengths (shortest to longest)."""
-    from tracer.tokens import encode
+    from locedit.tracer.tokens import encode
 
     ok = []
     for f in facts:
@@ -98,7 +98,7 @@ def _device_name(model) -> str:
 def warmup(model) -> None:
     """One tiny trace per method, so that first-call costs (CUDA context, cuBLAS/SDPA kernel choice, autograd) are
     not charged to the first timed fact."""
-    from tracer.tracing import trace
+    from locedit.tracer.tracing import trace
 
     args = (model, "Danielle Darrieux spoke", "Danielle Darrieux", " French")
     for method in ("exact", "naive"):
@@ -114,8 +114,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def flops(model, fact, window) -> float:
-    from tracer.tokens import locate_subject, target_tokens
-    from tracer.tracing import flop_fraction
+    from locedit.tracer.tokens import locate_subject, target_tokens
+    from locedit.tracer.tracing import flop_fraction
 
     pt = locate_subject(model, fact["prompt"], fact["subject"])
     m = len(target_tokens(model, fact["target"]))
@@ -128,8 +128,8 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
     """One row per fact. ``stock``: also time the naive loop on TransformerLens's stock GatedMLP/Unembed modules
     (per-call weight copies; what a hand-written hook loop or ``transformer_lens.patching`` runs), beside the naive
     loop on this package's copy-free modules (the same model ``exact`` uses)."""
-    from tracer.fast_modules import stock_modules
-    from tracer.tracing import trace
+    from locedit.tracer.fast_modules import stock_modules
+    from locedit.tracer.tracing import trace
 
     print(f"kind={kind} window={window} samples={samples} threads={torch.get_num_threads()} "
           f"device={_device_name(model)}")
@@ -184,7 +184,7 @@ def bench(model, facts, *, kind, window, samples, naive=True, attribution=True, 
 
 def agreement(model, facts, *, kind, window, samples) -> None:
     """Attribution vs exact on many facts: Spearman ρ of per-layer (max) curves and peak-layer agreement."""
-    from tracer.tracing import trace
+    from locedit.tracer.tracing import trace
 
     rhos, rhos_last, same, near = [], [], 0, 0
     for i, f in enumerate(facts):
@@ -207,7 +207,7 @@ def agreement(model, facts, *, kind, window, samples) -> None:
 
 def smoke(model) -> float:
     """Tiny exact-vs-naive equality check on one short fact and a few cells; returns max |diff|."""
-    from tracer.tracing import trace
+    from locedit.tracer.tracing import trace
 
     args = (model, "Danielle Darrieux spoke", "Danielle Darrieux", " French")
     cells = {0: [0], 4: [14], 5: [29]}
@@ -235,7 +235,7 @@ def main() -> None:
                     help="device of the model (default: cuda when available, else cpu)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from tracer import load_model
+    from locedit.tracer import load_model
 
     model = load_model(device=a.device)
     if a.smoke:

@@ -1,25 +1,25 @@
 """locedit.editors: ROME, MEMIT and constrained finetuning on TransformerLens models, with exact undo.
 
-    from editors import EditRequest, edit, apply
+    from locedit.editors import EditRequest, edit, apply
     request = EditRequest(template="The mother tongue of {} is", subject="Danielle Darrieux", target=" English")
     with edit(model, request, method="rome", layers=[6]) as result:
         ...
 """
 
-from editors.context import apply, edit, edited_parameter_names, with_hparams
-from editors.covariance import key_second_moment, key_second_moments
-from editors.deltas import EditOrderError, EditResult, apply_deltas, restore
-from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
-from editors.methods import EDIT_METHODS, EditMethod, EditMethodName, method_layers, resolve_method
-from editors.requests import (
+from locedit.editors.context import apply, edit, edited_parameter_names, with_hparams
+from locedit.editors.covariance import key_second_moment, key_second_moments
+from locedit.editors.deltas import EditOrderError, EditResult, apply_deltas, restore
+from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
+from locedit.editors.methods import EDIT_METHODS, EditMethod, EditMethodName, method_layers, resolve_method
+from locedit.editors.requests import (
     EditRequest,
     EmptyTargetError,
     LayerOutOfRangeError,
     SubjectNotFoundError,
     UnsupportedArchitectureError,
 )
-from tracer.vocab import window_layers
-from editors.templates import context_templates
+from locedit.tracer.vocab import window_layers
+from locedit.editors.templates import context_templates
 
 __all__ = [
     "EDIT_METHODS",

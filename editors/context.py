@@ -14,13 +14,13 @@ from contextlib import contextmanager
 
 from transformer_lens import HookedTransformer
 
-from editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot, weights_hash
-from editors.hparams import HyperParams, default_hparams
-from editors.methods import EditMethod, resolve_method
-from editors.requests import EditRequest, validate_layers, validate_request
-from tracer.corruption import GaussianNoise, as_gaussian_noise
-from tracer.tokens import locate_subject, token_position
-from tracer.vocab import check_edit_token
+from locedit.editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot, weights_hash
+from locedit.editors.hparams import HyperParams, default_hparams
+from locedit.editors.methods import EditMethod, resolve_method
+from locedit.editors.requests import EditRequest, validate_layers, validate_request
+from locedit.tracer.corruption import GaussianNoise, as_gaussian_noise
+from locedit.tracer.tokens import locate_subject, token_position
+from locedit.tracer.vocab import check_edit_token
 
 __all__ = ["apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
 

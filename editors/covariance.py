@@ -25,9 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tracer.models import cache_dir, model_id
-from tracer.atomic import read_checked_tensor, write_checked_tensor
-from tracer.tokens import bos_ids
+from locedit.tracer.models import cache_dir, model_id
+from locedit.tracer.atomic import read_checked_tensor, write_checked_tensor
+from locedit.tracer.tokens import bos_ids
 
 __all__ = [
     "DEFAULT_CORPUS",

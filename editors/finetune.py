@@ -21,13 +21,13 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from editors.deltas import EditResult, exact_delta, parameter, snapshot
-from editors.hparams import FTHyperParams
-from editors.inputs import build_batch, cache_acts, frozen_params, run_from, run_plain, scored_logits
-from editors.requests import EditRequest
-from editors.vstar import target_loss_terms
-from tracer.corruption import GaussianNoise
-from tracer.tokens import target_tokens
+from locedit.editors.deltas import EditResult, exact_delta, parameter, snapshot
+from locedit.editors.hparams import FTHyperParams
+from locedit.editors.inputs import build_batch, cache_acts, frozen_params, run_from, run_plain, scored_logits
+from locedit.editors.requests import EditRequest
+from locedit.editors.vstar import target_loss_terms
+from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.tokens import target_tokens
 
 __all__ = ["linf_bounds", "execute_ft"]
 

@@ -91,8 +91,8 @@ def default_hparams(method: str, model="smollm2-135m") -> HyperParams:
     """Default hyper-parameters of edit ``method`` for a model (a HookedTransformer or a name): the method's
     dataclass (reference GPT-J values) with the model profile's overrides (:mod:`tracer.profiles`; an unknown model
     gets the fallback profile, i.e. the reference values)."""
-    from editors.methods import resolve_method
-    from tracer.profiles import profile_for
+    from locedit.editors.methods import resolve_method
+    from locedit.tracer.profiles import profile_for
 
     entry = resolve_method(method)
     return dataclasses.replace(entry.hparams(), **profile_for(model).hparam_overrides(entry.name))

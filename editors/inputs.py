@@ -24,10 +24,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tracer.corruption import GaussianNoise, noise_hook
-from tracer.forward import logits_from_resid
-from tracer.suffix import SuffixRunner
-from tracer.tokens import locate_subject, token_position
+from locedit.tracer.corruption import GaussianNoise, noise_hook
+from locedit.tracer.forward import logits_from_resid
+from locedit.tracer.suffix import SuffixRunner
+from locedit.tracer.tokens import locate_subject, token_position
 
 __all__ = [
     "EditBatch", "SuffixPlan", "build_batch", "frozen_params", "plan_suffix", "suffix_cache_names",

@@ -28,15 +28,15 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from editors.deltas import EditResult, exact_delta, parameter, snapshot
-from editors.hparams import MEMITHyperParams
-from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
-from editors.requests import EditRequest
-from editors.templates import context_templates, template_group_sizes
-from editors.requests import UnsupportedArchitectureError
-from editors.vstar import optimize_target
-from tracer.corruption import GaussianNoise
-from tracer.tokens import target_tokens
+from locedit.editors.deltas import EditResult, exact_delta, parameter, snapshot
+from locedit.editors.hparams import MEMITHyperParams
+from locedit.editors.inputs import build_batch, cache_acts, frozen_params, group_mean
+from locedit.editors.requests import EditRequest
+from locedit.editors.templates import context_templates, template_group_sizes
+from locedit.editors.requests import UnsupportedArchitectureError
+from locedit.editors.vstar import optimize_target
+from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.tokens import target_tokens
 
 __all__ = ["memit_update", "execute_memit", "mean_of_group_means"]
 
@@ -87,7 +87,7 @@ def execute_memit(
         )
     t0 = time.perf_counter()
     if covariance is None:
-        from editors.covariance import key_second_moments
+        from locedit.editors.covariance import key_second_moments
 
         covs = key_second_moments(model, list(layers))
         covariance = lambda m, layer: covs[layer]  # noqa: E731

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from editors.finetune import execute_ft
-from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
-from editors.memit import execute_memit
-from editors.rome import execute_rome
-from tracer.vocab import check_choice, window_layers
+from locedit.editors.finetune import execute_ft
+from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from locedit.editors.memit import execute_memit
+from locedit.editors.rome import execute_rome
+from locedit.tracer.vocab import check_choice, window_layers
 
 __all__ = ["DEFAULT_METHOD", "EDIT_METHODS", "METHOD_ALIASES", "EditMethod", "EditMethodName", "method_layers", "resolve_method"]
 
@@ -109,7 +109,7 @@ def method_layers(method: str, n_layers: int, layer: int) -> tuple[int, ...]:
     Raises:
         ValueError: unknown method (aliases refused); ``LayerOutOfRangeError``: ``layer`` not in [0, n_layers).
     """
-    from editors.requests import LayerOutOfRangeError
+    from locedit.editors.requests import LayerOutOfRangeError
 
     entry = resolve_method(method, aliases=False)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformer_lens import HookedTransformer
 
-from tracer.tokens import EmptyTargetError, SubjectNotFoundError, locate_subject, target_tokens
+from locedit.tracer.tokens import EmptyTargetError, SubjectNotFoundError, locate_subject, target_tokens
 
 __all__ = [
     "EditRequest",

@@ -29,14 +29,14 @@ from beartype import beartype
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from editors.deltas import EditResult, exact_delta, parameter
-from editors.hparams import ROMEHyperParams
-from editors.inputs import build_batch, cache_acts, frozen_params, group_mean
-from editors.requests import EditRequest
-from editors.templates import context_templates
-from editors.vstar import mlp_values, optimize_target, target_cache_names
-from tracer.corruption import GaussianNoise
-from tracer.tokens import target_tokens
+from locedit.editors.deltas import EditResult, exact_delta, parameter
+from locedit.editors.hparams import ROMEHyperParams
+from locedit.editors.inputs import build_batch, cache_acts, frozen_params, group_mean
+from locedit.editors.requests import EditRequest
+from locedit.editors.templates import context_templates
+from locedit.editors.vstar import mlp_values, optimize_target, target_cache_names
+from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.tokens import target_tokens
 
 __all__ = ["rome_update", "execute_rome"]
 
@@ -84,7 +84,7 @@ def execute_rome(
     """
     t0 = time.perf_counter()
     if covariance is None:
-        from editors.covariance import key_second_moment as covariance
+        from locedit.editors.covariance import key_second_moment as covariance
     templates = context_templates(model, hp.context_lengths)
     tgt = target_tokens(model, request.target).to(model.cfg.device)
     texts = [t.format(request.text) for t in templates]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer
 
-from tracer.models import cache_dir, model_id
-from tracer.atomic import read_checked_json, write_checked_json
-from tracer.forward import scored_logits
-from tracer.tokens import bos_ids, encode
+from locedit.tracer.models import cache_dir, model_id
+from locedit.tracer.atomic import read_checked_json, write_checked_json
+from locedit.tracer.forward import scored_logits
+from locedit.tracer.tokens import bos_ids, encode
 
 __all__ = ["START_WORDS", "context_templates", "sample_texts", "template_group_sizes"]
 

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from editors.inputs import (
+from locedit.editors.inputs import (
     EditBatch,
     cache_acts,
     group_mean,

@@ -21,11 +21,11 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def cmd_trace(args) -> int:
-    from tracer import GaussianNoise, load_model, trace
+    from locedit.tracer import GaussianNoise, load_model, trace
 
     noise = GaussianNoise(scale=args.noise, samples=args.samples)  # checked before the model loads
     if args.fact:
-        from problems import load_dataset
+        from locedit.problems import load_dataset
 
         facts = {f.id: f for f in load_dataset(args.dataset)}
         if args.fact not in facts:
@@ -73,7 +73,7 @@ def cmd_run(args) -> int:
     else:
         model = None
         if args.device:
-            from tracer import load_model
+            from locedit.tracer import load_model
 
             model = load_model(config.model, device=args.device)
         summary = run_study(config, run_dir, model=model, limit=args.limit, shard=args.shard,
@@ -134,7 +134,7 @@ def cmd_summary(args) -> int:
     import polars as pl
 
     from locedit.study import collect_tables
-    from stats.tables import score_summary, to_markdown
+    from locedit.stats.tables import score_summary, to_markdown
 
     edits = collect_tables(*args.run_dirs)["edits"]
     _warn_bad_lines(args.run_dirs)
@@ -155,9 +155,9 @@ def cmd_summary(args) -> int:
 def cmd_tune_ft(args) -> int:
     import polars as pl
 
-    from problems import load_dataset
-    from problems.tuning import first_known, tune_norm_constraint
-    from tracer import load_model, profile_for
+    from locedit.problems import load_dataset
+    from locedit.problems.tuning import first_known, tune_norm_constraint
+    from locedit.tracer import load_model, profile_for
 
     model = load_model(args.model, device=args.device)
     layer = args.layer if args.layer is not None else profile_for(model).edit_layer(model.cfg.n_layers)
@@ -175,8 +175,8 @@ def cmd_tune_ft(args) -> int:
 
 def cmd_info(args) -> int:
     import torch
-    from tracer import cache_dir
-    from tracer.models import EMBEDDED_MODEL
+    from locedit.tracer import cache_dir
+    from locedit.tracer.models import EMBEDDED_MODEL
 
     from importlib.metadata import version
 
@@ -188,11 +188,11 @@ def cmd_info(args) -> int:
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
             print(f"  {sub.name:10s} {size / 2**20:8.1f} MiB")
-    from problems import load_counterfact, load_known, load_zsre
+    from locedit.problems import load_counterfact, load_known, load_zsre
 
     print(f"data: CounterFact {len(load_counterfact())} facts, zsRE {len(load_zsre())}, known_1000 {len(load_known())}")
     if args.model:
-        from tracer import load_model
+        from locedit.tracer import load_model
 
         m = load_model(args.model)
         c = m.cfg
@@ -204,9 +204,9 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from problems.tuning import FT_METHODS
-    from problems.variants import PROBLEMS
-    from tracer.vocab import TRACING_ALGORITHMS, TRACING_KINDS
+    from locedit.problems.tuning import FT_METHODS
+    from locedit.problems.variants import PROBLEMS
+    from locedit.tracer.vocab import TRACING_ALGORITHMS, TRACING_KINDS
 
     p = argparse.ArgumentParser(prog="locedit", description="Does localization inform editing?")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     and exits 2; Ctrl-C prints one line and exits 130; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     from locedit.executor import RayUnavailableError
-    from tracer.models import ModelUnavailableError
+    from locedit.tracer.models import ModelUnavailableError
 
     try:
         return args.func(args)

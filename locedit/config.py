@@ -57,10 +57,10 @@ from pydantic import (
     field_validator,
 )
 
-from editors.methods import DEFAULT_METHOD, EDIT_METHODS
-from problems.variants import DEFAULT_PROBLEM, PROBLEMS
-from tracer.corruption import NOISE_SCALE_RULES
-from tracer.vocab import DEFAULT_EDIT_TOKEN, LOCALIZATIONS, TRACING_KINDS, check_choice, check_edit_token
+from locedit.editors.methods import DEFAULT_METHOD, EDIT_METHODS
+from locedit.problems.variants import DEFAULT_PROBLEM, PROBLEMS
+from locedit.tracer.corruption import NOISE_SCALE_RULES
+from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN, LOCALIZATIONS, TRACING_KINDS, check_choice, check_edit_token
 
 __all__ = [
     "ConfigError",
@@ -145,7 +145,7 @@ class TracingConfig(_Section):
 
     def corruption(self):
         """The study's one Gaussian noise (noise and attribution grids, o_noise and Fact Forcing all use it)."""
-        from tracer.corruption import GaussianNoise
+        from locedit.tracer.corruption import GaussianNoise
 
         return GaussianNoise(scale=self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed,
                              rule=self.noise_scale_rule)
@@ -230,7 +230,7 @@ STUDY_KEYS = tuple(k for k in StudyConfig.model_fields if k not in ("data", "tra
 
 def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
     """Every 4th layer (0, 4, 8, ...) plus the model profile's default edit layer, as in the paper's layer sweeps."""
-    from tracer.profiles import profile_for
+    from locedit.tracer.profiles import profile_for
 
     return tuple(sorted(set(range(0, n_layers, 4)) | {profile_for(model_name).edit_layer(n_layers)}))
 

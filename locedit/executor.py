@@ -73,8 +73,8 @@ class StudyWorker:
 
         from locedit.config import parse_config
         from locedit.study import _nested
-        from problems import load_dataset
-        from tracer import load_model
+        from locedit.problems import load_dataset
+        from locedit.tracer import load_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -101,7 +101,7 @@ class StudyWorker:
 
     def mask(self, fact_ids: list[str]) -> list[bool]:
         """The data filter's verdict for each fact (known: the 36-token greedy filter; cached on disk)."""
-        from problems.filters import known_mask, min_target_prob_mask
+        from locedit.problems.filters import known_mask, min_target_prob_mask
 
         facts = [self.by_id[i] for i in fact_ids]
         if self.config.data.filter == "none":
@@ -189,7 +189,7 @@ def run_study_ray(
     try:
         info = ray.get(pool[0].info.remote())
         check_against_model(config, info["n_layers"])
-        from problems import load_dataset
+        from locedit.problems import load_dataset
 
         dataset = load_dataset(config.data.dataset)
         lock = lock_run_dir(run_dir)

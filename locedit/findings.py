@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from editors.methods import DEFAULT_METHOD
-from problems.variants import DEFAULT_PROBLEM
-from stats.paper import (
+from locedit.editors.methods import DEFAULT_METHOD
+from locedit.problems.variants import DEFAULT_PROBLEM
+from locedit.stats.paper import (
     PAPER_FIG4,
     PAPER_FIG7,
     PAPER_N_FACTS,
@@ -42,8 +42,8 @@ from stats.paper import (
     PAPER_TABLE3,
     PAPER_TABLE7_ROME,
 )
-from stats.tables import format_num, format_p, method_label, problem_label, sort_paper_order
-from tracer.vocab import DEFAULT_EDIT_TOKEN
+from locedit.stats.tables import format_num, format_p, method_label, problem_label, sort_paper_order
+from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
 
@@ -239,7 +239,7 @@ def _table2_block(loc: pl.DataFrame) -> str:
 
 
 def _table7_block(frames: dict[str, pl.DataFrame]) -> str:
-    from stats import fit_regression
+    from locedit.stats import fit_regression
 
     p = PAPER_TABLE7_ROME
     a = frames.get("noise")
@@ -257,7 +257,7 @@ def _table7_block(frames: dict[str, pl.DataFrame]) -> str:
 
 
 def _fig4_block(frames: dict[str, pl.DataFrame]) -> str:
-    from stats import layer_correlations
+    from locedit.stats import layer_correlations
 
     rows = []
     for name in ("noise", "flip", "zero"):
@@ -317,7 +317,7 @@ def _localization_block(loc: pl.DataFrame) -> str:
 def _agreement_block(trace: pl.DataFrame) -> str:
     """Where each method localizes, on every localized fact (no edits needed): the per-layer effect curve (max over
     tokens, window 5), its peak layer, the concentrated share, and each method's agreement with noise."""
-    from stats import concentrated_facts, per_layer_effects
+    from locedit.stats import concentrated_facts, per_layer_effects
 
     if trace.height == 0 or "localization" not in trace.columns:
         return "No localization has finished yet.\n"
@@ -360,7 +360,7 @@ def _agreement_block(trace: pl.DataFrame) -> str:
 
 
 def _reber_block(edits: pl.DataFrame, trace: pl.DataFrame, n_boot: int) -> str:
-    from stats import paired_differences
+    from locedit.stats import paired_differences
 
     if edits.height == 0 or trace.height == 0:
         return "No finished edits yet.\n"
@@ -376,7 +376,7 @@ def _reber_block(edits: pl.DataFrame, trace: pl.DataFrame, n_boot: int) -> str:
 
 def _tokens_block(tables: dict[str, pl.DataFrame]) -> str:
     from locedit.report import token_analysis
-    from stats.tables import score_summary, to_markdown
+    from locedit.stats.tables import score_summary, to_markdown
 
     edits = tables["edits"]
     if edits.height == 0 or "token" not in edits.columns or edits["token"].n_unique() < 2:
@@ -403,7 +403,7 @@ def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, 
     """Every generated block of ``docs/FINDINGS.md`` (Markdown) from ``run_dir``'s journals."""
     from locedit.report import own_token_edits
     from locedit.study import collect_tables
-    from stats import localization_frames, localization_table
+    from locedit.stats import localization_frames, localization_table
 
     run_dir = Path(run_dir)
     tables = collect_tables(run_dir)

@@ -23,7 +23,7 @@ from typing import Any
 
 import polars as pl
 
-from tracer.atomic import atomic_path, write_atomic
+from locedit.tracer.atomic import atomic_path, write_atomic
 
 __all__ = ["Journal", "QUARANTINE", "compress_journal", "journal_files", "read_journal", "read_journals",
            "scan_journal", "write_parquet_atomic"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from locedit.study import collect_tables
-from tracer.vocab import DEFAULT_EDIT_TOKEN
+from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["localization_analysis", "study_analysis", "token_analysis", "write_report"]
 
@@ -27,7 +27,7 @@ def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp",
     """The localization-method comparison (:mod:`stats.localization`) when the study localized with more than one
     method: the comparison table (collapses max and last_subject, all and concentrated facts), Reber's paired
     differences against noise, and the per-method analysis frames (None / [] otherwise)."""
-    from stats import localization_frames, localization_table, paired_differences
+    from locedit.stats import localization_frames, localization_table, paired_differences
 
     trace, edits = tables["tracing"], tables["edits"]
     out: dict = {"table": None, "paired": [], "frames": None}
@@ -45,7 +45,7 @@ def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp",
 def token_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5, n_boot: int = 500) -> dict:
     """The token × layer analysis (:mod:`stats.tokens`) when the study edited at more than one token rule: the
     cell-level frame, the token-level regressions and the best-cell rate (None entries otherwise)."""
-    from stats import best_cell_table, join_cells, token_regression_table
+    from locedit.stats import best_cell_table, join_cells, token_regression_table
 
     trace, edits = tables["tracing"], tables["edits"]
     out: dict = {"cells": None, "regressions": None, "best_cell": None}
@@ -63,7 +63,7 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
     """Regressions and correlations of a study's tables: the analysis frame joined at ``kind``/``window``
     (default: window 5 if traced, else the largest traced window), regression results on all facts and on the
     concentrated-effects subset, and per-layer correlations."""
-    from stats import join_trace, layer_correlations, regression_table
+    from locedit.stats import join_trace, layer_correlations, regression_table
 
     trace, edits = tables["tracing"], tables["edits"]
     edits = own_token_edits(edits)  # the paper's analysis: ROME/MEMIT at their own position (the token study is apart)
@@ -88,7 +88,7 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
 def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     """Merge the run directories (shards) and write ``report.html`` (default: in the first directory) with
     Tables 1–7, Figs. 1, 4/15, 6, 7, 10 and one tracing heatmap; also writes ``tables.md`` beside it."""
-    from stats import (
+    from locedit.stats import (
         correlation_table,
         fig_peak_layers,
         fig_r2_bars,
@@ -102,7 +102,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         paper_tables,
         to_markdown,
     )
-    from stats.report import write_report as write_html
+    from locedit.stats.report import write_report as write_html
 
     dirs = [Path(d) for d in run_dirs]
     tables = collect_tables(*dirs)

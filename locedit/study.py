@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from locedit.config import STUDY_KEYS, ConfigError, StudyConfig, check_against_model, default_edit_layers, parse_config
 from locedit.journal import Journal, compress_journal, journal_files, read_journals, scan_journal, write_parquet_atomic
-from tracer.atomic import write_atomic
-from editors.methods import resolve_method
-from tracer.result import tracing_frame
-from tracer.vocab import DEFAULT_EDIT_TOKEN
+from locedit.tracer.atomic import write_atomic
+from locedit.editors.methods import resolve_method
+from locedit.tracer.result import tracing_frame
+from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN
 
 __all__ = ["StudySummary", "bad_journal_lines", "run_study", "select_facts", "collect_tables", "unit_keys"]
 
@@ -76,8 +76,8 @@ def select_facts(model, config: StudyConfig, facts: Sequence | None = None) -> l
     """Shuffle the dataset with ``data.seed`` and keep, in that order, the first ``data.sample`` facts passing
     ``data.filter``. The filter runs lazily in cached chunks, so a 20-fact study does not decode 3,284 prompts.
     ``facts``: the dataset, if already loaded."""
-    from problems import load_dataset
-    from problems.filters import first_passing, known_mask, min_target_prob_mask
+    from locedit.problems import load_dataset
+    from locedit.problems.filters import first_passing, known_mask, min_target_prob_mask
 
     facts = list(load_dataset(config.data.dataset) if facts is None else facts)
     random.Random(config.data.seed).shuffle(facts)
@@ -150,7 +150,7 @@ def _edit_key(fid: str, problem: str, method: str, layer: int, token: str | int)
 
 def _trace_record(model, fact, kind: str, window: int, method: str, config: StudyConfig, dataset) -> dict[str, Any]:
     """One localization grid (:func:`problems.localize.localize`); flip partners come from the whole dataset."""
-    from problems.localize import flip_partners, localize
+    from locedit.problems.localize import flip_partners, localize
 
     partners = ()
     if method == "flip":
@@ -162,7 +162,7 @@ def _trace_record(model, fact, kind: str, window: int, method: str, config: Stud
 
 def _hparams_for(model, config: StudyConfig, problem: str, method: str):
     """The problem's App. A hyper-parameters for ``method`` with the config's ``[hparams.<method>]`` overrides."""
-    from problems.variants import problem_hparams
+    from locedit.problems.variants import problem_hparams
 
     hp = problem_hparams(problem, method, model)
     overrides = config.hparams.get(method, {})
@@ -170,11 +170,11 @@ def _hparams_for(model, config: StudyConfig, problem: str, method: str):
 
 
 def _edit_record(model, fact, problem: str, method: str, layer: int, token, config: StudyConfig) -> dict[str, Any]:
-    from problems import run_edit
+    from locedit.problems import run_edit
 
     extra = {}
     if config.editing.covariance_tokens is not None:
-        from editors import key_second_moment
+        from locedit.editors import key_second_moment
 
         n = config.editing.covariance_tokens
         extra["covariance"] = lambda m, layer: key_second_moment(m, layer, n_tokens=n, progress=False)
@@ -248,11 +248,11 @@ def run_study(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     if model is None:
-        from tracer import load_model
+        from locedit.tracer import load_model
 
         model = load_model(config.model)
     check_against_model(config, model.cfg.n_layers)  # before anything is written
-    from problems import load_dataset
+    from locedit.problems import load_dataset
 
     dataset = load_dataset(config.data.dataset)
     lock = lock_run_dir(run_dir, shard)
@@ -398,7 +398,7 @@ def provenance(config: StudyConfig, model) -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    from editors.methods import EDIT_METHODS
+    from locedit.editors.methods import EDIT_METHODS
 
     hp = {f"{p}|{m}": dataclasses.asdict(_hparams_for(model, config, p, m))
           for p in config.editing.problems for m in config.editing.methods}

@@ -1,12 +1,12 @@
 """locedit.problems: datasets (CounterFact, zsRE, known_1000), the five editing problems of Hase et al. 2023, the
 correctness filters and the edit-success metrics.
 
-    from problems import load_counterfact, run_edit, PROBLEMS
+    from locedit.problems import load_counterfact, run_edit, PROBLEMS
     facts = load_counterfact()
     outcome = run_edit(model, facts[0], problem, "rome", layer=6)    # problem: any name in PROBLEMS
 """
 
-from problems.facts import (
+from locedit.problems.facts import (
     DATASETS,
     Fact,
     MalformedRecordWarning,
@@ -17,9 +17,9 @@ from problems.facts import (
     load_known,
     load_zsre,
 )
-from problems.filters import filter_known, filter_min_target_prob, known_mask, min_target_prob_mask
-from problems.run import EditOutcome, run_edit
-from problems.variants import (
+from locedit.problems.filters import filter_known, filter_min_target_prob, known_mask, min_target_prob_mask
+from locedit.problems.run import EditOutcome, run_edit
+from locedit.problems.variants import (
     PROBLEM_NAMES,
     PROBLEMS,
     MissingTargetError,

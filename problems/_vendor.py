@@ -1,6 +1,6 @@
 """Re-create ``problems/data/*.json.gz`` from the shared raw copies (run once by a maintainer).
 
-    python -m problems._vendor /work/shared/data
+    python -m locedit.problems._vendor SHARED_DATA_DIR     # e.g. the project's ../shared/data
 
 Transformations (documented in ``problems/data/SOURCES.md``): records are kept verbatim and in order, except that
 zsRE records lose EasyEdit's extra ``portability`` key (giving ROME's ``zsre_mend_eval.json`` schema). JSON is
@@ -37,4 +37,6 @@ def vendor(src_dir: str | Path) -> None:
 
 
 if __name__ == "__main__":
-    vendor(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m locedit.problems._vendor SHARED_DATA_DIR (the folder holding the raw copies)")
+    vendor(sys.argv[1])

@@ -14,10 +14,10 @@ import hashlib
 import torch
 from transformer_lens import HookedTransformer
 
-from problems.facts import essence_prompt
-from tracer.models import cache_dir, model_id
-from tracer.atomic import read_checked_json, write_checked_json
-from tracer.tokens import encode
+from locedit.problems.facts import essence_prompt
+from locedit.tracer.models import cache_dir, model_id
+from locedit.tracer.atomic import read_checked_json, write_checked_json
+from locedit.tracer.tokens import encode
 
 __all__ = ["EssenceTexts", "essence_texts", "essence_perplexity", "sample_tokens"]
 

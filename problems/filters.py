@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 import torch
 from transformer_lens import HookedTransformer
 
-from problems.facts import Fact
-from tracer.models import cache_dir, model_id
-from tracer.atomic import read_checked_json, write_checked_json
-from tracer.probs import target_probs
-from tracer.tokens import encode
+from locedit.problems.facts import Fact
+from locedit.tracer.models import cache_dir, model_id
+from locedit.tracer.atomic import read_checked_json, write_checked_json
+from locedit.tracer.probs import target_probs
+from locedit.tracer.tokens import encode
 
 __all__ = [
     "KNOWN_N_TOKENS",
@@ -163,12 +163,12 @@ def filter_min_target_prob(
     return [f for f, k in zip(facts, min_target_prob_mask(model, facts, threshold, **kw)) if k]
 
 
-def _main() -> None:  # `python -m problems [limit]`: run and cache the CounterFact correctness filter
+def _main() -> None:  # `python -m locedit.problems [limit]`: run and cache the CounterFact correctness filter
     import sys
     import time
 
-    from problems.facts import load_counterfact
-    from tracer import load_model
+    from locedit.problems.facts import load_counterfact
+    from locedit.tracer import load_model
 
     model = load_model(device=None)
     facts = load_counterfact(limit=int(sys.argv[1]) if len(sys.argv) > 1 else None)

@@ -13,11 +13,11 @@ import math
 import torch
 from transformer_lens import HookedTransformer
 
-from problems.essence import sample_tokens
-from problems.metrics import ngram_entropy
-from tracer.atomic import read_checked_json, write_checked_json
-from tracer.models import cache_dir, model_id
-from tracer.tokens import encode
+from locedit.problems.essence import sample_tokens
+from locedit.problems.metrics import ngram_entropy
+from locedit.tracer.atomic import read_checked_json, write_checked_json
+from locedit.tracer.models import cache_dir, model_id
+from locedit.tracer.tokens import encode
 
 __all__ = ["MAX_LEN", "generation_entropy", "generate_texts", "unedited_generation_entropy"]
 

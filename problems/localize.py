@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import torch
 from transformer_lens import HookedTransformer
 
-from problems.facts import Fact
-from tracer.corruption import GaussianNoise, SubjectFlip
-from tracer.result import TraceResult
-from tracer.tracing import FlipAlignmentError, check_flip, trace, zero
-from tracer.vocab import LOCALIZATIONS, check_choice
+from locedit.problems.facts import Fact
+from locedit.tracer.corruption import GaussianNoise, SubjectFlip
+from locedit.tracer.result import TraceResult
+from locedit.tracer.tracing import FlipAlignmentError, check_flip, trace, zero
+from locedit.tracer.vocab import LOCALIZATIONS, check_choice
 
 __all__ = ["NotEnoughPartnersError", "flip_partners", "localize"]
 

@@ -32,15 +32,15 @@ from dataclasses import asdict, dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from problems import metrics as M
-from problems.essence import essence_perplexity, essence_texts
-from problems.fluency import generation_entropy, unedited_generation_entropy
-from problems.facts import Fact
-from problems.variants import default_noise, problem_hparams, resolve_problem
-from tracer.corruption import GaussianNoise
-from tracer.probs import target_probs
-from tracer.tokens import locate_subject, token_position
-from tracer.vocab import DEFAULT_EDIT_TOKEN, check_edit_token
+from locedit.problems import metrics as M
+from locedit.problems.essence import essence_perplexity, essence_texts
+from locedit.problems.fluency import generation_entropy, unedited_generation_entropy
+from locedit.problems.facts import Fact
+from locedit.problems.variants import default_noise, problem_hparams, resolve_problem
+from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.probs import target_probs
+from locedit.tracer.tokens import locate_subject, token_position
+from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN, check_edit_token
 
 __all__ = ["EditOutcome", "run_edit"]
 
@@ -173,7 +173,7 @@ def run_edit(
         ValueError: unknown problem/method; ``LayerOutOfRangeError`` for a bad layer; ``MissingTargetError`` when the
         fact lacks the object the problem needs.
     """
-    from editors import EditRequest, edit, method_layers, resolve_method
+    from locedit.editors import EditRequest, edit, method_layers, resolve_method
 
     t0 = time.perf_counter()
     prob = resolve_problem(problem)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 import polars as pl
 from transformer_lens import HookedTransformer
 
-from problems.facts import Fact
-from problems.filters import first_passing
-from problems.run import run_edit
-from editors.hparams import FTHyperParams
-from editors.methods import EDIT_METHODS
-from problems.variants import problem_hparams, resolve_problem
+from locedit.problems.facts import Fact
+from locedit.problems.filters import first_passing
+from locedit.problems.run import run_edit
+from locedit.editors.hparams import FTHyperParams
+from locedit.editors.methods import EDIT_METHODS
+from locedit.problems.variants import problem_hparams, resolve_problem
 
 __all__ = ["DEFAULT_BOUNDS", "FT_METHODS", "NormConstraintTuning", "choose_norm_constraint", "first_known", "tune_norm_constraint"]
 

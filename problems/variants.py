@@ -34,11 +34,11 @@ from typing import Literal, get_args
 import torch
 from transformer_lens import HookedTransformer
 
-from problems.facts import Fact
-from tracer.corruption import GaussianNoise, as_gaussian_noise, noise_hook
-from tracer.forward import scored_logits
-from tracer.tokens import locate_subject
-from tracer.vocab import check_choice
+from locedit.problems.facts import Fact
+from locedit.tracer.corruption import GaussianNoise, as_gaussian_noise, noise_hook
+from locedit.tracer.forward import scored_logits
+from locedit.tracer.tokens import locate_subject
+from locedit.tracer.vocab import check_choice
 
 __all__ = [
     "DEFAULT_PROBLEM",
@@ -158,9 +158,9 @@ def problem_hparams(problem: str, method: str, model="smollm2-135m"):
     """Hyper-parameters of edit ``method`` for ``problem`` on a model (a HookedTransformer or a name): the editors'
     defaults for the model (:func:`editors.default_hparams`) with the model profile's App. A overrides for
     (problem, method) applied (:mod:`tracer.profiles`)."""
-    from editors.hparams import default_hparams
-    from editors.methods import resolve_method
-    from tracer.profiles import profile_for
+    from locedit.editors.hparams import default_hparams
+    from locedit.editors.methods import resolve_method
+    from locedit.tracer.profiles import profile_for
 
     entry = resolve_method(method, aliases=False)
     resolve_problem(problem)

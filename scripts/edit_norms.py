@@ -20,8 +20,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from problems import known_mask, load_counterfact, run_edit  # noqa: E402
-from tracer import load_model, locate_subject  # noqa: E402
+from locedit.problems import known_mask, load_counterfact, run_edit  # noqa: E402
+from locedit.tracer import load_model, locate_subject  # noqa: E402
 
 
 def main() -> None:

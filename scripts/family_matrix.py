@@ -20,11 +20,11 @@ os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="family-matrix-")  # the t
 
 from test_families import BASE, FAMILIES  # noqa: E402  (the same configs as the tests)
 
-from editors import EditRequest, apply, default_hparams, restore  # noqa: E402
-from editors.requests import UnsupportedArchitectureError  # noqa: E402
-from tracer import target_probs, trace, zero  # noqa: E402
-from tracer.lean import lean_supported  # noqa: E402
-from tracer.models import PACKAGED_MODELS  # noqa: E402
+from locedit.editors import EditRequest, apply, default_hparams, restore  # noqa: E402
+from locedit.editors.requests import UnsupportedArchitectureError  # noqa: E402
+from locedit.tracer import target_probs, trace, zero  # noqa: E402
+from locedit.tracer.lean import lean_supported  # noqa: E402
+from locedit.tracer.models import PACKAGED_MODELS  # noqa: E402
 
 P, S, O = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French"
 REQ = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from editors import EditRequest, apply, key_second_moments, restore  # noqa: E402
-from editors.covariance import DEFAULT_CORPUS, DEFAULT_SEQ_LEN  # noqa: E402
-from editors.rome import rome_update  # noqa: E402
-from problems import known_mask, load_counterfact, problem_hparams, run_edit  # noqa: E402
-from tracer import load_model  # noqa: E402
+from locedit.editors import EditRequest, apply, key_second_moments, restore  # noqa: E402
+from locedit.editors.covariance import DEFAULT_CORPUS, DEFAULT_SEQ_LEN  # noqa: E402
+from locedit.editors.rome import rome_update  # noqa: E402
+from locedit.problems import known_mask, load_counterfact, problem_hparams, run_edit  # noqa: E402
+from locedit.tracer import load_model  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     sizes = []
     for s in args.sizes.split(","):
         if s == "all":
-            from editors.covariance import _read_text  # the whole vendored corpus, in whole rows
+            from locedit.editors.covariance import _read_text  # the whole vendored corpus, in whole rows
 
             text = _read_text(DEFAULT_CORPUS)
             lines = [" " + ln.strip() for ln in text.splitlines() if ln.strip()]

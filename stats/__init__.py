@@ -13,7 +13,7 @@ Modules: ``collapse`` (grid → per-layer effects, peak layer, concentrated rule
 ``regressions`` (OLS / F-test / Pearson), ``tables`` (paper layouts, Markdown), ``figures`` (plotly), ``report``.
 """
 
-from stats.collapse import (
+from locedit.stats.collapse import (
     COLLAPSES,
     CONCENTRATION_MAX_OTHERS,
     CONCENTRATION_THRESHOLD,
@@ -28,7 +28,7 @@ from stats.collapse import (
     select_localization,
     with_fractional,
 )
-from stats.figures import (
+from locedit.stats.figures import (
     fig_peak_layers,
     fig_r2_bars,
     fig_score_vs_trace,
@@ -42,8 +42,8 @@ from stats.figures import (
     save_html,
     save_png,
 )
-from stats.join import ANALYSIS_KEYS, DEFAULT_KIND, DEFAULT_WINDOW, join_trace, score_columns
-from stats.regressions import (
+from locedit.stats.join import ANALYSIS_KEYS, DEFAULT_KIND, DEFAULT_WINDOW, join_trace, score_columns
+from locedit.stats.regressions import (
     FORMULAS,
     Correlation,
     FitStats,
@@ -55,7 +55,7 @@ from stats.regressions import (
     regression_table,
     results_frame,
 )
-from stats.localization import (
+from locedit.stats.localization import (
     LocalizationComparison,
     PairedDifference,
     delta_r2,
@@ -64,7 +64,7 @@ from stats.localization import (
     paired_differences,
     reber_sentence,
 )
-from stats.tokens import (
+from locedit.stats.tokens import (
     CELL_KEYS,
     TOKEN_FORMULAS,
     BestCellRate,
@@ -76,8 +76,8 @@ from stats.tokens import (
     token_regression_table,
     token_regressions,
 )
-from stats.report import frame_to_html, markdown_to_html, report_html, write_report
-from stats.tables import (
+from locedit.stats.report import frame_to_html, markdown_to_html, report_html, write_report
+from locedit.stats.tables import (
     METHOD_LABELS,
     METHOD_ORDER,
     METRIC_LABELS,

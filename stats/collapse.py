@@ -29,7 +29,7 @@ import polars as pl
 from jaxtyping import Float
 from torch import Tensor
 
-from tracer.effects import fractional_effect, peak_cell, per_layer_effect
+from locedit.tracer.effects import fractional_effect, peak_cell, per_layer_effect
 
 __all__ = [
     "Collapse",

@@ -17,13 +17,13 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from stats.collapse import Collapse, peak_layers, per_layer_effects, select_localization, with_fractional
-from stats.regressions import layer_correlations, pearson
-from stats.report import report_html  # re-exported: the report is the figures' consumer
-from editors.methods import DEFAULT_METHOD
-from problems.variants import DEFAULT_PROBLEM
-from tracer.vocab import DEFAULT_EDIT_TOKEN, EDIT_TOKENS, LOCALIZATIONS, token_label
-from stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
+from locedit.stats.collapse import Collapse, peak_layers, per_layer_effects, select_localization, with_fractional
+from locedit.stats.regressions import layer_correlations, pearson
+from locedit.stats.report import report_html  # re-exported: the report is the figures' consumer
+from locedit.editors.methods import DEFAULT_METHOD
+from locedit.problems.variants import DEFAULT_PROBLEM
+from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN, EDIT_TOKENS, LOCALIZATIONS, token_label
+from locedit.stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
 
 __all__ = [
     "fig_peak_layers",

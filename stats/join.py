@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from stats.collapse import Collapse, concentrated_facts, per_layer_effects
+from locedit.stats.collapse import Collapse, concentrated_facts, per_layer_effects
 
 __all__ = ["ANALYSIS_KEYS", "DEFAULT_KIND", "DEFAULT_WINDOW", "score_columns", "join_trace"]
 

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import polars as pl
 
-from stats.join import join_trace
-from stats.regressions import fit_regression, single_blas_thread
+from locedit.stats.join import join_trace
+from locedit.stats.regressions import fit_regression, single_blas_thread
 
 __all__ = [
     "LocalizationComparison",
@@ -185,7 +185,7 @@ class PairedDifference:
 
 def reber_sentence(d: PairedDifference) -> str:
     """The comparison in words (the report's reading of Reber's question)."""
-    from tracer.vocab import LOCALIZATIONS
+    from locedit.tracer.vocab import LOCALIZATIONS
 
     a = LOCALIZATIONS[d.localization].label if d.localization in LOCALIZATIONS else d.localization
     b = LOCALIZATIONS[d.baseline].label if d.baseline in LOCALIZATIONS else d.baseline

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.offline import get_plotlyjs
 
-from stats.tables import to_markdown
+from locedit.stats.tables import to_markdown
 
 __all__ = ["markdown_to_html", "frame_to_html", "report_html", "write_report"]
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import polars as pl
 
-from editors.methods import DEFAULT_METHOD, EDIT_METHODS
-from problems.variants import DEFAULT_PROBLEM, PROBLEM_NAMES, PROBLEMS
+from locedit.editors.methods import DEFAULT_METHOD, EDIT_METHODS
+from locedit.problems.variants import DEFAULT_PROBLEM, PROBLEM_NAMES, PROBLEMS
 
 __all__ = [
     "PROBLEM_ORDER",

@@ -23,9 +23,9 @@ import pandas as pd
 import polars as pl
 import statsmodels.formula.api as smf
 
-from stats.collapse import select_localization, with_fractional
-from stats.join import DEFAULT_KIND, DEFAULT_WINDOW, score_columns
-from stats.regressions import single_blas_thread
+from locedit.stats.collapse import select_localization, with_fractional
+from locedit.stats.join import DEFAULT_KIND, DEFAULT_WINDOW, score_columns
+from locedit.stats.regressions import single_blas_thread
 
 __all__ = [
     "CELL_KEYS",

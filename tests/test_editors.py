@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from editors import (
+from locedit.editors import (
     EditRequest,
     EditResult,
     EmptyTargetError,
@@ -26,7 +26,7 @@ from editors import (
     restore,
     window_layers,
 )
-from tracer import SubjectNoise, resolve_sigma, target_probs
+from locedit.tracer import SubjectNoise, resolve_sigma, target_probs
 
 LAYER = 12
 # CounterFact case_ids whose true target is the embedded model's greedy next token (checked in test_facts_known)
@@ -187,10 +187,10 @@ def test_rome_fast_matches_plain(model, facts):
 def test_fast_path_equals_plain_on_both_suffix_backends(model, facts, monkeypatch, method, layers, backend):
     """The editors' fast path runs through the shared suffix runner; on either backend (lean blocks, or
     TransformerLens blocks for models the lean path does not support) its update equals the plain path's."""
-    import tracer.suffix
+    from locedit.tracer import suffix as suffix_mod
 
     if backend == "transformerlens":
-        monkeypatch.setattr(tracer.suffix, "lean_supported", lambda m: False)
+        monkeypatch.setattr(suffix_mod, "lean_supported", lambda m: False)
     req = _req(facts[2])
     hp = replace(default_hparams(method, "smollm2"), v_num_grad_steps=3)
     fast = apply(model, req, method, layers, hparams=hp, fast=True)
@@ -205,7 +205,7 @@ def test_fast_path_equals_plain_on_both_suffix_backends(model, facts, monkeypatc
 def test_restore_refuses_out_of_order_and_twice(model, facts):
     """Undoing an edit that is not the most recent one of its parameters (or undoing it twice) used to corrupt the
     weights silently (max error 0.47); it now raises and changes nothing."""
-    from editors import EditOrderError
+    from locedit.editors import EditOrderError
 
     h0 = _hash(model)
     hp = replace(default_hparams("ft", "smollm2"), num_steps=2)

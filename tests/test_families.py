@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from editors import EditRequest, UnsupportedArchitectureError, apply, default_hparams, restore
-from tracer import target_probs, trace, zero
-from tracer.lean import lean_supported
+from locedit.editors import EditRequest, UnsupportedArchitectureError, apply, default_hparams, restore
+from locedit.tracer import target_probs, trace, zero
+from locedit.tracer.lean import lean_supported
 
 BASE = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=64, seed=0)
 FAMILIES = {

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from locedit.findings import FINDINGS_BLOCKS, update_document, write_findings
-from stats.paper import PAPER_TABLE2_ROME, PAPER_TABLE3
-from stats.tables import METHOD_LABELS, PROBLEM_LABELS
+from locedit.stats.paper import PAPER_TABLE2_ROME, PAPER_TABLE3
+from locedit.stats.tables import METHOD_LABELS, PROBLEM_LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,13 +5,13 @@ paths equal the slow ones on a few cells."""
 import pytest
 import torch
 
-from editors import EditRequest, apply, default_hparams, restore
-from editors.inputs import build_batch
-from problems import load_dataset
-from tracer import locate_subject, target_probs, trace
-from tracer.lean import lean_supported
-from tracer.profiles import profile_for
-from tracer.tokens import encode
+from locedit.editors import EditRequest, apply, default_hparams, restore
+from locedit.editors.inputs import build_batch
+from locedit.problems import load_dataset
+from locedit.tracer import locate_subject, target_probs, trace
+from locedit.tracer.lean import lean_supported
+from locedit.tracer.profiles import profile_for
+from locedit.tracer.tokens import encode
 
 PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of", "Toko Yasuda plays the"]
 # known CounterFact facts (positions in the vendored file) and Gemma 3 270M's p(o_true) measured when this test was written
@@ -94,7 +94,7 @@ def test_rome_fast_equals_plain_raises_target_and_restores(gemma):
 
 
 def test_memit_refuses_post_norm_blocks(gemma):
-    from editors import UnsupportedArchitectureError
+    from locedit.editors import UnsupportedArchitectureError
 
     with pytest.raises(UnsupportedArchitectureError, match="ln2_post"):
         apply(gemma, EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English"), "memit", [2, 3])

@@ -9,11 +9,11 @@ import statsmodels.formula.api as smf
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from problems import load_dataset
-from problems.localize import NotEnoughPartnersError, flip_partners, localize
-from stats import delta_r2, localization_table, paired_differences
-from tracer import trace, zero
-from tracer.result import TRACING_COLUMNS, tracing_frame
+from locedit.problems import load_dataset
+from locedit.problems.localize import NotEnoughPartnersError, flip_partners, localize
+from locedit.stats import delta_r2, localization_table, paired_differences
+from locedit.tracer import trace, zero
+from locedit.tracer.result import TRACING_COLUMNS, tracing_frame
 
 # subject at the start / middle / end of the prompt, 1 to 5 tokens long
 CASES = [
@@ -158,7 +158,7 @@ def test_comparison_recovers_a_planted_relation():
 
 @pytest.mark.slow
 def test_s3_rule_reproduces_rome_sigma(model):
-    from tracer.corruption import GaussianNoise, noise_std
+    from locedit.tracer.corruption import GaussianNoise, noise_std
 
     assert 3 * noise_std(model, "s3") == pytest.approx(0.3500, abs=5e-4)
     assert 3 * noise_std(model, "embedding") == pytest.approx(0.4067, abs=5e-4)

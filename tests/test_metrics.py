@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from problems.metrics import (
+from locedit.problems.metrics import (
     erasure_score,
     essence_score,
     harmonic_mean,
@@ -129,7 +129,7 @@ def test_ngram_entropy_by_hand():
     """Meng et al.'s generation entropy: weighted (2/3, 4/3) mean of the bi- and tri-gram entropies in bits."""
     import math
 
-    from problems.metrics import ngram_entropy
+    from locedit.problems.metrics import ngram_entropy
 
     # "a b a b": bigrams ab, ba, ab -> f = (2/3, 1/3); trigrams aba, bab -> (1/2, 1/2)
     h2 = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)

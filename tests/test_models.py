@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tracer import EMBEDDED_MODEL, UnknownModelError, locate_subject, target_probs
-from tracer.models import load_hf_reference
+from locedit.tracer import EMBEDDED_MODEL, UnknownModelError, locate_subject, target_probs
+from locedit.tracer.models import load_hf_reference
 
 
 def test_logits_match_hf_model(model):
@@ -50,7 +50,7 @@ def test_batched_target_probs_equal_single(model):
 
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(UnknownModelError, match="Unknown model"):
-        from tracer import load_model
+        from locedit.tracer import load_model
 
         load_model("definitely-not-a-model-xyz")
     assert EMBEDDED_MODEL == "smollm2-135m"
@@ -59,7 +59,7 @@ def test_unknown_model_name_is_a_clear_error():
 def test_copy_free_modules_match_stock_and_switch_back(model):
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-    from tracer.fast_modules import CopyFreeGatedMLP, CopyFreeUnembed, stock_modules
+    from locedit.tracer.fast_modules import CopyFreeGatedMLP, CopyFreeUnembed, stock_modules
 
     tokens = model.to_tokens("The mother tongue of Danielle Darrieux is")
     assert type(model.blocks[0].mlp) is CopyFreeGatedMLP and type(model.unembed) is CopyFreeUnembed

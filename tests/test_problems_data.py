@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from problems import Fact, MalformedRecordWarning, load_counterfact, load_known, load_zsre
+from locedit.problems import Fact, MalformedRecordWarning, load_counterfact, load_known, load_zsre
 
 
 def _quiet(fn, **kw):
@@ -110,7 +110,7 @@ def test_edit_noise_is_a_prefix_of_the_scoring_noise():
     """Fact Forcing's ``edit_samples``: the edit optimizes over the first k samples of the very draw it is scored on."""
     import torch
 
-    from tracer.corruption import GaussianNoise
+    from locedit.tracer.corruption import GaussianNoise
 
     full = GaussianNoise(sigma=0.5, samples=10, seed=3)
     sub = full.prefix(3)
@@ -124,7 +124,7 @@ def test_edit_noise_is_a_prefix_of_the_scoring_noise():
 
 
 def test_first_passing_is_ordered_and_lazy():
-    from problems.filters import first_passing
+    from locedit.problems.filters import first_passing
 
     facts = load_counterfact(limit=10)
     calls = []

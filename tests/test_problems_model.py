@@ -8,14 +8,14 @@ import polars as pl
 import pytest
 import torch
 
-from problems import PROBLEMS, load_counterfact, load_known, problem_hparams, run_edit
-from problems.filters import greedy_continuations, known_mask, min_target_prob_mask
-from problems.metrics import erasure_score, neighborhood_score, paraphrase_score, rewrite_score
-from editors import method_layers
-from problems.variants import MissingTargetError, default_noise
-from tracer.corruption import SubjectNoise
-from tracer.probs import target_probs
-from tracer.tokens import encode
+from locedit.problems import PROBLEMS, load_counterfact, load_known, problem_hparams, run_edit
+from locedit.problems.filters import greedy_continuations, known_mask, min_target_prob_mask
+from locedit.problems.metrics import erasure_score, neighborhood_score, paraphrase_score, rewrite_score
+from locedit.editors import method_layers
+from locedit.problems.variants import MissingTargetError, default_noise
+from locedit.tracer.corruption import SubjectNoise
+from locedit.tracer.probs import target_probs
+from locedit.tracer.tokens import encode
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_method_layers_window_and_range():
     assert method_layers("rome", 30, 6) == (6,) and method_layers("ft-1", 30, 0) == (0,)
     assert method_layers("memit", 30, 6) == (4, 5, 6, 7, 8)
     assert method_layers("ft-5", 30, 0) == (0, 1, 2) and method_layers("memit", 30, 29) == (27, 28, 29)
-    from editors import LayerOutOfRangeError
+    from locedit.editors import LayerOutOfRangeError
 
     with pytest.raises(LayerOutOfRangeError, match="n_layers=30"):
         method_layers("rome", 30, 30)
@@ -98,7 +98,7 @@ def test_known_and_min_prob_filters(model, facts):
 
 
 def test_run_edit_error_injection_ft(model, facts):
-    from editors import FTHyperParams
+    from locedit.editors import FTHyperParams
 
     f = facts["cf:0"]
     before = {k: v.clone() for k, v in model.state_dict().items() if "blocks.3.mlp" in k}
@@ -124,7 +124,7 @@ def test_run_edit_error_injection_ft(model, facts):
 
 
 def test_run_edit_fact_forcing_scores_on_noised_subject(model, facts):
-    from editors import FTHyperParams
+    from locedit.editors import FTHyperParams
 
     f = facts["cf:0"]
     noise = SubjectNoise(default_noise(model).sigma, samples=3, seed=1)
@@ -139,7 +139,7 @@ def test_run_edit_fact_forcing_scores_on_noised_subject(model, facts):
 
 
 def test_run_edit_bad_layer_is_a_clear_error(model, facts):
-    from editors import LayerOutOfRangeError
+    from locedit.editors import LayerOutOfRangeError
 
     with pytest.raises(LayerOutOfRangeError, match="out of range"):
         run_edit(model, facts["cf:0"], "fact_erasure", "rome", 99)
@@ -147,7 +147,7 @@ def test_run_edit_bad_layer_is_a_clear_error(model, facts):
 
 def test_fluency_generation_is_seeded_and_cached(model, tmp_path, monkeypatch):
     """The fluency generations are reproducible (same seed, same texts) and the unedited value is cached on disk."""
-    from problems.fluency import generate_texts, generation_entropy, unedited_generation_entropy
+    from locedit.problems.fluency import generate_texts, generation_entropy, unedited_generation_entropy
 
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
     prompts = ("Danielle Darrieux was born in", "The Eiffel Tower is in")

@@ -26,7 +26,7 @@ def _garble_middle(path: Path) -> None:
 
 
 def test_checked_cache_entries_detect_corruption(tmp_path, caplog):
-    from tracer.atomic import read_checked_json, read_checked_tensor, write_checked_json, write_checked_tensor
+    from locedit.tracer.atomic import read_checked_json, read_checked_tensor, write_checked_json, write_checked_tensor
 
     write_checked_tensor(tmp_path / "c.pt", torch.arange(1000.0))
     assert torch.equal(read_checked_tensor(tmp_path / "c.pt"), torch.arange(1000.0))
@@ -45,7 +45,7 @@ def test_checked_cache_entries_detect_corruption(tmp_path, caplog):
 
 def test_garbled_covariance_is_recomputed(model, tmp_path, monkeypatch):
     """A garbled covariance file once changed the ROME delta (norm 22.1 vs 15.4) silently."""
-    from editors import key_second_moment
+    from locedit.editors import key_second_moment
 
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
     c0 = key_second_moment(model, 3, n_tokens=1024, progress=False)
@@ -60,8 +60,8 @@ def test_garbled_covariance_is_recomputed(model, tmp_path, monkeypatch):
 def test_garbled_or_incomplete_model_cache_is_reconverted(model, tmp_path, monkeypatch):
     """A converted-weights file garbled in the middle loaded without complaint and changed the logits; a missing
     meta.json reconverted and left a 650 MB temporary folder behind."""
-    from tracer import cache_dir, load_model
-    from tracer.models import converted_cache_path as _smollm2_cache_path
+    from locedit.tracer import cache_dir, load_model
+    from locedit.tracer.models import converted_cache_path as _smollm2_cache_path
 
     src = _smollm2_cache_path()
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
@@ -179,7 +179,7 @@ def test_provenance_is_recorded_and_a_thread_change_warns(model, tmp_path):
 # ------------------------------------------------------------------------------------------------- the CLI
 def test_run_exits_nonzero_when_units_failed(model, tmp_path, monkeypatch, capsys):
     import locedit.study as study
-    import tracer
+    from locedit import tracer
     from locedit.cli import main
 
     monkeypatch.setattr(tracer, "load_model", lambda *a, **k: model)  # the run reuses the session's model
@@ -208,7 +208,7 @@ def test_concurrent_writers_of_one_file_never_collide(tmp_path):
     """config.json/facts.json were written through one fixed temporary name, which concurrent starts raced on."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tracer.atomic import write_atomic
+    from locedit.tracer.atomic import write_atomic
 
     texts = [json.dumps({"writer": i, "pad": "x" * 100_000}) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 import torch
 
-import stats
-from stats import (
+from locedit import stats
+from locedit.stats import (
     concentrated_facts,
     fig_peak_layers,
     fig_r2_bars,
@@ -38,7 +38,7 @@ from stats import (
     table1,
     to_markdown,
 )
-from stats.regressions import FitStats, RegressionResult, results_frame
+from locedit.stats.regressions import FitStats, RegressionResult, results_frame
 
 # ------------------------------------------------------------------------------------------------------------------
 # synthetic builders
@@ -478,7 +478,7 @@ def test_png_export_degrades_without_kaleido(tmp_path):
 
 
 def test_agrees_with_trace_result():
-    result = pytest.importorskip("tracer.result")
+    result = pytest.importorskip("locedit.tracer.result")
     rng = np.random.default_rng(2)
     T, L, p_clean, p_noised = 6, 5, 0.8, 0.05
     grid = torch.tensor(rng.uniform(0, 0.9, (T, L)))
@@ -509,7 +509,7 @@ def test_single_blas_thread_is_transparent():
 def test_score_summary_means_and_order():
     import polars as pl
 
-    from stats.tables import score_summary
+    from locedit.stats.tables import score_summary
 
     edits = pl.DataFrame(
         {

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from tracer import EmptyTargetError, SubjectNotFoundError
-from tracer.tracing import (
+from locedit.tracer import EmptyTargetError, SubjectNotFoundError
+from locedit.tracer.tracing import (
     FlipAlignmentError,
     UnknownKindError,
     UnknownAlgorithmError,
@@ -221,8 +221,7 @@ def test_flop_fraction():
 
 def test_exact_tl_fallback_equals_naive(model, monkeypatch):
     """Models the lean blocks do not support use TransformerLens blocks with a frozen KV-cache entry."""
-    import tracer.tracing as tracing
-
+    import locedit.tracer.tracing as tracing
     kw = dict(kind="mlp", window=5, samples=2, cells={4: [0, 13], 9: [29]})
     n = trace(model, P, S, O, algorithm="naive", **kw)
     monkeypatch.setattr(tracing, "lean_supported", lambda m: False)
@@ -233,7 +232,7 @@ def test_exact_tl_fallback_equals_naive(model, monkeypatch):
 
 def test_lean_block_matches_transformer_lens(model):
     """LeanBlocks.block on a suffix with a rotated prefix cache = model.blocks[j] on the whole sequence."""
-    from tracer.lean import LeanBlocks
+    from locedit.tracer.lean import LeanBlocks
 
     torch.manual_seed(0)
     x = torch.randn(3, 9, model.cfg.d_model)

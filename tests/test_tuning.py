@@ -3,8 +3,8 @@ embedded model where a looser bound really edits more."""
 
 import pytest
 
-from problems import load_counterfact
-from problems.tuning import choose_norm_constraint, tune_norm_constraint
+from locedit.problems import load_counterfact
+from locedit.problems.tuning import choose_norm_constraint, tune_norm_constraint
 
 
 def test_choose_largest_bound_within_ceiling():

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from editors import EDIT_METHODS, default_hparams, method_layers, resolve_method
-from editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
-from problems import PROBLEMS
-from tracer import (
+from locedit.editors import EDIT_METHODS, default_hparams, method_layers, resolve_method
+from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from locedit.problems import PROBLEMS
+from locedit.tracer import (
     CORRUPTIONS,
     FALLBACK_PROFILE,
     TRACING_ALGORITHMS,
@@ -27,7 +27,7 @@ from tracer import (
     tracing_frame,
     window_layers,
 )
-from tracer.atomic import atomic_path, write_atomic
+from locedit.tracer.atomic import atomic_path, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tracer", "editors", "problems", "stats", "locedit")
@@ -51,7 +51,7 @@ def test_each_problem_name_is_declared_in_at_most_two_source_files(name):
 
 
 def test_stats_labels_and_orders_come_from_the_registries():
-    from stats.tables import METHOD_LABELS, METHOD_ORDER, PROBLEM_LABELS, PROBLEM_ORDER, method_label
+    from locedit.stats.tables import METHOD_LABELS, METHOD_ORDER, PROBLEM_LABELS, PROBLEM_ORDER, method_label
 
     assert PROBLEM_ORDER == tuple(PROBLEMS) and METHOD_ORDER == tuple(EDIT_METHODS)
     assert PROBLEM_LABELS == {n: p.label for n, p in PROBLEMS.items()}
@@ -109,7 +109,7 @@ def test_profiles_and_the_fallback():
 def test_a_bare_float_means_the_same_noise_everywhere(model):
     """``run_edit(..., noise=3.0)`` and ``trace(..., noise=3.0)`` use the same sigma (3 x std(W_E)): a bare float
     used to be an absolute sigma in run_edit."""
-    from problems.variants import default_noise
+    from locedit.problems.variants import default_noise
 
     sigma = 3.0 * embedding_std(model)
     t = trace(model, P, S, O, noise=3.0, samples=2, cells={8: [3]})
@@ -167,7 +167,7 @@ def test_record_round_trip_and_one_long_table():
     old = {"fact_id": "f", "kind": "mlp", "window": 5, "tokens": ["a", "b"], "subject_span": [0, 1],
            "grid": [[0.5, 0.1], [0.2, 0.9]], "p_clean": 0.9, "p_noised": 0.1, "sigma": 0.1}  # a journal of an older run
     assert tracing_frame([old]).equals(df)
-    from stats.collapse import with_fractional
+    from locedit.stats.collapse import with_fractional
 
     assert with_fractional(df)["fractional"].to_list() == df["fractional"].to_list()
 
@@ -193,7 +193,7 @@ def test_atomic_writes_leave_no_temporaries(tmp_path):
 def test_suffix_runner_backends_agree(model):
     """The lean and TransformerLens backends of the one suffix runner give the same block outputs on ragged rows
     with a restoration and a query-position subset."""
-    from tracer.suffix import Restore, SuffixRunner
+    from locedit.tracer.suffix import Restore, SuffixRunner
 
     toks = model.to_tokens(["The mother tongue of Danielle Darrieux is", "Danielle Darrieux was born in Paris"])
     _, cache = model.run_with_cache(toks)

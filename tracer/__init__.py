@@ -4,7 +4,7 @@ Vocabulary (:mod:`tracer.vocab`), corruptions (:mod:`tracer.corruption`), effect
 and model profiles (:mod:`tracer.profiles`) are declared here once and read by every other package.
 """
 
-from tracer.corruption import (
+from locedit.tracer.corruption import (
     Corruption,
     GaussianNoise,
     SubjectFlip,
@@ -15,18 +15,18 @@ from tracer.corruption import (
     noise_std,
     resolve_sigma,
 )
-from tracer.effects import fractional_effect, peak_cell, per_layer_effect
-from tracer.models import (
+from locedit.tracer.effects import fractional_effect, peak_cell, per_layer_effect
+from locedit.tracer.models import (
     EMBEDDED_MODEL,
     ModelUnavailableError,
     UnknownModelError,
     cache_dir,
     load_model,
 )
-from tracer.probs import target_log_probs, target_probs
-from tracer.profiles import FALLBACK_PROFILE, PROFILES, ModelProfile, profile_for
-from tracer.result import TRACING_COLUMNS, TraceResult, UndefinedEffectError, tracing_frame
-from tracer.tokens import (
+from locedit.tracer.probs import target_log_probs, target_probs
+from locedit.tracer.profiles import FALLBACK_PROFILE, PROFILES, ModelProfile, profile_for
+from locedit.tracer.result import TRACING_COLUMNS, TraceResult, UndefinedEffectError, tracing_frame
+from locedit.tracer.tokens import (
     EmptyTargetError,
     PromptTokens,
     SubjectNotFoundError,
@@ -35,8 +35,8 @@ from tracer.tokens import (
     target_tokens,
     token_position,
 )
-from tracer.tracing import FlipAlignmentError, flop_fraction, trace, zero
-from tracer.vocab import (
+from locedit.tracer.tracing import FlipAlignmentError, flop_fraction, trace, zero
+from locedit.tracer.vocab import (
     CORRUPTIONS,
     TRACING_ALGORITHMS,
     TRACING_KINDS,

@@ -68,7 +68,7 @@ def subject_embedding_std(model: HookedTransformer, subjects: Sequence[str]) -> 
 
 
 def _known_subjects_std(model: HookedTransformer) -> float:
-    from problems.facts import load_dataset  # the vendored known_1000 (lazy: tracer does not need problems)
+    from locedit.problems.facts import load_dataset  # the vendored known_1000 (lazy: tracer does not need problems)
 
     return subject_embedding_std(model, sorted({f.subject for f in load_dataset("known")}))
 
@@ -84,7 +84,7 @@ NOISE_SCALE_RULES: Mapping[str, tuple[str, Callable[[HookedTransformer], float]]
 def noise_std(model: HookedTransformer, rule: str | None = None) -> float:
     """The std a noise *scale* multiplies: by ``rule`` (:data:`NOISE_SCALE_RULES`), default the model profile's
     ``noise_scale_rule``."""
-    from tracer.profiles import profile_for
+    from locedit.tracer.profiles import profile_for
 
     rule = profile_for(model).noise_scale_rule if rule is None else rule
     if rule not in NOISE_SCALE_RULES:

@@ -35,7 +35,7 @@ __all__ = ["LeanBlocks", "lean_supported"]
 def lean_supported(model: HookedTransformer) -> bool:
     """True when the model's profile allows the lean path and every block is a plain causal pre-norm block that
     :class:`LeanBlocks` reproduces exactly."""
-    from tracer.profiles import profile_for
+    from locedit.tracer.profiles import profile_for
 
     if not profile_for(model).lean_fast_path:
         return False

@@ -33,8 +33,8 @@ from types import MappingProxyType
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tracer.atomic import atomic_path, discard_checked
-from tracer.fast_modules import use_copy_free_modules
+from locedit.tracer.atomic import atomic_path, discard_checked
+from locedit.tracer.fast_modules import use_copy_free_modules
 
 EMBEDDED_MODEL = "smollm2-135m"
 _CACHE_FORMAT = 1  # bump when the conversion changes

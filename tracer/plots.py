@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracer.vocab import CORRUPTIONS, TRACING_KINDS
+from locedit.tracer.vocab import CORRUPTIONS, TRACING_KINDS
 
 __all__ = ["circuitsvis_heatmap", "plotly_heatmap", "save_html"]
 

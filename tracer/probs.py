@@ -14,9 +14,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tracer.corruption import GaussianNoise, noise_hook
-from tracer.forward import scored_logits
-from tracer.tokens import encode, locate_subject, target_tokens
+from locedit.tracer.corruption import GaussianNoise, noise_hook
+from locedit.tracer.forward import scored_logits
+from locedit.tracer.tokens import encode, locate_subject, target_tokens
 
 __all__ = ["pack", "sequence_log_probs", "target_positions", "target_probs", "target_log_probs"]
 

@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tracer.effects import fractional_effect, peak_cell, per_layer_effect
-from tracer.vocab import CORRUPTIONS
+from locedit.tracer.effects import fractional_effect, peak_cell, per_layer_effect
+from locedit.tracer.vocab import CORRUPTIONS
 
 __all__ = ["TraceResult", "TRACING_COLUMNS", "UndefinedEffectError", "tracing_frame"]
 
@@ -164,19 +164,19 @@ class TraceResult:
     def heatmap(self, values: Literal["fractional", "prob"] = "fractional"):
         """circuitsvis rendering (Jupyter): tokens colored by the effect, one button per layer.
         ``str()`` of the returned ``RenderedHTML`` is a standalone HTML page."""
-        from tracer.plots import circuitsvis_heatmap
+        from locedit.tracer.plots import circuitsvis_heatmap
 
         return circuitsvis_heatmap(self, values=values)
 
     def plot(self, values: Literal["fractional", "prob"] = "prob"):
         """plotly heatmap (tokens on y, layers on x, subject tokens marked ``*``)."""
-        from tracer.plots import plotly_heatmap
+        from locedit.tracer.plots import plotly_heatmap
 
         return plotly_heatmap(self, values=values)
 
     def save_html(self, path, *, which: Literal["plotly", "circuitsvis"] = "plotly") -> None:
         """Write :meth:`plot` (default) or :meth:`heatmap` to ``path`` as a standalone HTML file."""
-        from tracer.plots import save_html
+        from locedit.tracer.plots import save_html
 
         save_html(self, path, which=which)
 

@@ -26,8 +26,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tracer.lean import LeanBlocks, lean_supported
-from tracer.vocab import TRACING_KINDS
+from locedit.tracer.lean import LeanBlocks, lean_supported
+from locedit.tracer.vocab import TRACING_KINDS
 
 __all__ = ["Restore", "SuffixRunner"]
 

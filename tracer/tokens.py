@@ -64,7 +64,7 @@ class PromptTokens:
 
 def bos_ids(model: HookedTransformer) -> list[int]:
     """``[bos_token_id]`` when the model's profile prepends BOS to prompts, else ``[]``."""
-    from tracer.profiles import profile_for
+    from locedit.tracer.profiles import profile_for
 
     if not profile_for(model).prepend_bos:
         return []
@@ -127,7 +127,7 @@ def token_position(pt: PromptTokens, token: str | int = "subject_last", prompt: 
         TokenPositionError: the position is outside ``[0, n_tokens)``; the message names the prompt and position.
         ValueError: unknown rule.
     """
-    from tracer.vocab import EDIT_TOKENS, check_edit_token
+    from locedit.tracer.vocab import EDIT_TOKENS, check_edit_token
 
     rule = check_edit_token(token)
     s, e = pt.subject_span

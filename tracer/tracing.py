@@ -45,13 +45,13 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tracer.corruption import Corruption, GaussianNoise, SubjectFlip, Zeroing, as_corruption, noise_hook
-from tracer.forward import logits_from_resid, scored_logits
-from tracer.lean import lean_supported
-from tracer.result import TraceResult
-from tracer.suffix import Restore, SuffixRunner
-from tracer.tokens import locate_subject, target_tokens
-from tracer.vocab import (
+from locedit.tracer.corruption import Corruption, GaussianNoise, SubjectFlip, Zeroing, as_corruption, noise_hook
+from locedit.tracer.forward import logits_from_resid, scored_logits
+from locedit.tracer.lean import lean_supported
+from locedit.tracer.result import TraceResult
+from locedit.tracer.suffix import Restore, SuffixRunner
+from locedit.tracer.tokens import locate_subject, target_tokens
+from locedit.tracer.vocab import (
     CORRUPTIONS,
     TRACING_ALGORITHMS,
     TRACING_KINDS,
