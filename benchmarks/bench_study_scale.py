@@ -1,6 +1,6 @@
 """How the study's bookkeeping scales (issue 17), measured side by side in one run:
 
-* the Parquet flush (``locedit.study.collect_tables``: read every journal line, build the tables, write them) at
+* the Parquet flush (``locedit.rundir.RunDir.collect``: read every journal line, build the tables, write them) at
   10^3, 10^4 and 10^5 synthetic edit records — linear in the study's size (the serial and Ray runners now flush on a
   time interval, default 60 s, instead of every 25 units, which made the total flush cost quadratic);
 * the old policy's total flush cost (a flush every 25 units) vs the new one's over a simulated 10^4-unit study;
@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from locedit.journal import Journal
-from locedit.study import collect_tables
+from locedit.rundir import RunDir
 
 FIELDS = ["rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "overall_hmean", "essence_score",
           "paraphrase_score_first", "neighborhood_score_first", "p_rewrite_pre", "p_rewrite_post", "p_paraphrase_pre",
@@ -33,7 +33,7 @@ FIELDS = ["rewrite_score", "paraphrase_score", "neighborhood_score", "overall_sc
 
 def record(i: int, rng: random.Random) -> dict:
     layer = (i % 6) * 5
-    rec = {"key": f"edit|cf:{i // 6}|error_injection|rome|L{layer}", "fact_id": f"cf:{i // 6}",
+    rec = {"key": f"edit|cf:{i // 6}|error_injection|rome|L{layer}|Tsubject_last", "fact_id": f"cf:{i // 6}",
            "problem": "error_injection", "method": "rome", "layer": layer, "layers": [layer], "token": "subject_last",
            "token_index": 7, "target": " English", "objective": "maximize", "n_paraphrases": 2, "n_neighborhood": 10}
     rec.update({f: rng.random() for f in FIELDS})
@@ -55,7 +55,7 @@ def flush_seconds(n: int, repeats: int = 3) -> float:
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            collect_tables(run)
+            RunDir(run).collect()
             best = min(best, time.perf_counter() - t)
         return best
 
@@ -82,7 +82,7 @@ def driver_ms_per_unit(n: int = 2000) -> float:
 def main() -> None:
     sizes = (1_000, 10_000, 100_000)
     cost = {n: flush_seconds(n) for n in sizes}
-    print("flush (collect_tables) of n edit records, best of 3:")
+    print("flush (RunDir.collect) of n edit records, best of 3:")
     for n in sizes:
         print(f"  n = {n:>7,}: {cost[n]:7.3f} s   ({1e6 * cost[n] / n:6.1f} µs per record)")
     print(f"  growth 10^3 -> 10^4: {cost[10_000] / cost[1_000]:.1f}x, 10^4 -> 10^5: {cost[100_000] / cost[10_000]:.1f}x"

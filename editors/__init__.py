@@ -9,8 +9,16 @@
 from locedit.editors.context import apply, edit, edited_parameter_names, with_hparams
 from locedit.editors.covariance import key_second_moment, key_second_moments
 from locedit.editors.deltas import EditOrderError, EditResult, apply_deltas, restore
-from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams, default_hparams
-from locedit.editors.methods import EDIT_METHODS, EditMethod, EditMethodName, method_layers, resolve_method
+from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from locedit.editors.methods import EDIT_METHODS, EditMethod, EditMethodName, default_hparams, method_layers, resolve_method
+from locedit.editors.tokens import (
+    DEFAULT_EDIT_TOKEN,
+    EDIT_TOKENS,
+    TokenPositionError,
+    check_edit_token,
+    token_label,
+    token_position,
+)
 from locedit.editors.requests import (
     EditRequest,
     EmptyTargetError,
@@ -22,7 +30,13 @@ from locedit.tracer.vocab import window_layers
 from locedit.editors.templates import context_templates
 
 __all__ = [
+    "DEFAULT_EDIT_TOKEN",
     "EDIT_METHODS",
+    "EDIT_TOKENS",
+    "TokenPositionError",
+    "check_edit_token",
+    "token_label",
+    "token_position",
     "EditMethod",
     "EditMethodName",
     "EditOrderError",

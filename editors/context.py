@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from transformer_lens import HookedTransformer
 
 from locedit.editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot, weights_hash
-from locedit.editors.hparams import HyperParams, default_hparams
-from locedit.editors.methods import EditMethod, resolve_method
+from locedit.editors.hparams import HyperParams
+from locedit.editors.methods import EditMethod, default_hparams, resolve_method
 from locedit.editors.requests import EditRequest, validate_layers, validate_request
 from locedit.tracer.corruption import GaussianNoise, as_gaussian_noise
-from locedit.tracer.tokens import locate_subject, token_position
-from locedit.tracer.vocab import check_edit_token
+from locedit.tracer.tokens import locate_subject
+from locedit.editors.tokens import token_position
 
 __all__ = ["apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
 
@@ -56,7 +56,7 @@ def apply(
         method: an :data:`editors.methods.EDIT_METHODS` name — "rome" (exactly one layer), "memit" (the window,
             e.g. 5 layers), "ft-1"/"ft-5" (or "ft": constrained finetuning of the given layers).
         layers: layers whose MLP ``W_out`` (and ``b_out`` for FT) are edited.
-        hparams: method's hyper-parameters (default: :func:`editors.hparams.default_hparams` for the model).
+        hparams: method's hyper-parameters (default: :func:`editors.methods.default_hparams` for the model).
         objective: "maximize" p(target) (inject/amplify/force) or "minimize" it (erase).
         noise: Fact Forcing — optimise on the noised-subject input; every prompt the editor builds gets
             ``noise.samples`` rows with the noise at its own subject tokens.
@@ -65,21 +65,23 @@ def apply(
             whole model every step (reference path, for parity checks and benchmarks).
         token: ROME/MEMIT: the position of every prompt where k* is read and v* optimised — "subject_first",
             "subject_last" (default, the reference's rule), "after_subject", "prompt_last"
-            (:data:`tracer.vocab.EDIT_TOKENS`) or an int offset from the last subject token. Constrained finetuning
-            ignores it: it descends the NLL through the whole prompt and has no key position.
+            (:data:`editors.tokens.EDIT_TOKENS`) or an int offset from the last subject token. Constrained finetuning
+            has no key position (:meth:`EditMethod.edit_token` gives None): it descends the NLL through the whole
+            prompt.
 
     Raises:
         ValueError: unknown method/objective/token rule; ROME with ≠ 1 layer. LayerOutOfRangeError,
         EmptyTargetError, SubjectNotFoundError: see :mod:`editors.requests`; TokenPositionError: ``token`` names a
-        position outside a prompt (:func:`tracer.tokens.token_position`).
+        position outside a prompt (:func:`editors.tokens.token_position`).
     """
     entry = resolve_method(method)
     if objective not in ("maximize", "minimize"):
         raise ValueError(f"objective must be 'maximize' or 'minimize', got {objective!r}")
     layers = validate_layers(model, layers)
     validate_request(model, request)
-    token = check_edit_token(token)
-    token_position(locate_subject(model, request.text, request.subject), token, request.text)  # fail before editing
+    token = entry.edit_token(token)
+    if token is not None:  # fail before editing
+        token_position(locate_subject(model, request.text, request.subject), token, request.text)
     if entry.single_layer and len(layers) != 1:
         raise ValueError(f"{entry.label} edits exactly one layer, got {layers}")
     hp = _resolve_hparams(model, entry, hparams)

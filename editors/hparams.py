@@ -1,16 +1,16 @@
 """Hyper-parameters of the editors (frozen dataclasses) and their per-model defaults.
 
 Defaults are the reference values (Meng et al. 2022/2023 code as used by Hase et al. 2023, GPT-J);
-``default_hparams(method, model)`` applies the model profile's overrides (:mod:`tracer.profiles`), and
-``problems.problem_hparams`` adds the problem's App. A overrides from the same profile.
+:func:`editors.methods.default_hparams` applies the model profile's overrides (:mod:`tracer.profiles`), and
+``problems.problem_hparams`` adds the problem's App. A overrides from the same profile. This module imports nothing
+of locedit's (the method registry imports it, not the other way round).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ROMEHyperParams", "MEMITHyperParams", "FTHyperParams", "HyperParams", "default_hparams"]
+__all__ = ["ROMEHyperParams", "MEMITHyperParams", "FTHyperParams", "HyperParams"]
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,3 @@ class FTHyperParams:
 
 
 HyperParams = ROMEHyperParams | MEMITHyperParams | FTHyperParams
-
-
-def default_hparams(method: str, model="smollm2-135m") -> HyperParams:
-    """Default hyper-parameters of edit ``method`` for a model (a HookedTransformer or a name): the method's
-    dataclass (reference GPT-J values) with the model profile's overrides (:mod:`tracer.profiles`; an unknown model
-    gets the fallback profile, i.e. the reference values)."""
-    from locedit.editors.methods import resolve_method
-    from locedit.tracer.profiles import profile_for
-
-    entry = resolve_method(method)
-    return dataclasses.replace(entry.hparams(), **profile_for(model).hparam_overrides(entry.name))

@@ -27,7 +27,8 @@ from transformer_lens import HookedTransformer
 from locedit.tracer.corruption import GaussianNoise, noise_hook
 from locedit.tracer.forward import logits_from_resid
 from locedit.tracer.suffix import SuffixRunner
-from locedit.tracer.tokens import locate_subject, token_position
+from locedit.tracer.tokens import locate_subject
+from locedit.editors.tokens import token_position
 
 __all__ = [
     "EditBatch", "SuffixPlan", "build_batch", "frozen_params", "plan_suffix", "suffix_cache_names",
@@ -80,7 +81,7 @@ def build_batch(
     token: str | int = "subject_last",
 ) -> EditBatch:
     """One row per (text, noise sample): ``tokens(text) + appended[i]``; each row's lookup position (where keys are
-    read and δ is added) is the position ``token`` names in that text (:func:`tracer.tokens.token_position`:
+    read and δ is added) is the position ``token`` names in that text (:func:`editors.tokens.token_position`:
     ``"subject_last"`` by default, ROME's and MEMIT's own rule).
 
     For a text with an appended target ``t`` (= target ids without the last token, teacher forcing), the scored

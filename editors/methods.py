@@ -12,18 +12,22 @@ explicitly), which is how ``edit(..., method="ft", layers=[...])`` reads.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
 from locedit.editors.finetune import execute_ft
-from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from locedit.editors.hparams import FTHyperParams, HyperParams, MEMITHyperParams, ROMEHyperParams
 from locedit.editors.memit import execute_memit
 from locedit.editors.rome import execute_rome
+from locedit.editors.tokens import check_edit_token
+from locedit.tracer.profiles import profile_for
 from locedit.tracer.vocab import check_choice, window_layers
 
-__all__ = ["DEFAULT_METHOD", "EDIT_METHODS", "METHOD_ALIASES", "EditMethod", "EditMethodName", "method_layers", "resolve_method"]
+__all__ = ["DEFAULT_METHOD", "EDIT_METHODS", "METHOD_ALIASES", "EditMethod", "EditMethodName", "default_hparams",
+           "method_layers", "resolve_method"]
 
 EditMethodName = Literal["ft-1", "ft-5", "rome", "memit", "r-rome"]  # the paper's table order, then r-ROME
 
@@ -55,6 +59,12 @@ class EditMethod:
     single_layer: bool = False
     uses_token: bool = True
 
+    def edit_token(self, token: object) -> str | int | None:
+        """The one decision of where this method edits: ``token`` as a canonical rule
+        (:func:`editors.tokens.check_edit_token`) for a method that reads keys at a position, None for one that has
+        no key position (constrained finetuning descends the NLL through every position of the prompt at once)."""
+        return check_edit_token(token) if self.uses_token else None
+
     def parameter_names(self, layers) -> list[str]:
         """``blocks.{l}.mlp.{weight}`` for every edited layer and weight."""
         return [f"blocks.{layer}.mlp.{w}" for layer in layers for w in self.weights]
@@ -69,8 +79,7 @@ def _r_rome(model, request, layers, hp, objective, noise, **kwargs):
 
 
 def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True, token=None):
-    # no key statistics, and no token: constrained finetuning descends the target's NLL through every position of
-    # the prompt at once; it has no key position to choose
+    # no key statistics, and no token (EditMethod.edit_token gives None: uses_token=False)
     return execute_ft(model, request, layers, hp, objective, noise, fast=fast)
 
 
@@ -100,6 +109,14 @@ def resolve_method(method: str, *, aliases: bool = True) -> EditMethod:
     if aliases:
         m = METHOD_ALIASES.get(m, m)
     return EDIT_METHODS[check_choice(m, EDIT_METHODS, "edit method")]
+
+
+def default_hparams(method: str, model="smollm2-135m") -> HyperParams:
+    """Default hyper-parameters of edit ``method`` for a model (a HookedTransformer or a name): the method's
+    dataclass (reference GPT-J values) with the model profile's overrides (:mod:`tracer.profiles`; an unknown model
+    gets the fallback profile, i.e. the reference values)."""
+    entry = resolve_method(method)
+    return dataclasses.replace(entry.hparams(), **profile_for(model).hparam_overrides(entry.name))
 
 
 def method_layers(method: str, n_layers: int, layer: int) -> tuple[int, ...]:

@@ -79,7 +79,7 @@ def execute_rome(
 
     ``covariance``: callable ``layer -> C`` (default :func:`editors.covariance.key_second_moment`).
     ``consistent_keys``: r-ROME — solve the update for k* and v* − v̄ instead of k and δ (module docstring).
-    ``token``: where keys are read and v* optimised in every prompt (:data:`tracer.vocab.EDIT_TOKENS` or an int
+    ``token``: where keys are read and v* optimised in every prompt (:data:`editors.tokens.EDIT_TOKENS` or an int
     offset from the last subject token; default the last subject token, the reference's ``fact_token``).
     """
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``pack``, ``findings``, ``summary``, ``tune-ft``, ``info``."""
+"""The ``locedit`` command line: ``trace``, ``run``, ``report``, ``pack``, ``migrate``, ``findings``, ``summary``,
+``tune-ft``, ``info``."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def cmd_trace(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res.plot().write_html(str(out), include_plotlyjs=True)
-    print(f"{prompt!r} -> {target!r}: p_clean={res.p_clean:.4f} p_noised={res.p_noised:.4f} "
-          f"peak layer={res.peak_layer()} ({secs:.1f} s); heatmap: {out}")
+    print(f"{prompt!r} -> {target!r}: sigma={res.sigma:.4f} ({args.noise:g} x the s3 rule's std) "
+          f"p_clean={res.p_clean:.4f} p_noised={res.p_noised:.4f} peak layer={res.peak_layer()} ({secs:.1f} s); "
+          f"heatmap: {out}")
     return 0
 
 
@@ -91,9 +93,9 @@ def cmd_run(args) -> int:
 
 
 def _warn_bad_lines(run_dirs) -> None:
-    from locedit.study import bad_journal_lines
+    from locedit.rundir import RunDir
 
-    bad = bad_journal_lines(*run_dirs)
+    bad = [b for d in run_dirs for b in RunDir(d).bad_lines()]
     if bad:
         where = ", ".join(f"{Path(p).name}:{n}" for p, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
         print(f"locedit: skipped {len(bad)} bad journal line(s) ({where}); the next `locedit run` on the directory "
@@ -110,12 +112,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from locedit.study import pack_run_dir
+    from locedit.rundir import RunDir
 
     for run_dir in args.run_dirs:
-        for path, removed in pack_run_dir(run_dir):
+        for path, removed in RunDir(run_dir).pack():
             state = "plain journal removed" if removed else "snapshot: a run is appending to the plain journal"
             print(f"{path} ({path.stat().st_size / 2**10:.0f} KiB; {state})")
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from locedit.migrate import migrate_run_dir
+
+    for run_dir in args.run_dirs:
+        print(migrate_run_dir(run_dir).summary())
     return 0
 
 
@@ -133,7 +143,7 @@ def cmd_findings(args) -> int:
 def cmd_summary(args) -> int:
     import polars as pl
 
-    from locedit.study import collect_tables
+    from locedit.rundir import collect_tables
     from locedit.stats.tables import score_summary, to_markdown
 
     edits = collect_tables(*args.run_dirs)["edits"]
@@ -223,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", default="mlp", choices=list(TRACING_KINDS))
     t.add_argument("--window", type=int, default=5)
     t.add_argument("--samples", type=int, default=10)
-    t.add_argument("--noise", type=float, default=3.0, help="noise scale: a multiplier of std(W_E)")
+    t.add_argument("--noise", type=float, default=3.0, help="noise scale: a multiplier of the s3 rule's std (ROME's; 3 gives sigma 0.350 on the embedded model)")
     t.add_argument("--algorithm", default="exact", choices=list(TRACING_ALGORITHMS), help="tracing algorithm")
     t.add_argument("--out", default="trace.html")
     t.set_defaults(func=cmd_trace)
@@ -253,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pack", help="gzip a run directory's journals for shipping (it reports and resumes as is)")
     pk.add_argument("run_dirs", nargs="+")
     pk.set_defaults(func=cmd_pack)
+
+    mg = sub.add_parser("migrate", help="rewrite a run directory of an older run format into the current one "
+                        "(config, journal keys, recorded plan); idempotent, byte-reproducible")
+    mg.add_argument("run_dirs", nargs="+")
+    mg.set_defaults(func=cmd_migrate)
 
     fd = sub.add_parser("findings", help="regenerate a findings document's tables (docs/FINDINGS.md) from a run dir")
     fd.add_argument("run_dir")

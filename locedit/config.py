@@ -12,11 +12,13 @@ Example (``configs/default.toml``)::
     sample = 20                 # facts drawn (after filtering) with `seed`
     seed = 0
 
-    [tracing]
+    [localization]
+    methods = ["noise"]         # tracer.vocab.LOCALIZATIONS: noise | flip | zero | attribution
     kinds = ["mlp"]
     windows = [5]
     samples = 10
-    noise = 3.0                 # GaussianNoise scale (multiplier of std(W_E)); or `sigma = 0.094` for an absolute sigma
+    noise = 3.0                 # GaussianNoise scale: x the noise_scale_rule's std ("s3", ROME's: sigma 0.350 on the
+                                # embedded model); or `sigma = 0.094` for an absolute sigma
 
     [editing]
     problems = [...]            # names from problems.PROBLEMS (default: the first, Error Injection)
@@ -26,6 +28,9 @@ Example (``configs/default.toml``)::
 
     [hparams.rome]               # overrides of the editors' defaults, per edit method (editors.EDIT_METHODS)
     v_num_grad_steps = 20
+
+A run directory stores the validated config as ``config.json`` in this same layout (sections as tables, every default
+filled in) with ``schema_version`` (:data:`locedit.plan.SCHEMA_VERSION`); :func:`parse_config` reads either.
 
 Validation happens before anything is written and reports every problem at once (:class:`ConfigError`): unknown
 sections or keys; every name against its registry (problems: ``problems.PROBLEMS``; methods: ``editors.EDIT_METHODS``;
@@ -59,16 +64,17 @@ from pydantic import (
 
 from locedit.editors.methods import DEFAULT_METHOD, EDIT_METHODS
 from locedit.problems.variants import DEFAULT_PROBLEM, PROBLEMS
-from locedit.tracer.corruption import NOISE_SCALE_RULES
-from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN, LOCALIZATIONS, TRACING_KINDS, check_choice, check_edit_token
+from locedit.tracer.corruption import DEFAULT_NOISE_SCALE_RULE, NOISE_SCALE_RULES, GaussianNoise
+from locedit.tracer.vocab import LOCALIZATIONS, TRACING_KINDS, check_choice
+from locedit.editors.tokens import DEFAULT_EDIT_TOKEN, check_edit_token
 
 __all__ = [
     "ConfigError",
     "DataConfig",
-    "STUDY_KEYS",
     "EditingConfig",
+    "LocalizationConfig",
+    "SECTIONS",
     "StudyConfig",
-    "TracingConfig",
     "check_against_model",
     "default_edit_layers",
     "load_config",
@@ -122,18 +128,19 @@ class DataConfig(_Section):
     _filter = field_validator("filter")(classmethod(lambda cls, v: check_choice(v, FILTERS, "filter")))
 
 
-class TracingConfig(_Section):
-    """``[localization]`` (or, in configs written before it existed, ``[tracing]``): how facts are localized."""
+class LocalizationConfig(_Section):
+    """``[localization]``: how facts are localized, and the study's one Gaussian noise (noise and attribution grids,
+    o_noise and Fact Forcing all use it; :class:`locedit.plan.StudyPlan` resolves its σ once)."""
 
     methods: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("noise",)  # tracer.vocab.LOCALIZATIONS
-    kinds: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("mlp",)
+    kinds: tuple[StrictStr, ...] = ("mlp",)  # empty: no localization units (a study that only edits)
     windows: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (5,)
     samples: PositiveInt = 10
-    noise: PositiveNumber = 3.0  # the GaussianNoise scale (a multiplier of the noise-scale rule's std)
+    noise: PositiveNumber = 3.0  # the GaussianNoise scale: a multiplier of the noise_scale_rule's std
     sigma: PositiveNumber | None = None  # an absolute sigma instead
-    # "s3" (ROME's: std of known_1000's subject-token embeddings; the default) or "embedding" (std of all of W_E;
-    # the default of a [tracing] section, the older name, so that earlier runs resume with their sigma)
-    noise_scale_rule: StrictStr = "s3"
+    # what `noise` multiplies (tracer.corruption.NOISE_SCALE_RULES): "s3" (ROME's, the default everywhere: the std of
+    # known_1000's subject-token embeddings) or "embedding" (the std of all of W_E; runs made before s3 name it)
+    noise_scale_rule: StrictStr = DEFAULT_NOISE_SCALE_RULE
     flips: PositiveInt = 10  # flip partners per fact
     seed: StrictInt = 0
 
@@ -143,11 +150,10 @@ class TracingConfig(_Section):
     _rule = field_validator("noise_scale_rule")(
         classmethod(lambda cls, v: check_choice(v, NOISE_SCALE_RULES, "noise_scale_rule")))
 
-    def corruption(self):
-        """The study's one Gaussian noise (noise and attribution grids, o_noise and Fact Forcing all use it)."""
-        from locedit.tracer.corruption import GaussianNoise
-
-        return GaussianNoise(scale=self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed,
+    def corruption(self) -> GaussianNoise:
+        """The study's one Gaussian noise, unresolved (σ is fixed for a model by :meth:`GaussianNoise.resolve`, once
+        per study in :func:`locedit.plan.resolve_plan`)."""
+        return GaussianNoise(scale=None if self.sigma is not None else self.noise, sigma=self.sigma, samples=self.samples, seed=self.seed,
                              rule=self.noise_scale_rule)
 
 
@@ -159,7 +165,7 @@ class EditingConfig(_Section):
     forcing_edit_samples: PositiveInt | None = None  # Fact Forcing: noise samples the edit optimizes over (None: all)
     generation: StrictBool = False  # fluency (generation entropy) before/after each edit: slow, off by default
     covariance_tokens: PositiveInt | None = None  # WikiText tokens for ROME/MEMIT's key second moment (None: default)
-    # ROME/MEMIT edit positions (tracer.vocab.EDIT_TOKENS names or int offsets from the last subject token); methods
+    # ROME/MEMIT edit positions (editors.tokens.EDIT_TOKENS names or int offsets from the last subject token); methods
     # without a key position (FT) are edited once whatever this lists
     tokens: Annotated[tuple[StrictStr | StrictInt, ...], Field(min_length=1)] = (DEFAULT_EDIT_TOKEN,)
     # the token rules other than the default only for these methods (None: every method with a key position) and
@@ -211,21 +217,25 @@ def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
 class StudyConfig(_Section):
     name: StrictStr = "study"
     model: StrictStr = "smollm2-135m"
-    # unit order: "fact" (every unit of a fact, then the next) or "stage" (each stage over all facts; study.unit_keys)
+    # unit order: "fact" (every unit of a fact, then the next) or "stage" (each stage over all facts; plan.plan_units)
     order: Literal["fact", "stage"] = "fact"
     data: DataConfig = DataConfig()
-    tracing: TracingConfig = TracingConfig()
+    localization: LocalizationConfig = LocalizationConfig()
     editing: EditingConfig = EditingConfig()
     hparams: dict[StrictStr, dict[StrictStr, Any]] = Field(default_factory=dict)
 
     _hparams = field_validator("hparams")(classmethod(lambda cls, v: _check_hparams(v)))
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config in the TOML layout (``[study]`` keys, then one table per section), every default filled in:
+        ``parse_config(config.to_dict()) == config``."""
+        flat = self.model_dump(mode="json")
+        return {"study": {k: flat[k] for k in _STUDY_KEYS}, **{s: flat[s] for s in SECTIONS if s != "study"}}
 
 
-#: the keys of the ``[study]`` table (every StudyConfig field that is not a section of its own)
-STUDY_KEYS = tuple(k for k in StudyConfig.model_fields if k not in ("data", "tracing", "editing", "hparams"))
+#: the sections of a study config, in file order ([study] holds the StudyConfig fields that are not sections)
+SECTIONS = ("study", "data", "localization", "editing", "hparams")
+_STUDY_KEYS = tuple(k for k in StudyConfig.model_fields if k not in SECTIONS)
 
 
 def default_edit_layers(n_layers: int, model_name: str = "") -> tuple[int, ...]:
@@ -255,30 +265,22 @@ def parse_config(raw: dict[str, Any]) -> StudyConfig:
     """Validate a parsed TOML mapping into a :class:`StudyConfig` (:class:`ConfigError` listing every problem)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a study config is a TOML table, got {type(raw).__name__}")
-    original = set(raw)
-    unknown = set(raw) - {"study", "data", "localization", "tracing", "editing", "hparams"}
+    raw = {k: v for k, v in raw.items() if k != "schema_version"}  # config.json's; the run directory checks it
+    if "tracing" in raw:
+        raise ConfigError("[tracing] is now called [localization] (and a bare noise scale multiplies the s3 rule's "
+                          "std unless noise_scale_rule says otherwise): rename the section; for a run directory "
+                          "written by an older locedit, run `locedit migrate RUN_DIR` once")
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: study, data, localization (or its "
-                          "older name tracing), editing, hparams")
-    if "localization" in raw:
-        if "tracing" in raw:
-            raise ConfigError("give either [localization] or its older name [tracing], not both")
-        loc = raw["localization"]
-        if not isinstance(loc, dict):
-            raise ConfigError("[localization] must be a table")
-        raw = {**{k: v for k, v in raw.items() if k != "localization"}, "tracing": loc}
-    elif isinstance(raw.get("tracing"), dict) and "noise_scale_rule" not in raw["tracing"]:
-        # a [tracing] section (configs and run directories from before [localization]): the sigma rule it ran with
-        raw = {**raw, "tracing": {**raw["tracing"], "noise_scale_rule": "embedding"}}
-    study = raw.get("study", {})
-    if not isinstance(study, dict):
-        raise ConfigError("[study] must be a table")
-    flat = {**study, **{k: v for k, v in raw.items() if k != "study"}}
+        raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+    for name in SECTIONS:
+        if name in raw and not isinstance(raw[name], dict):
+            raise ConfigError(f"[{name}] must be a table")
+    flat = {**raw.get("study", {}), **{k: v for k, v in raw.items() if k != "study"}}
     try:
         return StudyConfig.model_validate(flat)
     except ValidationError as e:
-        msg = _format(e)
-        raise ConfigError(msg.replace("tracing.", "localization.") if "localization" in original else msg) from None
+        raise ConfigError(_format(e)) from None
 
 
 def check_against_model(config: StudyConfig, n_layers: int) -> None:

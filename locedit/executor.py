@@ -4,8 +4,9 @@ Design (``locedit run CONFIG --executor ray``):
 
 * **Actors** (:class:`StudyWorker`) each load the model once (from the shared ``$LOCEDIT_CACHE`` when the directory
   is shared, else building their own) and the dataset, and run *whole facts* — all of a fact's units in run order,
-  through the one unit runner :func:`locedit.study.run_unit` — so per-fact state (context templates, essence texts,
-  key statistics) is reused. Fact selection (the known filter) runs on the actors too, in chunks.
+  through the one unit runner :func:`locedit.study.run_unit` with the driver's resolved plan — so per-fact state
+  (context templates, essence texts, key statistics) is reused and nothing is re-resolved on an actor. Fact
+  selection (:func:`locedit.study.select_facts`) runs its filter's chunks on the actors, one wave per actor count.
 * **The driver is the only writer** of the run directory: it appends every returned record to the journal (shard
   0/1's files) in order of arrival, keyed as in a serial run, so a resume — serial or Ray, any actor count — skips
   finished units and never duplicates one. It holds shard 0/1's lock: a serial run of the same directory cannot run
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -31,19 +31,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from locedit.config import StudyConfig, check_against_model
-from locedit.journal import Journal
-from locedit.study import (
-    _FILTER_CHUNK,
-    StudySummary,
-    TableFlusher,
-    _check_provenance,
-    _journal_path,
-    _prepare_run_dir,
-    _setup_log,
-    lock_run_dir,
-    todo_units,
-)
+from locedit.config import StudyConfig, check_against_model, parse_config
+from locedit.plan import StudyPlan, parse_key
+from locedit.rundir import RunDir
+from locedit.study import StudySummary, TableFlusher, data_mask, select_facts
 
 __all__ = ["RayUnavailableError", "StudyWorker", "run_study_ray"]
 
@@ -71,14 +62,13 @@ class StudyWorker:
     def __init__(self, config: dict, device: str | None, threads: int | None):
         import torch
 
-        from locedit.config import parse_config
-        from locedit.study import _nested
         from locedit.problems import load_dataset
         from locedit.tracer import load_model
 
         if threads:
             torch.set_num_threads(threads)
-        self.config: StudyConfig = parse_config(_nested(config))
+        self.config: StudyConfig = parse_config(config)
+        self.plan: StudyPlan | None = None
         self.model = load_model(self.config.model, device=device)
         self.dataset = load_dataset(self.config.data.dataset)
         self.by_id = {f.id: f for f in self.dataset}
@@ -93,50 +83,35 @@ class StudyWorker:
             self.node = "local"
 
     def info(self) -> dict[str, Any]:
-        """n_layers and the provenance of this actor's process (versions, threads, device, hyper-parameters)."""
+        """n_layers and the provenance of this actor's process (versions, threads, device)."""
         from locedit.study import provenance
 
-        return {"n_layers": self.model.cfg.n_layers, "provenance": provenance(self.config, self.model),
+        return {"n_layers": self.model.cfg.n_layers, "provenance": provenance(self.model),
                 "name": self.name, "node": self.node}
+
+    def resolve(self, fact_ids: list[str]) -> dict[str, Any]:
+        """The plan this actor's model resolves (the driver records it at a run's first start)."""
+        from locedit.plan import resolve_plan
+
+        return resolve_plan(self.config, self.model, fact_ids).to_json()
+
+    def set_plan(self, plan: dict[str, Any], fact_ids: list[str]) -> None:
+        """Run every unit with the driver's plan (recorded in provenance.json), not a re-resolved one."""
+        self.plan = StudyPlan.from_json(plan, self.config, fact_ids)
 
     def mask(self, fact_ids: list[str]) -> list[bool]:
         """The data filter's verdict for each fact (known: the 36-token greedy filter; cached on disk)."""
-        from locedit.problems.filters import known_mask, min_target_prob_mask
+        return data_mask(self.model, self.config, [self.by_id[i] for i in fact_ids])
 
-        facts = [self.by_id[i] for i in fact_ids]
-        if self.config.data.filter == "none":
-            return [True] * len(facts)
-        mask = known_mask if self.config.data.filter == "known" else min_target_prob_mask
-        return list(mask(self.model, facts))
-
-    def run_fact(self, fact_id: str, units: list[tuple[str, str, tuple]]) -> dict[str, Any]:
-        """All of one fact's units, in order: ``(table, record)`` per unit, with the actor and node."""
+    def run_fact(self, fact_id: str, keys: list[str]) -> dict[str, Any]:
+        """All of one fact's units (journal keys), in order: ``(table, record)`` per unit, with the actor and node."""
         from locedit.study import run_unit
 
+        if self.plan is None:
+            raise RuntimeError("set_plan() before run_fact()")
         fact = self.by_id[fact_id]
-        out = [run_unit(self.model, fact, table, key, tuple(spec), self.config, self.dataset)
-               for table, key, spec in units]
+        out = [run_unit(self.model, fact, parse_key(k), self.plan, self.dataset) for k in keys]
         return {"fact_id": fact_id, "results": out, "actor": self.name, "node": self.node}
-
-
-def _select_on_actors(ray, actors: list, config: StudyConfig, dataset: list) -> list:
-    """:func:`locedit.study.select_facts` with the filter's chunks spread over the actors: the same facts in the same
-    order (chunks are judged in waves of one per actor and taken in dataset order)."""
-    facts = list(dataset)
-    random.Random(config.data.seed).shuffle(facts)
-    want = config.data.sample if config.data.sample is not None else len(facts)
-    if config.data.filter == "none":
-        return facts[:want]
-    chunks = [facts[lo : lo + _FILTER_CHUNK] for lo in range(0, len(facts), _FILTER_CHUNK)]
-    out: list = []
-    for w in range(0, len(chunks), len(actors)):
-        wave = chunks[w : w + len(actors)]
-        masks = ray.get([a.mask.remote([f.id for f in c]) for a, c in zip(actors, wave)])
-        for chunk, mask in zip(wave, masks):
-            out += [f for f, ok in zip(chunk, mask) if ok]
-        if len(out) >= want:
-            break
-    return out[:want]
 
 
 def run_study_ray(
@@ -186,33 +161,43 @@ def run_study_ray(
 
     pool = [spawn() for _ in range(actors)]
     lock = None
+    rd = RunDir(run_dir)
     try:
+        if rd.config_path.exists():
+            rd.schema_version(check=True)
         info = ray.get(pool[0].info.remote())
         check_against_model(config, info["n_layers"])
         from locedit.problems import load_dataset
 
         dataset = load_dataset(config.data.dataset)
-        lock = lock_run_dir(run_dir)
-        fact_ids = _prepare_run_dir(run_dir, config, lambda: _select_on_actors(ray, pool, config, dataset))
-        _setup_log(run_dir)
-        _check_provenance(run_dir, info["provenance"])
-        study_ids = fact_ids
-        if limit is not None:
-            fact_ids = fact_ids[:limit]
-        units, todo = todo_units(run_dir, config, fact_ids, info["n_layers"], retry_failed, study_ids)
+        lock = rd.lock()
+
+        def judge(chunks):
+            return ray.get([a.mask.remote([f.id for f in c]) for a, c in zip(pool, chunks)])
+
+        rd.start(config)
+        fact_ids = rd.fix_fact_ids(lambda: [f.id for f in select_facts(config, dataset, judge, wave=len(pool))])
+        rd.setup_log()
+        plan = rd.fix_plan(  # resolved on an actor (it holds the model); a resume reads the recorded plan
+            lambda: StudyPlan.from_json(ray.get(pool[0].resolve.remote(fact_ids)), config, fact_ids),
+            info["provenance"])
+        ray.get([a.set_plan.remote(plan.to_json(), list(plan.fact_ids)) for a in pool])
+        units = plan.units(limit)
+        todo = rd.todo(units, retry_failed)
+        n_facts = len({u.fact_id for u in units})
         log.info("study %s on Ray: %d actors (%s cpus, %s gpus each), %d facts, %d units, %d to do", config.name,
-                 actors, cpus_per_actor, gpus_per_actor, len(fact_ids), len(units), len(todo))
+                 actors, cpus_per_actor, gpus_per_actor, n_facts, len(units), len(todo))
         # one actor call per run of consecutive units of one fact in run order: a whole fact in "fact" order, one
         # (stage, fact) in "stage" order -- so the stages finish in order here too
         batches: list[tuple[str, list]] = []
         for u in todo:
-            if batches and batches[-1][0] == u[2][0]:
+            if batches and batches[-1][0] == u.fact_id:
                 batches[-1][1].append(u)
             else:
-                batches.append((u[2][0], [u]))
+                batches.append((u.fact_id, [u]))
         queue = deque(range(len(batches)))
-        journals = {t: Journal(_journal_path(run_dir, t, (0, 1))) for t in ("tracing", "edits", "failures")}
-        flusher = TableFlusher(run_dir, flush_seconds)
+        journals = {t: rd.journal(t) for t in ("tracing", "edits", "failures")}
+        flusher = TableFlusher(rd, flush_seconds)
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study (ray)", unit="unit",
                    disable=not progress)
         inflight: dict = {}  # object ref -> (actor index, batch index)
@@ -226,7 +211,7 @@ def run_study_ray(
             while idle and queue:
                 a, b = idle.pop(), queue.popleft()
                 fid, batch = batches[b]
-                ref = pool[a].run_fact.remote(fid, [(t, k, list(spec)) for t, k, spec in batch])
+                ref = pool[a].run_fact.remote(fid, [u.key() for u in batch])
                 inflight[ref] = (a, b)
 
         submit()
@@ -243,11 +228,12 @@ def run_study_ray(
                 log.warning("actor %d died while running %s (%s); replacing it and re-queueing the fact's units "
                             "(try %d)", a, fid, type(e).__name__, tries[b])
                 pool[a] = spawn()
+                ray.get(pool[a].set_plan.remote(plan.to_json(), list(plan.fact_ids)))
                 if tries[b] <= max_fact_retries:
                     queue.appendleft(b)
                 else:
-                    for _, key, _spec in batches[b][1]:
-                        journals["failures"].append({"key": key, "stage": "actor", "fact_id": fid,
+                    for u in batches[b][1]:
+                        journals["failures"].append({"key": u.key(), "stage": "actor", "fact_id": fid,
                                                      "error_type": type(e).__name__, "error": str(e)[:500]})
                         n_failed += 1
                         bar.update(1)
@@ -275,14 +261,12 @@ def run_study_ray(
             submit()
         bar.close()
         flusher.final()
-        return StudySummary(str(run_dir), len(fact_ids), (0, 1), n_done, len(units) - len(todo), n_failed,
+        return StudySummary(str(run_dir), n_facts, (0, 1), n_done, len(units) - len(todo), n_failed,
                             time.perf_counter() - start)
     except KeyboardInterrupt:
         log.warning("interrupted: stopping the actors; finished units are kept")
-        from locedit.study import collect_tables
-
-        if (run_dir / "journal").is_dir():
-            collect_tables(run_dir)
+        if rd.journal_dir.is_dir():
+            rd.collect()
         raise
     finally:
         for actor in pool:

@@ -20,7 +20,6 @@ unfinished stages would take).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -32,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from locedit.editors.methods import DEFAULT_METHOD
+from locedit.rundir import RunDir, collect_tables
 from locedit.problems.variants import DEFAULT_PROBLEM
 from locedit.stats.paper import (
     PAPER_FIG4,
@@ -43,7 +43,7 @@ from locedit.stats.paper import (
     PAPER_TABLE7_ROME,
 )
 from locedit.stats.tables import format_num, format_p, method_label, problem_label, sort_paper_order
-from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN
+from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
 
@@ -84,30 +84,20 @@ class _Stages:
     threads: int
 
 
-def _stage_of(key: str) -> str:
-    parts = key.split("|")
-    if parts[0] == "trace":
-        return f"localization: {parts[4] if len(parts) > 4 else 'noise'}"
-    method = parts[3]
-    return f"edits: {method}" + (f" at token rule {parts[5][1:]}" if len(parts) > 5 else "")
+def _stages(run_dir: RunDir) -> _Stages:
+    """Units per stage of the run's recorded plan, and the measured seconds of the finished ones."""
+    from locedit.plan import StudyPlan, parse_key
 
-
-def _stages(run_dir: Path) -> _Stages:
-    from locedit.config import parse_config
-    from locedit.journal import journal_files, read_journals
-    from locedit.study import _nested, unit_keys
-
-    config = parse_config(_nested(json.loads((run_dir / "config.json").read_text())))
-    facts = json.loads((run_dir / "facts.json").read_text())
-    prov = json.loads((run_dir / "provenance.json").read_text()) if (run_dir / "provenance.json").exists() else {}
-    n_layers = int(prov.get("model", {}).get("n_layers", 30))
+    prov = run_dir.provenance()
+    if "plan" not in prov:
+        raise ValueError(f"{run_dir.path}/provenance.json records no plan: the run never started a unit")
+    plan = StudyPlan.from_json(prov["plan"], run_dir.config(), run_dir.fact_ids() or [])
     total: dict[str, int] = defaultdict(int)
-    for _, key, _ in unit_keys(config, facts, n_layers):
-        total[_stage_of(key)] += 1
+    for unit in plan.units():
+        total[unit.stage] += 1
     secs: dict[str, list[float]] = defaultdict(list)
-    done = [p for p in journal_files(run_dir / "journal") if not p.name.startswith("failures")]
-    for rec in read_journals(done):
-        secs[_stage_of(rec["key"])].append(float(rec.get("seconds", float("nan"))))
+    for rec in run_dir.records("tracing") + run_dir.records("edits"):
+        secs[parse_key(rec["key"]).stage].append(float(rec.get("seconds", float("nan"))))
     return _Stages(dict(total), dict(secs), int(prov.get("threads", 1)))
 
 
@@ -402,17 +392,16 @@ def _tokens_block(tables: dict[str, pl.DataFrame]) -> str:
 def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, str]:
     """Every generated block of ``docs/FINDINGS.md`` (Markdown) from ``run_dir``'s journals."""
     from locedit.report import own_token_edits
-    from locedit.study import collect_tables
     from locedit.stats import localization_frames, localization_table
 
-    run_dir = Path(run_dir)
+    run_dir = RunDir(run_dir).require()
     tables = collect_tables(run_dir)
     trace = tables["tracing"]
     edits = own_token_edits(tables["edits"])  # the paper's analysis: each method at its own token
     paired = edits.height > 0 and trace.height > 0
     loc = localization_table(edits, trace, collapses=("max",), n_boot=n_boot) if paired else pl.DataFrame()
     frames = localization_frames(edits, trace) if paired else {}
-    n_facts = len(json.loads((run_dir / "facts.json").read_text()))
+    n_facts = len(run_dir.fact_ids() or [])
     stages = _stages(run_dir)
     return {
         "status": _status_block(stages, n_facts, tables),

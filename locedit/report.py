@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 
-from locedit.study import collect_tables
-from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN
+from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
+from locedit.rundir import RunDir, collect_tables
 
 __all__ = ["localization_analysis", "study_analysis", "token_analysis", "write_report"]
 
@@ -16,10 +15,10 @@ _FEW_FACTS = 30  # below this many facts the report says, above the table, that 
 
 
 def own_token_edits(edits: pl.DataFrame) -> pl.DataFrame:
-    """The edits at ROME's and MEMIT's own position (the default token rule; rows of older runs have none)."""
-    if "token" not in edits.columns:
+    """The edits at ROME's and MEMIT's own position (the default token rule; FT's rows record it too)."""
+    if edits.is_empty():
         return edits
-    return edits.filter(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) == DEFAULT_EDIT_TOKEN)
+    return edits.filter(pl.col("token") == DEFAULT_EDIT_TOKEN)
 
 
 def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5,
@@ -104,11 +103,11 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     )
     from locedit.stats.report import write_report as write_html
 
-    dirs = [Path(d) for d in run_dirs]
+    dirs = [RunDir(d).require() for d in run_dirs]
     tables = collect_tables(*dirs)
     trace, edits, failures = tables["tracing"], tables["edits"], tables["failures"]
     if trace.is_empty() and edits.is_empty():
-        raise ValueError(f"no finished units in {', '.join(map(str, dirs))}: nothing to report yet")
+        raise ValueError(f"no finished units in {', '.join(str(d.path) for d in dirs)}: nothing to report yet")
     an = study_analysis(tables)
     md: dict[str, str] = {}
     figs = {}
@@ -155,9 +154,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
                 edits, problem=problem, method=method)
     if edits.height:
         means = (
-            edits.with_columns(pl.col("token").fill_null(DEFAULT_EDIT_TOKEN) if "token" in edits.columns
-                               else pl.lit(DEFAULT_EDIT_TOKEN).alias("token"))
-            .group_by(["problem", "method", "token", "layer"])
+            edits.group_by(["problem", "method", "token", "layer"])
             .agg(pl.len().alias("n"), pl.col("^.*_score$").mean())
             .sort(["problem", "method", "token", "layer"])
         )
@@ -183,16 +180,21 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         own = own_token_edits(edits)
         for problem in own["problem"].unique(maintain_order=True).to_list():
             figs[f"Fig. 7: scores by edit layer ({problem})"] = fig_scores_by_layer(own, problem=problem)
-    config = json.loads((dirs[0] / "config.json").read_text()) if (dirs[0] / "config.json").exists() else {}
+    config = dirs[0].config()
+    plan = dirs[0].provenance().get("plan", {})
+    sigma = plan.get("noise", {}).get("sigma")
     meta = {
-        "run directories": ", ".join(map(str, dirs)),
-        "model": config.get("model", "?"),
+        "run directories": ", ".join(str(d.path) for d in dirs),
+        "model": config.model,
+        "noise σ (resolved once, provenance.json)": "?" if sigma is None else (
+            f"{sigma:.4f} ({plan['noise']['scale']} × the {plan['noise']['rule']} rule's std)"
+            if plan["noise"].get("scale") is not None else f"{sigma:.4f} (absolute)"),
         "facts traced": trace["fact_id"].n_unique() if trace.height else 0,
         "edits": edits.height,
         "failed units": failures.height,
         "tracing window joined": an["window"],
     }
-    out = Path(out) if out else dirs[0] / "report.html"
-    write_html(out, md, figs, title=f"Does localization inform editing? — {config.get('name', 'study')}", meta=meta)
+    out = Path(out) if out else dirs[0].path / "report.html"
+    write_html(out, md, figs, title=f"Does localization inform editing? — {config.name}", meta=meta)
     (out.parent / "tables.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in md.items()))
     return out

@@ -39,8 +39,8 @@ from locedit.problems.facts import Fact
 from locedit.problems.variants import default_noise, problem_hparams, resolve_problem
 from locedit.tracer.corruption import GaussianNoise
 from locedit.tracer.probs import target_probs
-from locedit.tracer.tokens import locate_subject, token_position
-from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN, check_edit_token
+from locedit.tracer.tokens import locate_subject
+from locedit.editors.tokens import DEFAULT_EDIT_TOKEN, token_position
 
 __all__ = ["EditOutcome", "run_edit"]
 
@@ -143,7 +143,7 @@ def run_edit(
     essence: bool = True,
     edit_samples: int | None = None,
     generation: bool = False,
-    token: str | int = "subject_last",
+    token: str | int | None = DEFAULT_EDIT_TOKEN,
     **edit_kwargs,
 ) -> EditOutcome:
     """Edit ``fact`` for ``problem`` with ``method`` at ``layer``, score, restore the weights, return the outcome.
@@ -155,8 +155,8 @@ def run_edit(
         hparams: editor hyper-parameters; default: the editors' defaults with the problem's App. A overrides
             (:func:`problems.variants.problem_hparams`).
         noise: the subject noise for Tracing Reversal's o_noise and Fact Forcing: a
-            :class:`~tracer.corruption.GaussianNoise`, or a bare number = its *scale* (a multiplier of std(W_E), as
-            in ``trace``), or None (scale 3, 10 samples, seed 0).
+            :class:`~tracer.corruption.GaussianNoise`, or a bare number = its *scale* (a multiplier of the s3 rule's std,
+            as in ``trace``), or None (scale 3, 10 samples, seed 0).
         edit_samples: Fact Forcing only: the edit optimizes over the first ``edit_samples`` noise samples of the
             same draw (a cost knob: the edit's cost grows linearly with the samples); scoring always uses all of
             them, so the rewrite score then also measures transfer to unseen noise draws. Default: all.
@@ -164,9 +164,10 @@ def run_edit(
         generation: also score fluency before and after the edit (``fluency_pre``/``fluency_post``: Meng et al.'s
             generation entropy over the fact's ``generation_prompts``, :mod:`problems.fluency`); slow, off by
             default; NaN when off or when the fact has no generation prompts.
-        token: ROME/MEMIT's edit position (:data:`tracer.vocab.EDIT_TOKENS` or an int offset from the last subject
+        token: ROME/MEMIT's edit position (:data:`editors.tokens.EDIT_TOKENS` or an int offset from the last subject
             token); recorded as ``token`` with ``token_index``, the position it names in the fact's prompt (the
-            tracing grid's row for a token-level join). Methods without a key position (FT) record the default.
+            tracing grid's row for a token-level join). Methods without a key position (FT: ``token`` is ignored, None
+            is accepted) record the default rule's row, the table's convention.
         edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
 
     Raises:
@@ -179,8 +180,9 @@ def run_edit(
     prob = resolve_problem(problem)
     method = resolve_method(method, aliases=False).name
     layers = method_layers(method, model.cfg.n_layers, layer)
-    token = check_edit_token(token) if resolve_method(method).uses_token else DEFAULT_EDIT_TOKEN
-    token_index = token_position(locate_subject(model, fact.prompt, fact.subject), token, fact.prompt)
+    token = resolve_method(method).edit_token(DEFAULT_EDIT_TOKEN if token is None else token)  # None: no key position
+    recorded_token = DEFAULT_EDIT_TOKEN if token is None else token
+    token_index = token_position(locate_subject(model, fact.prompt, fact.subject), recorded_token, fact.prompt)
     needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
     snoise = default_noise(model, noise) if needs_noise else None
     target = prob.target(model, fact, snoise)
@@ -252,7 +254,7 @@ def run_edit(
         method=method,
         layer=int(layer),
         layers=tuple(layers),
-        token=str(token),
+        token=str(recorded_token),
         token_index=token_index,
         target=target,
         objective=prob.objective,

@@ -62,7 +62,7 @@ class MissingTargetError(ValueError):
 
 def default_noise(model: HookedTransformer, noise: GaussianNoise | float | None = None) -> GaussianNoise:
     """The resolved Gaussian noise for o_noise and Fact Forcing: ``noise`` itself, or a bare number read as everywhere
-    (:func:`tracer.corruption.as_corruption`: a *scale*, a multiplier of std(W_E)), or None (scale 3); 10 samples,
+    (:func:`tracer.corruption.as_corruption`: a *scale*, a multiplier of the s3 rule's std), or None (scale 3); 10 samples,
     seed 0 unless the object says otherwise."""
     return as_gaussian_noise(noise, model, what="a problem's o_noise / Fact Forcing", samples=10, seed=0)
 
@@ -158,8 +158,7 @@ def problem_hparams(problem: str, method: str, model="smollm2-135m"):
     """Hyper-parameters of edit ``method`` for ``problem`` on a model (a HookedTransformer or a name): the editors'
     defaults for the model (:func:`editors.default_hparams`) with the model profile's App. A overrides for
     (problem, method) applied (:mod:`tracer.profiles`)."""
-    from locedit.editors.hparams import default_hparams
-    from locedit.editors.methods import resolve_method
+    from locedit.editors.methods import default_hparams, resolve_method
     from locedit.tracer.profiles import profile_for
 
     entry = resolve_method(method, aliases=False)

@@ -72,7 +72,7 @@ from locedit.problems import load_counterfact, run_edit
 from locedit.tracer import GaussianNoise
 
 model = load_model()
-# Tracing Reversal and Fact Forcing use the tracer's subject noise (scale 3 x std(W_E)); 3 samples keep this quick
+# Tracing Reversal and Fact Forcing use the tracer's subject noise (scale 3 x the s3 rule's std: sigma 0.350); 3 samples keep this quick
 noise = GaussianNoise(scale=3.0, samples=3, seed=0)
 fact = next(f for f in load_counterfact() if f.id == "cf:0")
 print(fact.prompt, "|", fact.o_true, "->", fact.o_false)"""),
@@ -91,7 +91,7 @@ assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # re
 cols = ["method", "layers", "rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "seconds"]
 pl.DataFrame(rows).select([c for c in cols if c in rows[0]])"""),
         ("md", "## Each of the five editing problems with ROME"),
-        ("code", """from problems import PROBLEMS
+        ("code", """from locedit.problems import PROBLEMS
 rows = [run_edit(model, fact, p, "rome", 8, noise=noise, essence=(p == "error_injection")).as_row()
         for p in PROBLEMS]
 pl.DataFrame(rows).select([c for c in ["problem", "target", "rewrite_score", "paraphrase_score",
@@ -113,7 +113,7 @@ model = load_model()
 config = parse_config({
     "study": {"name": "notebook", "model": "smollm2-135m"},
     "data": {"dataset": "counterfact", "filter": "known", "sample": 3, "seed": 0},
-    "tracing": {"kinds": ["mlp"], "windows": [5], "samples": 3},
+    "localization": {"kinds": ["mlp"], "windows": [5], "samples": 3},
     "editing": {"problems": ["error_injection"], "methods": ["rome"], "layers": [6, 18], "essence": False},
 })
 run_dir = tempfile.mkdtemp(prefix="locedit-nb-")
@@ -122,14 +122,14 @@ print(summary)
 tables = collect_tables(run_dir)
 tables["edits"].select("fact_id", "layer", "rewrite_score", "paraphrase_score", "neighborhood_score")"""),
         ("md", "## Regressions: score ~ C(layer), score ~ trace, score ~ C(layer) * trace"),
-        ("code", """from stats import join_trace, regression_table, paper_tables, layer_correlations
+        ("code", """from locedit.stats import join_trace, regression_table, paper_tables, layer_correlations
 analysis = join_trace(tables["edits"], tables["tracing"], kind="mlp", window=5)
 results = regression_table(analysis, "rewrite_score")
 results.select("problem", "method", "n", "r2_layer", "r2_trace", "r2_both", "r2_diff", "p", "note")"""),
         ("code", """from IPython.display import Markdown
 Markdown(paper_tables(results)["Table 1"])"""),
         ("md", "## Figures"),
-        ("code", """from stats import fig_peak_layers, fig_score_vs_trace, fig_scores_by_layer
+        ("code", """from locedit.stats import fig_peak_layers, fig_score_vs_trace, fig_scores_by_layer
 fig_peak_layers(tables["tracing"]).show()
 fig_score_vs_trace(analysis, problem="error_injection", method="rome").show()
 fig_scores_by_layer(tables["edits"], problem="error_injection").show()"""),

@@ -22,7 +22,8 @@ from locedit.stats.regressions import layer_correlations, pearson
 from locedit.stats.report import report_html  # re-exported: the report is the figures' consumer
 from locedit.editors.methods import DEFAULT_METHOD
 from locedit.problems.variants import DEFAULT_PROBLEM
-from locedit.tracer.vocab import DEFAULT_EDIT_TOKEN, EDIT_TOKENS, LOCALIZATIONS, token_label
+from locedit.tracer.vocab import LOCALIZATIONS
+from locedit.editors.tokens import EDIT_TOKENS, token_label
 from locedit.stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
 
 __all__ = [
@@ -262,7 +263,7 @@ def fig_scores_by_token_layer(
     sub = edits.filter((pl.col("problem") == problem) & (pl.col("method") == method))
     if sub.height == 0 or "token" not in sub.columns:
         raise ValueError(f"no edit rows with a token column for problem={problem!r}, method={method!r}")
-    sub = sub.with_columns(pl.col("token").cast(pl.String).fill_null(DEFAULT_EDIT_TOKEN))
+    sub = sub.with_columns(pl.col("token").cast(pl.String))
     tokens = _ordered(sub["token"].to_list(), list(EDIT_TOKENS))
     metrics = [m for m in metrics if m in sub.columns]
     fig = _score_lines_by_layer(sub, "token", tokens, token_label, metrics)

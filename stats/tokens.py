@@ -63,9 +63,7 @@ def join_cells(
     """Frame ``fact_id, problem, method, token, token_index, layer, effect, <scores>``: each edit with the fractional
     tracing effect of grid cell (``token_index``, ``layer``) of its fact (``kind``/``window``).
 
-    Edits from runs before token rules existed have no ``token``/``token_index``: they are ROME's own position, the
-    last subject token, whose index the tracing table records (``is_last_subject``). Inner join: edits of an
-    untraced fact or cell are dropped; a null (undefined) effect is kept as null.
+    Inner join: edits of an untraced fact or cell are dropped; a null (undefined) effect is kept as null.
     """
     scores = list(scores) if scores is not None else score_columns(edits)
     t = select_localization(trace, localization)
@@ -74,19 +72,11 @@ def join_cells(
         pl.col("fact_id").cast(pl.String), pl.col("token_index").cast(pl.Int64), pl.col("layer").cast(pl.Int64),
         pl.col("fractional").alias("effect"),
     )
-    last = t.filter(pl.col("is_last_subject")).group_by("fact_id").agg(
-        pl.col("token_index").first().cast(pl.Int64).alias("_last")
-    ).with_columns(pl.col("fact_id").cast(pl.String))
-    e = edits
-    if "token" not in e.columns:
-        e = e.with_columns(pl.lit(None, dtype=pl.String).alias("token"))
-    if "token_index" not in e.columns:
-        e = e.with_columns(pl.lit(None, dtype=pl.Int64).alias("token_index"))
-    e = e.select(
+    e = edits.select(
         pl.col("fact_id").cast(pl.String), pl.col("problem").cast(pl.String), pl.col("method").cast(pl.String),
-        pl.col("token").cast(pl.String).fill_null("subject_last"), pl.col("token_index").cast(pl.Int64),
+        pl.col("token").cast(pl.String), pl.col("token_index").cast(pl.Int64),
         pl.col("layer").cast(pl.Int64), *[pl.col(s).cast(pl.Float64) for s in scores],
-    ).join(last, on="fact_id", how="left").with_columns(pl.col("token_index").fill_null(pl.col("_last"))).drop("_last")
+    )
     out = e.join(cells, on=["fact_id", "token_index", "layer"], how="inner")
     return out.select(*CELL_KEYS[:4], "token_index", "layer", "effect", *scores).sort(list(CELL_KEYS))
 

@@ -26,7 +26,7 @@ from locedit.editors import (
     restore,
     window_layers,
 )
-from locedit.tracer import SubjectNoise, resolve_sigma, target_probs
+from locedit.tracer import GaussianNoise, resolve_sigma, target_probs
 
 LAYER = 12
 # CounterFact case_ids whose true target is the embedded model's greedy next token (checked in test_facts_known)
@@ -169,7 +169,7 @@ def test_rome_fast_matches_plain(model, facts):
     steps; we require a relative difference < 1e-3."""
     req = _req(facts[1])
     hp = replace(default_hparams("rome", "smollm2"), v_num_grad_steps=4)
-    noise = SubjectNoise(resolve_sigma(model), samples=2, seed=0)
+    noise = GaussianNoise(sigma=resolve_sigma(model), samples=2, seed=0)
     fast = apply(model, req, "rome", [LAYER], hparams=hp, noise=noise, fast=True)
     restore(model, fast)
     plain = apply(model, req, "rome", [LAYER], hparams=hp, noise=noise, fast=False)

@@ -100,17 +100,17 @@ def test_localization_config_section():
 
     cfg = parse_config({"study": {"name": "x"}, "localization": {"methods": ["noise", "flip", "zero", "attribution"],
                                                                    "flips": 4}})
-    assert cfg.tracing.methods == ("noise", "flip", "zero", "attribution") and cfg.tracing.flips == 4
-    assert cfg.tracing.noise_scale_rule == "s3" and cfg.tracing.corruption().rule == "s3"
-    assert parse_config({"tracing": {}}).tracing.noise_scale_rule == "embedding"  # older configs keep their σ
+    loc = cfg.localization
+    assert loc.methods == ("noise", "flip", "zero", "attribution") and loc.flips == 4
+    assert loc.noise_scale_rule == "s3" and loc.corruption().rule == "s3"
     with pytest.raises(ConfigError, match="localization.methods"):
         parse_config({"localization": {"methods": ["noise", "gradient"]}})
-    with pytest.raises(ConfigError, match="not both"):
-        parse_config({"localization": {}, "tracing": {}})
-    from locedit.study import unit_keys
+    with pytest.raises(ConfigError, match=r"\[tracing\] is now called \[localization\].*locedit migrate"):
+        parse_config({"tracing": {}})  # the older name is gone: one line that says what to do
+    from locedit.plan import TraceUnit, method_tokens, plan_units
 
-    keys = [k for t, k, _ in unit_keys(cfg, ["cf:1"], 30) if t == "tracing"]
-    assert keys == ["trace|cf:1|mlp|w5", "trace|cf:1|mlp|w5|flip", "trace|cf:1|mlp|w5|zero",
+    keys = [u.key() for u in plan_units(cfg, method_tokens(cfg), (5,), ["cf:1"]) if isinstance(u, TraceUnit)]
+    assert keys == ["trace|cf:1|mlp|w5|noise", "trace|cf:1|mlp|w5|flip", "trace|cf:1|mlp|w5|zero",
                     "trace|cf:1|mlp|w5|attribution"]
 
 

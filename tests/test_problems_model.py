@@ -13,7 +13,7 @@ from locedit.problems.filters import greedy_continuations, known_mask, min_targe
 from locedit.problems.metrics import erasure_score, neighborhood_score, paraphrase_score, rewrite_score
 from locedit.editors import method_layers
 from locedit.problems.variants import MissingTargetError, default_noise
-from locedit.tracer.corruption import SubjectNoise
+from locedit.tracer.corruption import GaussianNoise
 from locedit.tracer.probs import target_probs
 from locedit.tracer.tokens import encode
 
@@ -127,7 +127,7 @@ def test_run_edit_fact_forcing_scores_on_noised_subject(model, facts):
     from locedit.editors import FTHyperParams
 
     f = facts["cf:0"]
-    noise = SubjectNoise(default_noise(model).sigma, samples=3, seed=1)
+    noise = GaussianNoise(sigma=default_noise(model).sigma, samples=3, seed=1)
     out = run_edit(model, f, "fact_forcing", "ft-5", 1, noise=noise,
                    hparams=FTHyperParams(num_steps=1, norm_constraint=1e-3), essence=False)
     assert out.layers == (0, 1, 2, 3) and out.target == " French" and math.isnan(out.essence_score)

@@ -17,7 +17,7 @@ from locedit.study import collect_tables, run_study  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CONFIG = parse_config({"study": {"name": "raytest"}, "data": {"sample": 2, "seed": 0},
-                       "tracing": {"samples": 2}, "editing": {"layers": [3], "essence": False,
+                       "localization": {"samples": 2}, "editing": {"layers": [3], "essence": False,
                                                               "covariance_tokens": 2048}})
 VOLATILE = ("seconds", "edit_seconds")
 

@@ -83,16 +83,16 @@ def test_garbled_or_incomplete_model_cache_is_reconverted(model, tmp_path, monke
 # ------------------------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("section,values,message", [
     ("editing", {"layers": "5, 15"}, "valid tuple"),
-    ("tracing", {"kinds": "mlp"}, "valid tuple"),
+    ("localization", {"kinds": "mlp"}, "valid tuple"),
     ("editing", {"layers": [5.5]}, "valid integer"),
     ("editing", {"layers": [-1]}, "greater than or equal to 0"),
-    ("tracing", {"samples": 0}, "greater than 0"),
-    ("tracing", {"samples": "3"}, "valid integer"),
+    ("localization", {"samples": 0}, "greater than 0"),
+    ("localization", {"samples": "3"}, "valid integer"),
     ("editing", {"layers": []}, "at least 1 item"),
     ("data", {"sample": -2}, "greater than 0"),
     ("editing", {"essence": "no"}, "valid boolean"),
     ("editing", {"layers": 5}, "valid tuple"),
-    ("tracing", {"noise": float("nan")}, "finite and > 0"),
+    ("localization", {"noise": float("nan")}, "finite and > 0"),
 ])
 def test_config_values_are_type_and_range_checked(section, values, message):
     with pytest.raises(ConfigError, match=message):
@@ -101,10 +101,10 @@ def test_config_values_are_type_and_range_checked(section, values, message):
 
 def test_config_errors_are_listed_together_and_hparams_are_typed():
     with pytest.raises(ConfigError) as e:
-        parse_config({"tracing": {"samples": 0, "windows": [0]}, "editing": {"essence": "no"},
+        parse_config({"localization": {"samples": 0, "windows": [0]}, "editing": {"essence": "no"},
                       "hparams": {"rome": {"v_lr": "0.5", "bogus": 1}}})
     text = str(e.value)
-    for part in ("tracing.samples", "tracing.windows", "editing.essence", "v_lr = '0.5' must be a float",
+    for part in ("localization.samples", "localization.windows", "editing.essence", "v_lr = '0.5' must be a float",
                  "unknown key 'bogus'"):
         assert part in text, part
 
@@ -127,9 +127,9 @@ def test_a_bad_line_in_the_middle_is_quarantined_and_later_records_kept(tmp_path
     lines[1] = '{"key": "b", "x": GARBLED'
     path.write_text("\n".join(lines) + "\n")
     assert [r["key"] for r in read_journal(path)] == ["a", "c", "d", "e"]
-    from locedit.study import bad_journal_lines
+    from locedit.rundir import RunDir
 
-    assert bad_journal_lines(tmp_path) == [(str(path), 2)]
+    assert RunDir(tmp_path).bad_lines() == [(str(path), 2)]
     j = Journal(path)  # a resume
     assert j.quarantined == 1 and j.keys == {"a", "c", "d", "e"}
     quarantine = [json.loads(x) for x in (path.parent / "quarantine.jsonl").read_text().splitlines()]
@@ -160,18 +160,22 @@ def test_a_second_process_on_the_same_shard_is_refused(model, tmp_path):
 
 
 def test_provenance_is_recorded_and_a_thread_change_warns(model, tmp_path):
-    from locedit.study import _check_provenance, provenance
+    from locedit.plan import resolve_plan
+    from locedit.rundir import RunDir
+    from locedit.study import provenance
 
     config = parse_config({})
-    _check_provenance(tmp_path, provenance(config, model))
+    rd = RunDir(tmp_path)
+    rd.fix_plan(lambda: resolve_plan(config, model, ["cf:1"]), provenance(model))
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["threads"] == torch.get_num_threads() and prov["device"] == "cpu"
-    assert prov["hparams"]["error_injection|rome"]["kl_factor"] == 1.0 and prov["versions"]["torch"]
+    assert prov["plan"]["hparams"]["error_injection|rome"]["kl_factor"] == 1.0 and prov["versions"]["torch"]
+    assert prov["plan"]["noise"]["sigma"] == pytest.approx(0.350, abs=5e-4)
     before = torch.get_num_threads()
     torch.set_num_threads(before + 1)
     try:
         with pytest.warns(UserWarning, match="threads"):
-            _check_provenance(tmp_path, provenance(config, model))
+            rd.fix_plan(lambda: resolve_plan(config, model, ["cf:1"]), provenance(model))
     finally:
         torch.set_num_threads(before)
 
@@ -185,7 +189,7 @@ def test_run_exits_nonzero_when_units_failed(model, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(tracer, "load_model", lambda *a, **k: model)  # the run reuses the session's model
     monkeypatch.setattr(study, "_edit_record", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[data]\nfilter = "none"\nsample = 1\n[tracing]\nkinds = ["resid"]\nsamples = 1\n'
+    cfg.write_text('[data]\nfilter = "none"\nsample = 1\n[localization]\nkinds = ["resid"]\nsamples = 1\n'
                    '[editing]\nmethods = ["ft-1"]\nlayers = [3]\nessence = false\n')
     assert main(["run", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-report"]) == 1
     err = capsys.readouterr().err

@@ -14,12 +14,13 @@ import pytest
 
 from locedit.config import ConfigError, parse_config
 from locedit.journal import Journal, read_journal
-from locedit.study import collect_tables, pack_run_dir, run_study
+from locedit.rundir import RunDir, collect_tables
+from locedit.study import run_study
 
 RAW = {
     "study": {"name": "resume-test", "model": "smollm2-135m"},
     "data": {"dataset": "counterfact", "filter": "none", "sample": 3, "seed": 1},
-    "tracing": {"kinds": ["mlp"], "windows": [3], "samples": 2},
+    "localization": {"kinds": ["mlp"], "windows": [3], "samples": 2},
     "editing": {"problems": ["error_injection", "fact_erasure"], "methods": ["ft-1"], "layers": [4, 12],
                 "essence": False},
     "hparams": {"ft-1": {"num_steps": 3}},
@@ -33,7 +34,7 @@ dataset = "counterfact"
 filter = "none"
 sample = 3
 seed = 1
-[tracing]
+[localization]
 kinds = ["mlp"]
 windows = [3]
 samples = 2
@@ -71,7 +72,7 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ConfigError, match="unknown problem 'fact_teleport'"):
         parse_config({**RAW, "editing": {**RAW["editing"], "problems": ["fact_teleport"]}})
     with pytest.raises(ConfigError, match="unknown keys"):
-        parse_config({**RAW, "tracing": {"kindz": ["mlp"]}})
+        parse_config({**RAW, "localization": {"kindz": ["mlp"]}})
 
 
 def test_kill_and_resume_equals_uninterrupted(model, tmp_path):
@@ -105,7 +106,7 @@ def test_kill_and_resume_equals_uninterrupted(model, tmp_path):
     assert 4 <= n_before < summary.done
 
     # ship it half-done: journals gzip-compressed (plain files removed, no process holds the lock); it resumes as is
-    packed = pack_run_dir(killed)
+    packed = RunDir(killed).pack()
     assert packed and all(removed for _, removed in packed)
     assert not list((killed / "journal").glob("*.jsonl"))
 
@@ -130,7 +131,7 @@ def test_kill_and_resume_equals_uninterrupted(model, tmp_path):
 def test_failing_unit_is_logged_and_skipped(model, tmp_path, monkeypatch):
     import locedit.study as study
 
-    raw = {**RAW, "data": {**RAW["data"], "sample": 2}, "tracing": {**RAW["tracing"], "windows": [1]},
+    raw = {**RAW, "data": {**RAW["data"], "sample": 2}, "localization": {**RAW["localization"], "windows": [1]},
            "editing": {**RAW["editing"], "problems": ["error_injection"], "layers": [4]}}
     config = parse_config(raw)
     real = study._edit_record

@@ -9,7 +9,8 @@ import pytest
 
 from locedit.config import ConfigError, parse_config
 from locedit.journal import Journal, compress_journal, read_journal, read_journals
-from locedit.study import collect_tables, lock_run_dir, pack_run_dir, unit_keys
+from locedit.plan import EditUnit, TraceUnit, method_tokens, plan_units
+from locedit.rundir import RunDir, collect_tables
 
 FACTS = [f"cf:{i}" for i in range(5)]
 
@@ -23,32 +24,34 @@ def _config(order="fact", **editing):
     })
 
 
+def _units(cfg, fact_ids=None):
+    return plan_units(cfg, method_tokens(cfg), cfg.editing.layers, FACTS, fact_ids)
+
+
 def test_stage_order_runs_each_stage_over_all_facts_and_holds_the_same_units():
-    fact, stage = unit_keys(_config("fact"), FACTS, 30), unit_keys(_config("stage"), FACTS, 30)
-    assert sorted(fact) == sorted(stage) and len(set(k for _, k, _ in stage)) == len(stage)
+    fact, stage = _units(_config("fact")), _units(_config("stage"))
+    assert sorted(map(repr, fact)) == sorted(map(repr, stage)) and len({u.key() for u in stage}) == len(stage)
     # stage order: every noise grid, then every flip grid, then ROME (both problems of a fact together) at the
-    # default token, then FT-1, then ROME's other token rule
-    kinds = [(t, s[3] if t == "tracing" else (s[2], s[4])) for t, _, s in stage]
+    # default token, then FT-1 (no key position: token None), then ROME's other token rule
+    kinds = [u.localization if isinstance(u, TraceUnit) else (u.method, u.token) for u in stage]
     blocks = [kinds[0]] + [b for a, b in zip(kinds, kinds[1:]) if a != b]
-    assert blocks == [("tracing", "noise"), ("tracing", "flip"), ("edits", ("rome", "subject_last")),
-                      ("edits", ("ft-1", "subject_last")), ("edits", ("rome", "prompt_last"))]
-    rome = [s[:2] for t, _, s in stage if t == "edits" and s[2] == "rome" and s[4] == "subject_last"]
+    assert blocks == ["noise", "flip", ("rome", "subject_last"), ("ft-1", None), ("rome", "prompt_last")]
+    rome = [(u.fact_id, u.problem) for u in stage if isinstance(u, EditUnit) and u.method == "rome"]
     assert rome[:4] == [("cf:0", "error_injection")] * 2 + [("cf:0", "fact_forcing")] * 2
     # fact order: all of a fact's units before the next fact's
-    assert [s[0] for _, _, s in fact] == sorted((s[0] for _, _, s in fact), key=FACTS.index)
+    assert [u.fact_id for u in fact] == sorted((u.fact_id for u in fact), key=FACTS.index)
 
 
 def test_token_rules_are_limited_to_the_first_facts_and_named_methods_even_when_sharded():
     cfg = _config("stage", token_facts=2, methods=["rome", "r-rome", "ft-1"], token_methods=["rome"])
-    units = unit_keys(cfg, FACTS, 30)
-    other = {(s[0], s[2]) for t, _, s in units if t == "edits" and s[4] == "prompt_last"}
-    assert other == {("cf:0", "rome"), ("cf:1", "rome")}
-    # every fact still gets every method at the default token
-    assert {(s[0], s[2]) for t, _, s in units if t == "edits" and s[4] == "subject_last"} == {
-        (f, m) for f in FACTS for m in ("rome", "r-rome", "ft-1")}
+    units = [u for u in _units(cfg) if isinstance(u, EditUnit)]
+    assert {(u.fact_id, u.method) for u in units if u.token == "prompt_last"} == {("cf:0", "rome"), ("cf:1", "rome")}
+    # every fact still gets every method at its own token (FT: none)
+    assert {(u.fact_id, u.method, u.token) for u in units if u.token != "prompt_last"} == {
+        (f, m, None if m == "ft-1" else "subject_last") for f in FACTS for m in ("rome", "r-rome", "ft-1")}
     # a shard (facts 1, 3) counts token_facts in the study's order, not its own
-    shard = unit_keys(cfg, FACTS[1::2], 30, study_ids=FACTS)
-    assert {k for _, k, _ in shard} == {k for _, k, s in units if s[0] in FACTS[1::2]}
+    shard = _units(cfg, FACTS[1::2])
+    assert {u.key() for u in shard} == {u.key() for u in _units(cfg) if u.fact_id in FACTS[1::2]}
 
 
 @pytest.mark.parametrize("study, editing, message", [
@@ -87,15 +90,15 @@ def test_pack_keeps_the_plain_journal_of_a_running_shard_and_tables_read_both_fo
     _journal(run / "journal" / "edits.shard-0-of-2.jsonl", ["a", "b"])
     _journal(run / "journal" / "edits.shard-1-of-2.jsonl", ["c"])
     before = collect_tables(run)["edits"]
-    lock = lock_run_dir(run, (1, 2))  # shard 1 is "running"
+    lock = RunDir(run).lock((1, 2))  # shard 1 is "running"
     try:
-        done = {p.name: removed for p, removed in pack_run_dir(run)}
+        done = {p.name: removed for p, removed in RunDir(run).pack()}
     finally:
         lock.release()
     assert done == {"edits.shard-0-of-2.jsonl.gz": True, "edits.shard-1-of-2.jsonl.gz": False}
     assert (run / "journal" / "edits.shard-1-of-2.jsonl").exists()
     after = collect_tables(run)["edits"]
     assert after.sort("key").equals(before.sort("key")) and after.height == 3
-    assert pl.read_parquet(run / "edits.parquet").height == 3
+    assert RunDir(run).collect()["edits"].height == 3 and pl.read_parquet(run / "edits.parquet").height == 3
     with pytest.raises(ValueError, match="not a locedit run directory"):
-        pack_run_dir(tmp_path)
+        RunDir(tmp_path).pack()

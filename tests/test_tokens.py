@@ -13,8 +13,9 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from locedit.editors import EditRequest, apply, default_hparams, restore
 from locedit.stats import best_cell_rate, join_cells, poisson_binomial_sf, token_regressions
-from locedit.tracer import TokenPositionError, locate_subject, token_position
-from locedit.tracer.vocab import EDIT_TOKENS, check_edit_token
+from locedit.tracer import locate_subject
+from locedit.editors.tokens import TokenPositionError, token_position
+from locedit.editors.tokens import EDIT_TOKENS, check_edit_token
 
 REQ = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
 EYE = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731  (no corpus pass)
@@ -107,16 +108,18 @@ def test_memit_fast_equals_plain_at_other_tokens(tiny, token):
         assert rel.item() < 1e-3, (token, name, rel.item())
 
 
-def test_study_units_have_a_token_dimension_and_old_keys_stay():
+def test_study_units_have_a_token_dimension_and_ft_has_none():
     from locedit.config import parse_config
-    from locedit.study import unit_keys
+    from locedit.plan import EditUnit, method_tokens, parse_key, plan_units
 
     cfg = parse_config({"study": {"name": "t", "model": "smollm2-135m"},
                         "editing": {"methods": ["rome", "ft-1"], "layers": [3, 4],
                                     "tokens": ["subject_last", "prompt_last", "-1"]}})
     assert cfg.editing.tokens == ("subject_last", "prompt_last", -1)
-    keys = [k for t, k, _ in unit_keys(cfg, ["cf:1"], 30) if t == "edits"]
-    assert "edit|cf:1|error_injection|rome|L3" in keys  # the default token: the key of earlier runs
+    units = [u for u in plan_units(cfg, method_tokens(cfg), (3, 4), ["cf:1"]) if isinstance(u, EditUnit)]
+    keys = [u.key() for u in units]
+    assert all(parse_key(u.key()) == u for u in units)  # one key format, both ways
+    assert "edit|cf:1|error_injection|rome|L3|Tsubject_last" in keys  # every ROME key names its token
     assert "edit|cf:1|error_injection|rome|L3|Tprompt_last" in keys and "edit|cf:1|error_injection|rome|L4|T-1" in keys
     assert [k for k in keys if "ft-1" in k] == ["edit|cf:1|error_injection|ft-1|L3", "edit|cf:1|error_injection|ft-1|L4"]
     assert len(keys) == 3 * 2 + 2
@@ -142,8 +145,8 @@ def test_cell_join_picks_the_named_cell():
          "token_index": 0, "rewrite_score": 0.5},
         {"fact_id": "f1", "problem": "error_injection", "method": "rome", "layer": 1, "token": "prompt_last",
          "token_index": 4, "rewrite_score": 0.7},
-        {"fact_id": "f1", "problem": "error_injection", "method": "rome", "layer": 2, "token": None,
-         "token_index": None, "rewrite_score": 0.9},  # a row from before token rules: the last subject token
+        {"fact_id": "f1", "problem": "error_injection", "method": "rome", "layer": 2, "token": "subject_last",
+         "token_index": 2, "rewrite_score": 0.9},
     ])
     cells = join_cells(edits, trace).sort("layer")
     assert cells["effect"].to_list() == pytest.approx([0.41, 0.22, 0.03])

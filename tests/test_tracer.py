@@ -139,7 +139,7 @@ def test_explicit_noise_and_sigma(model):
     a = trace(model, P, S, O, noise=eps, cells={9: [29]})
     assert a.samples == 2
     b = trace(model, P, S, O, sigma=0.1, samples=2, seed=1, cells={9: [29]})
-    # SubjectNoise(seed=1) draws exactly randn(seed 1) * sigma: the explicit tensor reproduces it
+    # GaussianNoise(sigma=..., seed=1) draws exactly randn(seed 1) * sigma: the explicit tensor reproduces it
     assert b.sigma == 0.1 and a.p_noised == pytest.approx(b.p_noised, abs=1e-7)
     assert a.grid[9, 29] == pytest.approx(b.grid[9, 29].item(), abs=1e-6)
     assert math.isclose(a.p_clean, b.p_clean)

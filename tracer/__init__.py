@@ -5,10 +5,10 @@ and model profiles (:mod:`tracer.profiles`) are declared here once and read by e
 """
 
 from locedit.tracer.corruption import (
+    DEFAULT_NOISE_SCALE_RULE,
     Corruption,
     GaussianNoise,
     SubjectFlip,
-    SubjectNoise,
     Zeroing,
     as_corruption,
     embedding_std,
@@ -30,10 +30,8 @@ from locedit.tracer.tokens import (
     EmptyTargetError,
     PromptTokens,
     SubjectNotFoundError,
-    TokenPositionError,
     locate_subject,
     target_tokens,
-    token_position,
 )
 from locedit.tracer.tracing import FlipAlignmentError, flop_fraction, trace, zero
 from locedit.tracer.vocab import (
@@ -49,6 +47,7 @@ from locedit.tracer.vocab import (
 )
 
 __all__ = [
+    "DEFAULT_NOISE_SCALE_RULE",
     "CORRUPTIONS",
     "Corruption",
     "CorruptionKind",
@@ -62,10 +61,7 @@ __all__ = [
     "PROFILES",
     "PromptTokens",
     "SubjectFlip",
-    "SubjectNoise",
     "SubjectNotFoundError",
-    "TokenPositionError",
-    "token_position",
     "TRACING_ALGORITHMS",
     "TRACING_COLUMNS",
     "TRACING_KINDS",

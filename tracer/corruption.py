@@ -4,19 +4,24 @@ the study config all take these objects (or a bare float, which :func:`as_corrup
 :class:`GaussianNoise` *scale* everywhere).
 
 Gaussian noise: s_noise = embed(s) + ε, ε ~ N(0, σ²), added at ``hook_embed`` to the subject's token positions
-only. σ is ``sigma`` when given (absolute), else ``scale`` × a noise-scale rule's std (:data:`NOISE_SCALE_RULES`:
-"s3", ROME's, the std of known_1000's subject-token embeddings; "embedding", the std of all of W_E). One draw per
+only. σ is ``sigma`` when given (absolute), else ``scale`` × a noise-scale rule's std (:data:`NOISE_SCALE_RULES`).
+The one default everywhere a bare scale is given (``trace``, ``locedit trace``, ``run_edit``, o_noise, Fact Forcing,
+a study) is :data:`DEFAULT_NOISE_SCALE_RULE`, ROME's "s3": the scale multiplies the std of the embedding outputs of
+known_1000's subject tokens (σ = 3 × 0.117 = 0.350 on SmolLM2-135M-Instruct). "embedding" (the std of all of W_E,
+σ = 0.407 there) is what runs made before the s3 rule used; they name it explicitly. One draw per
 (seed, samples, n_subject_tokens) is reused for every restored cell and, for Fact Forcing, at the subject positions
 of *each* prompt, wherever the subject sits in it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import MappingProxyType
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from jaxtyping import Float
@@ -25,12 +30,14 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 __all__ = [
+    "DEFAULT_NOISE_SCALE_RULE",
     "NOISE_SCALE_RULES",
+    "NoiseScaleRule",
+    "s3_subjects",
     "subject_embedding_std",
     "Corruption",
     "GaussianNoise",
     "SubjectFlip",
-    "SubjectNoise",
     "Zeroing",
     "as_corruption",
     "as_gaussian_noise",
@@ -67,35 +74,42 @@ def subject_embedding_std(model: HookedTransformer, subjects: Sequence[str]) -> 
     return float(out.float().std())
 
 
-def _known_subjects_std(model: HookedTransformer) -> float:
-    from locedit.problems.facts import load_dataset  # the vendored known_1000 (lazy: tracer does not need problems)
+S3_SUBJECTS_FILE = Path(__file__).parent / "data" / "s3_subjects.json"
 
-    return subject_embedding_std(model, sorted({f.subject for f in load_dataset("known")}))
+
+def s3_subjects() -> list[str]:
+    """The distinct subjects of ROME's known_1000, sorted: the reference set of the s3 rule (``data/SOURCES.md``)."""
+    return json.loads(S3_SUBJECTS_FILE.read_text(encoding="utf-8"))
+
+
+def _known_subjects_std(model: HookedTransformer) -> float:
+    return subject_embedding_std(model, s3_subjects())
 
 
 NOISE_SCALE_RULES: Mapping[str, tuple[str, Callable[[HookedTransformer], float]]] = MappingProxyType({
-    "embedding": ("3 × std of all entries of W_E (locedit's rule before the s3 rule existed)", embedding_std),
-    "s3": ("ROME's s3: 3 × std of the embedding outputs of known_1000's subject tokens (reproduces ROME's and the "
+    "embedding": ("std of all entries of W_E (runs made before the s3 rule name it explicitly)", embedding_std),
+    "s3": ("ROME's s3: std of the embedding outputs of known_1000's subject tokens (× 3 reproduces ROME's and the "
            "paper's grids)", _known_subjects_std),
 })
 """Noise-scale rules by name: what a noise *scale* multiplies to give σ (description, ``model -> std``)."""
 
+NoiseScaleRule = Literal["s3", "embedding"]
+DEFAULT_NOISE_SCALE_RULE: NoiseScaleRule = "s3"
+"""The rule a bare noise scale multiplies wherever none is named (ROME's)."""
 
-def noise_std(model: HookedTransformer, rule: str | None = None) -> float:
-    """The std a noise *scale* multiplies: by ``rule`` (:data:`NOISE_SCALE_RULES`), default the model profile's
-    ``noise_scale_rule``."""
-    from locedit.tracer.profiles import profile_for
 
-    rule = profile_for(model).noise_scale_rule if rule is None else rule
+def noise_std(model: HookedTransformer, rule: str = DEFAULT_NOISE_SCALE_RULE) -> float:
+    """The std a noise *scale* multiplies, by ``rule`` (:data:`NOISE_SCALE_RULES`; default ROME's "s3")."""
     if rule not in NOISE_SCALE_RULES:
         raise ValueError(f"unknown noise scale rule {rule!r}; choose one of {tuple(NOISE_SCALE_RULES)}")
     return NOISE_SCALE_RULES[rule][1](model)
 
 
 def resolve_sigma(
-    model: HookedTransformer, scale: float | None = None, sigma: float | None = None, rule: str | None = None
+    model: HookedTransformer, scale: float | None = None, sigma: float | None = None,
+    rule: str = DEFAULT_NOISE_SCALE_RULE,
 ) -> float:
-    """Absolute noise σ: ``sigma`` if given, else ``scale`` × :func:`noise_std` (default scale 3, ROME's rule)."""
+    """Absolute noise σ: ``sigma`` if given, else ``scale`` × :func:`noise_std` (default scale 3 × ROME's s3 std)."""
     if sigma is not None:
         return _positive_finite(sigma, "sigma")
     return _positive_finite(ROME_NOISE_SCALE if scale is None else scale, "noise scale") * noise_std(model, rule)
@@ -106,14 +120,14 @@ class GaussianNoise:
     """A reproducible Gaussian noise draw for a subject.
 
     Attributes:
-        scale: σ as a multiple of std(W_E) (default 3, ROME's rule); ignored when ``sigma`` is given.
+        scale: σ as a multiple of the ``rule``'s std (default 3 × ROME's s3 std); ignored when ``sigma`` is given.
         sigma: absolute standard deviation of ε (e.g. 0.094, the paper's GPT-J value).
         samples: number of noise samples (rows) per prompt.
         seed: seed of the draw; the same (seed, samples, n_tokens) always gives the same ε.
         values: optional explicit ``[samples, n_subject_tokens, d_model]`` tensor used instead of a draw.
         of: draw ``of`` samples and keep the first ``samples`` (a prefix of a larger draw, see :meth:`prefix`).
-        rule: the noise-scale rule a ``scale`` multiplies (:data:`NOISE_SCALE_RULES`: "s3", "embedding"); None:
-            the model profile's.
+        rule: the noise-scale rule a ``scale`` multiplies (:data:`NOISE_SCALE_RULES`: "s3", the default, or
+            "embedding").
 
     :meth:`resolve` fixes σ for a model; :meth:`draw` needs a resolved object (``sigma`` or ``values`` set).
     """
@@ -124,7 +138,7 @@ class GaussianNoise:
     seed: int = 0
     values: Tensor | None = None
     of: int | None = None
-    rule: str | None = None
+    rule: NoiseScaleRule = DEFAULT_NOISE_SCALE_RULE
     kind: ClassVar[str] = "noise"
 
     def __post_init__(self) -> None:
@@ -143,7 +157,7 @@ class GaussianNoise:
                 )
             if not bool(torch.isfinite(self.values).all()):
                 raise ValueError("the noise tensor has NaN or infinite entries")
-        if self.rule is not None and self.rule not in NOISE_SCALE_RULES:
+        if self.rule not in NOISE_SCALE_RULES:
             raise ValueError(f"unknown noise scale rule {self.rule!r}; choose one of {tuple(NOISE_SCALE_RULES)}")
         if self.of is not None and self.of < self.samples:
             raise ValueError(f"of ({self.of}) must be >= samples ({self.samples})")
@@ -226,7 +240,7 @@ def as_corruption(
     seed: int = 0,
 ) -> Corruption:
     """The one reading of a corruption argument: a corruption object as is; a bare number → ``GaussianNoise(scale=
-    number, sigma, samples, seed)`` (a *multiplier* of std(W_E), everywhere); an explicit noise tensor →
+    number, sigma, samples, seed)`` (a multiplier of the s3 rule's std, everywhere); an explicit noise tensor →
     :meth:`GaussianNoise.from_values`; None → the default scale 3."""
     if isinstance(noise, (GaussianNoise, SubjectFlip, Zeroing)):
         return noise
@@ -247,12 +261,6 @@ def as_gaussian_noise(noise, model: HookedTransformer, *, what: str = "this", **
     if not isinstance(noise, GaussianNoise):
         raise TypeError(f"{what} takes Gaussian subject noise, got {type(noise).__name__}")
     return noise.resolve(model)
-
-
-def SubjectNoise(sigma: float, samples: int = 10, seed: int = 0, values: Tensor | None = None,
-                 of: int | None = None) -> GaussianNoise:
-    """Deprecated spelling of ``GaussianNoise(sigma=sigma, ...)`` (an absolute σ)."""
-    return GaussianNoise(scale=None, sigma=sigma, samples=samples, seed=seed, values=values, of=of)
 
 
 def noise_hook(spans: Sequence[tuple[int, int]], noise: Sequence[Float[Tensor, "n d_model"]]):

@@ -2,14 +2,13 @@
 
 A :class:`ModelProfile` holds a family's default edit layer, its editors' hyper-parameters (overrides of the
 reference GPT-J values in :mod:`editors.hparams`, per edit method), the paper's App. A overrides per problem × edit
-method, the noise-scale rule, the BOS convention and whether the lean fast path may be used. Everything else reads
+method, the BOS convention and whether the lean fast path may be used. Everything else reads
 it through :func:`profile_for`:
 
 * ``editors.default_hparams`` / ``problems.problem_hparams`` — hyper-parameters;
 * ``locedit`` — the default edit layers of a study and ``tune-ft``'s layer;
 * :func:`tracer.tokens.encode` / ``locate_subject`` — whether a BOS token starts every prompt;
-* :func:`tracer.lean.lean_supported` — whether the lean blocks may be used (the config must allow them too);
-* :func:`tracer.corruption.resolve_sigma` — the noise-scale rule.
+* :func:`tracer.lean.lean_supported` — whether the lean blocks may be used (the config must allow them too).
 
 Adding a model family is one :data:`PROFILES` entry (see docs/CONTRACTS.md). A model no profile matches gets
 :data:`FALLBACK_PROFILE`: the reference (GPT-J) hyper-parameters and App. A table, the paper's edit layer 5 of 28
@@ -21,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 __all__ = ["FALLBACK_PROFILE", "PROFILES", "ModelProfile", "profile_for"]
 
@@ -44,9 +43,6 @@ class ModelProfile:
         editor_hparams: per edit method (``"rome"``, ``"memit"``, ``"ft-1"``, ...), field overrides of the
             reference hyper-parameter dataclass.
         problem_hparams: per (problem, edit method), Hase et al. App. A overrides applied on top.
-        noise_scale_rule: how a noise *scale* becomes σ where a corruption names no rule
-            (:data:`tracer.corruption.NOISE_SCALE_RULES`): ``"embedding"`` — scale × std of all entries of W_E (every
-            profile, so that earlier runs resume with the same σ); studies choose ``"s3"`` (ROME's) in their config.
         prepend_bos: every prompt starts with the tokenizer's BOS token (subject spans shift by one).
         lean_fast_path: the lean suffix blocks may be used (they are used only where the config allows them).
     """
@@ -56,7 +52,6 @@ class ModelProfile:
     default_edit_layer: int | None = None
     editor_hparams: Mapping[str, Overrides] = field(default_factory=dict)
     problem_hparams: Mapping[tuple[str, str], Overrides] = field(default_factory=dict)
-    noise_scale_rule: Literal["embedding", "s3"] = "embedding"
     prepend_bos: bool = False
     lean_fast_path: bool = True
 

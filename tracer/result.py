@@ -137,18 +137,17 @@ class TraceResult:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> TraceResult:
-        """Inverse of :meth:`to_record`; records of older runs (no ``algorithm``/``corrupt``/``traced``) read as
-        exact noise traces."""
-        traced = record.get("traced")
+        """Inverse of :meth:`to_record` (``KeyError`` for a record that lacks a field :meth:`to_record` writes)."""
+        traced = record["traced"]
         return cls(
             tokens=tuple(record["tokens"]), subject_span=tuple(record["subject_span"]),
             grid=torch.tensor(record["grid"], dtype=torch.float64), p_clean=float(record["p_clean"]),
-            p_noised=None if record.get("p_noised") is None else float(record["p_noised"]),
-            kind=record["kind"], window=int(record["window"]), algorithm=record.get("algorithm", "exact"),
-            sigma=record.get("sigma"), samples=int(record.get("samples", 1)), corrupt=record.get("corrupt", "noise"),
+            p_noised=None if record["p_noised"] is None else float(record["p_noised"]),
+            kind=record["kind"], window=int(record["window"]), algorithm=record["algorithm"],
+            sigma=record["sigma"], samples=int(record["samples"]), corrupt=record["corrupt"],
             traced=None if traced is None else torch.tensor(traced, dtype=torch.bool),
-            prompt=record.get("prompt", ""), subject=record.get("subject", ""), target=record.get("target", ""),
-            flip_subject=record.get("flip_subject"), extra=dict(record.get("extra") or {}),
+            prompt=record["prompt"], subject=record["subject"], target=record["target"],
+            flip_subject=record["flip_subject"], extra=dict(record["extra"] or {}),
         )
 
     def to_frame(self, fact_id: str | int = ""):
@@ -209,11 +208,10 @@ TRACING_COLUMNS = (
 
 def record_localization(rec: dict[str, Any]) -> str:
     """The localization method of a tracing record: its ``localization`` field (study records), else read from
-    its corruption and algorithm (attribution of noise → "attribution"; older runs: "noise")."""
+    its corruption and algorithm (a result traced outside a study: attribution of noise → "attribution")."""
     if rec.get("localization"):
         return str(rec["localization"])
-    corrupt = rec.get("corrupt", "noise")
-    return "attribution" if rec.get("algorithm") == "attribution" else corrupt
+    return "attribution" if rec["algorithm"] == "attribution" else rec["corrupt"]
 
 
 def tracing_frame(records: Sequence[dict[str, Any]]):

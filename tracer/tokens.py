@@ -18,12 +18,10 @@ from transformer_lens import HookedTransformer
 __all__ = [
     "EmptyTargetError",
     "SubjectNotFoundError",
-    "TokenPositionError",
     "PromptTokens",
     "encode",
     "locate_subject",
     "target_tokens",
-    "token_position",
 ]
 
 
@@ -33,10 +31,6 @@ class SubjectNotFoundError(ValueError):
 
 class EmptyTargetError(ValueError):
     """The target string is empty or tokenizes to no token."""
-
-
-class TokenPositionError(ValueError):
-    """An edit token rule names a position outside the prompt (before 0 or past its last token)."""
 
 
 @dataclass(frozen=True)
@@ -117,25 +111,3 @@ def target_tokens(model: HookedTransformer, target: str) -> Int[Tensor, "n_targe
     if ids.numel() == 0:
         raise EmptyTargetError(f"target {target!r} tokenizes to no token")
     return ids
-
-
-def token_position(pt: PromptTokens, token: str | int = "subject_last", prompt: str | None = None) -> int:
-    """The index in ``pt`` of the position an edit token rule names (:data:`tracer.vocab.EDIT_TOKENS`, or an int
-    offset from the last subject token). Indices count a BOS the profile prepends.
-
-    Raises:
-        TokenPositionError: the position is outside ``[0, n_tokens)``; the message names the prompt and position.
-        ValueError: unknown rule.
-    """
-    from locedit.tracer.vocab import EDIT_TOKENS, check_edit_token
-
-    rule = check_edit_token(token)
-    s, e = pt.subject_span
-    pos = e - 1 + rule if isinstance(rule, int) else EDIT_TOKENS[rule].position(s, e, pt.n_tokens)
-    if not 0 <= pos < pt.n_tokens:
-        text = prompt if prompt is not None else "".join(pt.str_tokens)
-        raise TokenPositionError(
-            f"edit token {token!r} names position {pos} of prompt {text!r}, which has {pt.n_tokens} tokens "
-            f"(subject at {s}..{e - 1})"
-        )
-    return pos

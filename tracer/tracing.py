@@ -427,8 +427,8 @@ def trace(
         window: layers restored per cell; default the kind's (5 for mlp/attn, 1 for resid, which requires 1).
         noise: the corruption — a :class:`~tracer.corruption.GaussianNoise`, a
             :class:`~tracer.corruption.SubjectFlip`, a :class:`~tracer.corruption.Zeroing` (then this is
-            :func:`zero`), a bare number (= ``GaussianNoise(scale=number)``: a multiplier of std(W_E), default 3,
-            ROME's rule), or an explicit ``[samples, n_subject, d_model]`` noise tensor.
+            :func:`zero`), a bare number (= ``GaussianNoise(scale=number)``: a multiplier of the s3 rule's std,
+            default 3, ROME's rule), or an explicit ``[samples, n_subject, d_model]`` noise tensor.
         samples, sigma, seed: with a number for ``noise``: the noise samples, an absolute σ overriding the
             scale (e.g. 0.094 for GPT-J), the seed of the single draw reused for every cell.
         algorithm: "exact" (fast, = naive to ~1e-6), "naive" (one forward per cell), "attribution"

@@ -8,8 +8,8 @@ rule. Everything else (``trace``, ``zero``, the study config, the CLI's choices,
 * **corruption kind** — what the corrupted run does to the subject: ``"noise"`` (Gaussian noise at its embeddings),
   ``"flip"`` (another subject), ``"zero"`` (no corruption: zero the kind's outputs on the clean run). Its ``effect``
   says which fractional effect applies (:func:`tracer.effects.fractional_effect`).
-* **edit token rule** — the prompt position where ROME/MEMIT read k* and optimise v* (:data:`EDIT_TOKENS`, or an int
-  offset from the last subject token); resolved per prompt by :func:`tracer.tokens.token_position`.
+
+Edit token rules (where ROME/MEMIT read k*) are the editors' vocabulary: :mod:`editors.tokens`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ __all__ = [
     "CORRUPTIONS",
     "TRACING_ALGORITHMS",
     "TRACING_KINDS",
-    "EDIT_TOKENS",
     "LOCALIZATIONS",
     "LocalizationName",
     "LocalizationSpec",
-    "DEFAULT_EDIT_TOKEN",
     "CorruptionKind",
-    "EditTokenRule",
-    "EditTokenSpec",
     "CorruptionSpec",
     "Effect",
     "TracingAlgorithm",
@@ -38,8 +34,6 @@ __all__ = [
     "UnknownAlgorithmError",
     "UnknownKindError",
     "check_choice",
-    "check_edit_token",
-    "token_label",
     "window_layers",
 ]
 
@@ -47,7 +41,6 @@ TracingKind = Literal["mlp", "attn", "resid"]
 TracingAlgorithm = Literal["exact", "naive", "attribution"]
 CorruptionKind = Literal["noise", "flip", "zero"]
 LocalizationName = Literal["noise", "flip", "zero", "attribution"]
-EditTokenRule = Literal["subject_first", "subject_last", "after_subject", "prompt_last"]
 Effect = Literal["restored", "deleted"]
 
 
@@ -123,55 +116,6 @@ LOCALIZATIONS: Mapping[str, LocalizationSpec] = {
                                     "first-order estimate of causal tracing (Nanda 2023; Syed et al. 2023)"),
 }
 assert tuple(LOCALIZATIONS) == get_args(LocalizationName)
-
-
-@dataclass(frozen=True)
-class EditTokenSpec:
-    """Where ROME/MEMIT read the key k* and optimise v*: one token of each prompt, named by a rule.
-
-    Attributes:
-        name: the rule's name; ``label`` its display label.
-        reference: the reference code's ``fact_token`` name (rome/repr_tools ``get_words_idxs_in_templates``).
-        position: ``(subject_start, subject_end, n_prompt_tokens) -> index`` (end exclusive); may be out of range,
-            which :func:`tracer.tokens.token_position` turns into a typed error.
-    """
-
-    name: str
-    label: str
-    reference: str
-    position: Callable[[int, int, int], int]
-
-
-EDIT_TOKENS: Mapping[str, EditTokenSpec] = {
-    "subject_first": EditTokenSpec("subject_first", "first subject token", "subject_first", lambda s, e, n: s),
-    "subject_last": EditTokenSpec("subject_last", "last subject token", "subject_last", lambda s, e, n: e - 1),
-    "after_subject": EditTokenSpec("after_subject", "first token after the subject", "subject_first_after_last",
-                                   lambda s, e, n: e),
-    "prompt_last": EditTokenSpec("prompt_last", "last prompt token", "last", lambda s, e, n: n - 1),
-}
-assert tuple(EDIT_TOKENS) == get_args(EditTokenRule)
-DEFAULT_EDIT_TOKEN = "subject_last"
-"""ROME's and MEMIT's own position (and every earlier locedit edit's)."""
-
-
-def check_edit_token(token: object) -> str | int:
-    """A token rule: an :data:`EDIT_TOKENS` name, or an int offset from the last subject token (``-1``: the token
-    before it; ``1``: = ``"after_subject"``). Strings of an int (``"-1"``, from a config or CLI) become the int."""
-    if isinstance(token, bool):
-        raise ValueError(f"unknown edit token rule {token!r}; choose one of {tuple(EDIT_TOKENS)} or an int offset")
-    if isinstance(token, int):
-        return token
-    if isinstance(token, str) and token.lstrip("+-").isdigit():
-        return int(token)
-    return check_choice(token, EDIT_TOKENS, "edit token rule (or an int offset from the last subject token)")
-
-
-def token_label(token: str | int) -> str:
-    """Display label of a token rule (``"last subject token"``, ``"last subject token −1"``)."""
-    if isinstance(token, int) or (isinstance(token, str) and token.lstrip("+-").isdigit()):
-        k = int(token)
-        return "last subject token" if k == 0 else f"last subject token {'+' if k > 0 else '−'}{abs(k)}"
-    return EDIT_TOKENS[token].label
 
 
 def check_choice(value: object, choices, what: str, error: type[Exception] = ValueError) -> str:

@@ -1,0 +1,315 @@
+"""A study's run directory, owned by one object: its config, facts, plan and provenance, journals, lock, packing and
+the tables collected from it.
+
+Layout (run format :data:`locedit.plan.SCHEMA_VERSION`)::
+
+    RUN_DIR/
+      config.json          the validated study config in the TOML layout, every default filled in, with
+                           "schema_version" (a resume must match it; an older run is refused with one line that
+                           says to run `locedit migrate RUN_DIR`)
+      facts.json           the selected fact ids, in order (fixed at the first start; shards share it)
+      provenance.json      versions, torch threads and device, seeds, and "plan": the resolved plan
+                           (locedit.plan.StudyPlan.to_json: sigma, hyper-parameters, tokens, layers, key statistics)
+      .lock.shard-I-of-N   held while a process runs that shard (a second one exits with a clear message)
+      journal/             append-only JSONL journals, one per (table, shard), plain or gzip-compressed -- the source
+                           of truth; bad lines are moved to journal/quarantine.jsonl
+      tracing.parquet, edits.parquet, failures.parquet   derived from the journals (:meth:`RunDir.collect`)
+      study.log            what happened, failures with tracebacks
+
+The serial runner (:mod:`locedit.study`), the Ray executor (:mod:`locedit.executor`), the report, the findings and
+the CLI all go through :class:`RunDir`; none of them builds a path or parses a file of the directory itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from filelock import FileLock, Timeout
+
+from locedit.config import ConfigError, StudyConfig, parse_config
+from locedit.journal import Journal, compress_journal, journal_files, read_journals, scan_journal, write_parquet_atomic
+from locedit.plan import SCHEMA_VERSION, StudyPlan, Unit
+from locedit.tracer.atomic import write_atomic
+from locedit.tracer.result import tracing_frame
+
+__all__ = [
+    "OutdatedRunDirError",
+    "RunDir",
+    "StudyConfigMismatch",
+    "StudyLockedError",
+    "TABLES",
+    "collect_tables",
+]
+
+log = logging.getLogger("locedit.study")
+
+TABLES = ("tracing", "edits", "failures")
+_JOURNAL_NAME = re.compile(r"(?P<table>\w+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.jsonl(?:\.gz)?")
+_FAILURE_SCHEMA = {k: pl.String for k in ("key", "stage", "fact_id", "error_type", "error")}
+
+
+class StudyConfigMismatch(ValueError):
+    """A run directory was started with a different config."""
+
+
+class StudyLockedError(ValueError):
+    """Another process holds the lock of this (run directory, shard)."""
+
+
+class OutdatedRunDirError(ValueError):
+    """A run directory written in an older run format (``locedit migrate`` rewrites it)."""
+
+
+class RunDir:
+    """One study's run directory (see the module docstring). Creating the object touches nothing on disk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------ files
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def facts_path(self) -> Path:
+        return self.path / "facts.json"
+
+    @property
+    def provenance_path(self) -> Path:
+        return self.path / "provenance.json"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.path / "journal"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "study.log"
+
+    def table_path(self, table: str) -> Path:
+        return self.path / f"{table}.parquet"
+
+    def journal_path(self, table: str, shard: tuple[int, int] = (0, 1)) -> Path:
+        """The plain journal a process running ``shard`` appends ``table``'s records to."""
+        return self.journal_dir / f"{table}.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+    @staticmethod
+    def journal_shard(path: Path) -> tuple[str, tuple[int, int]]:
+        """``(table, shard)`` of a journal file name (the inverse of :meth:`journal_path`)."""
+        m = _JOURNAL_NAME.fullmatch(Path(path).name)
+        if m is None:
+            raise ValueError(f"{path} is not a journal file name")
+        return m["table"], (int(m["i"]), int(m["n"]))
+
+    # ------------------------------------------------------------ checks
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def require(self) -> RunDir:
+        """This directory, checked to be a run directory of the current format (else one clear error)."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no run directory {self.path}")
+        if not self.journal_dir.is_dir():
+            raise ValueError(f"{self.path} is not a locedit run directory (it has no journal/ folder)")
+        if self.config_path.exists():
+            self.schema_version(check=True)
+        return self
+
+    def raw_config(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.config_path} is unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{self.config_path} is not a JSON object")
+        return raw
+
+    def schema_version(self, check: bool = False) -> int:
+        """The run format of ``config.json`` (1 for a run written before formats were versioned); with ``check``,
+        :class:`OutdatedRunDirError` unless it is the current one."""
+        v = self.raw_config().get("schema_version", 1)
+        if check and v != SCHEMA_VERSION:
+            if isinstance(v, int) and v < SCHEMA_VERSION:
+                raise OutdatedRunDirError(
+                    f"{self.path} was written by an older locedit (run format {v}, this one reads {SCHEMA_VERSION}): "
+                    f"run `locedit migrate {self.path}` once, then retry")
+            raise OutdatedRunDirError(f"{self.path} has run format {v!r}, which this locedit ({SCHEMA_VERSION}) "
+                                      "does not know: use the locedit that wrote it")
+        return v
+
+    def config(self) -> StudyConfig:
+        """The study's config (current format only)."""
+        self.schema_version(check=True)
+        return parse_config(self.raw_config())
+
+    # ------------------------------------------------------------ start / resume
+    def start(self, config: StudyConfig) -> None:
+        """Write ``config.json`` at the first start; at a resume check that it is the same config."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg = json.loads(json.dumps(config.to_dict()))
+        if self.config_path.exists():
+            old = self.config().to_dict()
+            if old != cfg:
+                diff = sorted(f"{s}.{k}" for s in cfg for k in set(cfg[s]) | set(old.get(s, {}))
+                              if cfg[s].get(k) != old.get(s, {}).get(k))
+                raise StudyConfigMismatch(
+                    f"{self.path} was started with another config; use a new run directory (differences in: {diff})")
+            return
+        write_atomic(self.config_path, json.dumps({"schema_version": SCHEMA_VERSION, **cfg}, indent=2))
+
+    def fact_ids(self) -> list[str] | None:
+        """The study's fact ids in order (None before the first start selected them)."""
+        if not self.facts_path.exists():
+            return None
+        ids = json.loads(self.facts_path.read_text())
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{self.facts_path} must be a JSON list of fact ids")
+        return ids
+
+    def fix_fact_ids(self, select: Callable[[], Sequence[str]]) -> list[str]:
+        """``facts.json``, written from ``select()`` at the first start."""
+        ids = self.fact_ids()
+        if ids is None:
+            ids = [str(i) for i in select()]
+            write_atomic(self.facts_path, json.dumps(ids))
+        return ids
+
+    def provenance(self) -> dict[str, Any]:
+        if not self.provenance_path.exists():
+            return {}
+        try:
+            return json.loads(self.provenance_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def fix_plan(self, resolve: Callable[[], StudyPlan], provenance: dict[str, Any]) -> StudyPlan:
+        """The run's plan: at the first start ``resolve()``, written into ``provenance.json`` (with ``provenance``:
+        versions, threads, device, seeds); at a resume the plan recorded then. A resume warns when the thread count
+        or device differ, and when today's code would resolve the plan differently (the run keeps its own)."""
+        fresh = resolve()
+        old = self.provenance()
+        if "plan" not in old:
+            write_atomic(self.provenance_path, json.dumps({**provenance, "plan": fresh.to_json()}, indent=2))
+            return fresh
+        plan = StudyPlan.from_json(old["plan"], fresh.config, fresh.fact_ids)
+        msgs = [f"{self.path} was started with {k}={old.get(k)!r}, this resume runs with {k}={provenance[k]!r}: its "
+                "new rows may differ from the earlier ones at float precision"
+                for k in ("threads", "device") if old.get(k) != provenance[k]]
+        changed = plan.differences(fresh)
+        if changed:
+            msgs.append(f"{self.path}: this locedit would resolve the plan differently (" + "; ".join(changed)
+                        + "); the run keeps the plan it started with (start a new run directory for the new one)")
+        for msg in msgs:
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=3)
+        return plan
+
+    # ------------------------------------------------------------ journals
+    def journal(self, table: str, shard: tuple[int, int] = (0, 1)) -> Journal:
+        return Journal(self.journal_path(table, shard))
+
+    def journals(self, table: str = "*") -> list[Path]:
+        """Every journal of ``table`` (all with "*"), plain and compressed, every shard."""
+        return journal_files(self.journal_dir, table)
+
+    def records(self, table: str) -> list[dict[str, Any]]:
+        """Valid records of ``table`` over every shard, first per key."""
+        return read_journals(self.journals(table))
+
+    def finished_keys(self) -> set[str]:
+        """Keys of the units with a result (tracing or edits) in any shard's journal."""
+        return {r["key"] for r in read_journals([p for p in self.journals() if not p.name.startswith("failures")])}
+
+    def todo(self, units: Sequence[Unit], retry_failed: bool = False) -> list[Unit]:
+        """The units not finished (failed ones only with ``retry_failed``)."""
+        finished = self.finished_keys()
+        failed = {r["key"] for r in self.records("failures")} - finished
+        return [u for u in units if (k := u.key()) not in finished and (retry_failed or k not in failed)]
+
+    def bad_lines(self) -> list[tuple[str, int]]:
+        """``(journal, line number)`` of every line the readers skip (torn or garbled; :mod:`locedit.journal`)."""
+        return [(str(p), n) for p in self.journals() for n, _ in scan_journal(p)[1]]
+
+    # ------------------------------------------------------------ lock, pack, log
+    def lock(self, shard: tuple[int, int] = (0, 1)) -> FileLock:
+        """The lock one process holds while it runs ``shard`` (a Ray run holds shard 0/1's);
+        :class:`StudyLockedError` when another process holds it."""
+        i, n = shard
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / f".lock.shard-{i}-of-{n}"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise StudyLockedError(
+                f"another process is running shard {i}/{n} of {self.path}; wait for it or use another --shard"
+            ) from None
+        return lock
+
+    def pack(self) -> list[tuple[Path, bool]]:
+        """Compress the journals for shipping (``NAME.jsonl`` -> ``NAME.jsonl.gz``, merged with an earlier ``.gz``).
+        A shard no process is running loses its plain journal; a running one keeps appending to it and its ``.gz``
+        is a snapshot (pack again later). Returns ``(compressed file, plain journal removed)`` per journal."""
+        self.require()
+        out = []
+        for plain in self.journals():
+            if plain.suffix == ".gz":
+                continue
+            _, shard = self.journal_shard(plain)
+            try:
+                lock = self.lock(shard)
+            except StudyLockedError:
+                out.append((compress_journal(plain), False))
+                continue
+            try:
+                out.append((compress_journal(plain, remove_plain=True), True))
+            finally:
+                lock.release()
+        return out
+
+    def setup_log(self) -> None:
+        path = str(self.log_path.resolve())
+        if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+            h = logging.FileHandler(path)
+            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+    # ------------------------------------------------------------ tables
+    def collect(self, write: bool = True) -> dict[str, pl.DataFrame]:
+        """The study tables from the journals (every shard); with ``write`` also (re)write the Parquet files
+        atomically."""
+        tables = collect_tables(self)
+        if write:
+            for name, df in tables.items():
+                write_parquet_atomic(df, self.table_path(name))
+        return tables
+
+
+def collect_tables(*run_dirs: RunDir | str | Path) -> dict[str, pl.DataFrame]:
+    """Merge the journals of one or more run directories (all shards) into the study tables (nothing is written)."""
+    dirs = [d if isinstance(d, RunDir) else RunDir(d) for d in run_dirs]
+    for d in dirs:
+        d.require()
+
+    def records(table):
+        return read_journals([p for d in dirs for p in d.journals(table)])
+
+    finished = set().union(*(d.finished_keys() for d in dirs))
+    edits = records("edits")
+    failures = [r for r in records("failures") if r["key"] not in finished]  # a retried unit is no failure
+    return {
+        "tracing": tracing_frame(records("tracing")),
+        "edits": pl.DataFrame(edits, infer_schema_length=None) if edits else pl.DataFrame(),
+        "failures": pl.DataFrame(failures, schema=_FAILURE_SCHEMA),
+    }
