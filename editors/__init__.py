@@ -6,7 +6,7 @@
         ...
 """
 
-from locedit.editors.context import apply, edit, edited_parameter_names, with_hparams
+from locedit.editors.context import UnsupportedDtypeError, apply, edit, edited_parameter_names, with_hparams
 from locedit.editors.covariance import key_second_moment, key_second_moments
 from locedit.editors.deltas import EditOrderError, EditResult, apply_deltas, restore
 from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
@@ -46,6 +46,7 @@ __all__ = [
     "FTHyperParams",
     "LayerOutOfRangeError",
     "UnsupportedArchitectureError",
+    "UnsupportedDtypeError",
     "MEMITHyperParams",
     "ROMEHyperParams",
     "SubjectNotFoundError",

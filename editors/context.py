@@ -12,21 +12,51 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from transformer_lens import HookedTransformer
 
-from locedit.editors.deltas import EditResult, apply_deltas, load_snapshot, restore, snapshot, weights_hash
+from locedit.editors.deltas import EditOrderError, EditResult, apply_deltas, load_snapshot, restore, snapshot, weights_hash
 from locedit.editors.hparams import HyperParams
 from locedit.editors.methods import EditMethod, default_hparams, resolve_method
 from locedit.editors.requests import EditRequest, validate_layers, validate_request
 from locedit.tracer.corruption import GaussianNoise, as_gaussian_noise
-from locedit.tracer.tokens import locate_subject
+from locedit.tracer.tokens import locate_subject, warn_unspaced_target
 from locedit.editors.tokens import token_position
 
-__all__ = ["apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
+__all__ = ["UnsupportedDtypeError", "apply", "edit", "restore", "apply_deltas", "edited_parameter_names"]
 
 def edited_parameter_names(method: str, layers: Sequence[int]) -> list[str]:
     """The parameters ``method`` changes: ``blocks.{l}.mlp.W_out`` (+ ``b_out`` for FT)."""
     return resolve_method(method).parameter_names(layers)
+
+
+class UnsupportedDtypeError(TypeError):
+    """The model's weights are in a dtype the editors cannot optimise and solve in (half precision)."""
+
+
+_EDIT_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_mode(model: HookedTransformer) -> None:
+    """Fail before any work on what would fail late or silently: half-precision weights, inference mode."""
+    dtype = model.cfg.dtype
+    if dtype not in _EDIT_DTYPES:
+        raise UnsupportedDtypeError(
+            f"the model's weights are {dtype}: the editors optimise v*/z and solve their updates in float32/float64, "
+            "and a half-precision W_out cannot hold the update exactly (it would be lost to rounding or NaN); load the "
+            "model in float32 (load_model(name, dtype=torch.float32)) to edit it")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("editing needs gradients: call edit()/apply() outside torch.inference_mode() "
+                           "(torch.no_grad() is fine: the editors turn gradients on for their own optimisation)")
+
+
+def _edit_stack(model: HookedTransformer) -> list:
+    """The model's active ``edit()`` contexts, innermost last (kept on the model itself: no global state)."""
+    stack = getattr(model, "_locedit_edit_stack", None)
+    if stack is None:
+        stack = []
+        model._locedit_edit_stack = stack
+    return stack
 
 
 def _resolve_hparams(model: HookedTransformer, entry: EditMethod, hparams: HyperParams | None) -> HyperParams:
@@ -75,6 +105,8 @@ def apply(
         position outside a prompt (:func:`editors.tokens.token_position`).
     """
     entry = resolve_method(method)
+    _check_mode(model)
+    warn_unspaced_target(getattr(request, "target", None))
     if objective not in ("maximize", "minimize"):
         raise ValueError(f"objective must be 'maximize' or 'minimize', got {objective!r}")
     layers = validate_layers(model, layers)
@@ -89,9 +121,10 @@ def apply(
         noise = as_gaussian_noise(noise, model, what="editing (Fact Forcing)")
     snap = snapshot(model, entry.parameter_names(layers))
     try:
-        result = entry.execute(
-            model, request, layers, hp, objective, noise, covariance=covariance, fast=fast, token=token
-        )
+        with torch.enable_grad():  # a caller inside torch.no_grad() still gets its edit
+            result = entry.execute(
+                model, request, layers, hp, objective, noise, covariance=covariance, fast=fast, token=token
+            )
         return dataclasses.replace(result, edited_hashes={n: weights_hash(model, n) for n in result.deltas})
     except BaseException:
         load_snapshot(model, snap)  # a failed edit leaves the model untouched
@@ -110,12 +143,27 @@ def edit(
     **kwargs,
 ) -> Iterator[EditResult]:
     """Context manager: the model is edited inside the block (``as result``: the :class:`EditResult`); on exit
-    — normal or by exception — the edited parameters are restored bit-identically from a snapshot."""
+    — normal or by exception — the edited parameters are restored bit-identically from a snapshot.
+
+    Nested contexts must exit last-in-first-out (as ``with`` blocks do). One that exits while a later one is still
+    active raises :class:`EditOrderError` and restores nothing: its snapshot predates the later edit, and loading it
+    would silently undo that edit too. The weights are left as the later edit expects; exit it first, then undo
+    this one with ``editors.restore(model, result)``."""
     snap = snapshot(model, edited_parameter_names(method, validate_layers(model, layers)))
+    stack, me = _edit_stack(model), object()
+    stack.append(me)
     try:
         yield apply(model, request, method, layers, hparams, objective, noise, **kwargs)
     finally:
-        load_snapshot(model, snap)
+        if stack and stack[-1] is me:
+            stack.pop()
+            load_snapshot(model, snap)
+        else:
+            stack.remove(me)
+            raise EditOrderError(
+                f"edit contexts must exit last-in-first-out: this {method} edit exited while a later edit is still "
+                "active, so nothing was restored (the weights are as the later edit expects); exit the later edit "
+                "first, then undo this one with editors.restore(model, result)")
 
 
 def with_hparams(hp: HyperParams, **changes) -> HyperParams:

@@ -8,9 +8,53 @@ of locedit's (the method registry imports it, not the other way round).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
-__all__ = ["ROMEHyperParams", "MEMITHyperParams", "FTHyperParams", "HyperParams"]
+__all__ = ["ROMEHyperParams", "MEMITHyperParams", "FTHyperParams", "HyperParams", "InvalidHyperParamsError"]
+
+
+class InvalidHyperParamsError(ValueError):
+    """A hyper-parameter value of the right type but out of range (a step count < 1, a learning rate <= 0, ...)."""
+
+
+# per field name: (test, what it must be); fields not listed have no range beyond their type
+_RANGES = {
+    "v_num_grad_steps": (lambda v: v >= 1, "an int >= 1"),
+    "num_steps": (lambda v: v >= 1, "an int >= 1"),
+    "v_lr": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "clamp_norm_factor": (lambda v: v > 0, "> 0"),
+    "norm_constraint": (lambda v: v > 0, "> 0"),
+    "mom2_update_weight": (lambda v: v > 0, "> 0"),
+    "v_weight_decay": (lambda v: v >= 0, ">= 0"),
+    "kl_factor": (lambda v: v >= 0, ">= 0"),
+    "early_stop_loss": (lambda v: v >= 0, ">= 0"),
+    "skip_loss": (lambda v: v >= 0, ">= 0"),
+    "context_lengths": (lambda v: all(len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                              for x in p) for p in v),
+                        "pairs (n_tokens >= 1, n_templates >= 1)"),
+}
+
+
+def _check_ranges(hp) -> None:
+    """Every field of ``hp`` within its range (and numbers finite); :class:`InvalidHyperParamsError` naming all."""
+    bad = []
+    for f in fields(hp):
+        v = getattr(hp, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad.append(f"{f.name} = {v!r} must be finite")
+            continue
+        rule = _RANGES.get(f.name)
+        try:
+            ok = rule is None or rule[0](v)
+        except TypeError:
+            ok = False
+        if not ok:
+            bad.append(f"{f.name} = {v!r} must be {rule[1]}")
+    if bad:
+        raise InvalidHyperParamsError(f"{type(hp).__name__}: " + "; ".join(bad))
+
 
 
 @dataclass(frozen=True)
@@ -40,6 +84,9 @@ class ROMEHyperParams:
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     early_stop_loss: float = 5e-2
 
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
 
 @dataclass(frozen=True)
 class MEMITHyperParams:
@@ -65,6 +112,9 @@ class MEMITHyperParams:
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
     early_stop_loss: float = 5e-2
 
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
 
 @dataclass(frozen=True)
 class FTHyperParams:
@@ -82,6 +132,9 @@ class FTHyperParams:
     num_steps: int = 25
     norm_constraint: float = 1e-4
     skip_loss: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
 
 
 HyperParams = ROMEHyperParams | MEMITHyperParams | FTHyperParams

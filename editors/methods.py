@@ -48,6 +48,8 @@ class EditMethod:
         single_layer: the algorithm edits exactly one layer (ROME).
         uses_token: the algorithm reads keys at one token position (ROME, MEMIT: ``token=`` chooses it); a study
             edits such a method once per ``[editing] tokens`` rule, the others once.
+        key_statistics: the update reads the key second moment C of each edited layer (ROME with
+            ``mom2_adjustment``, MEMIT): a study computes C for all of its layers in one pass before the first edit.
     """
 
     name: str
@@ -58,6 +60,7 @@ class EditMethod:
     weights: tuple[str, ...] = ("W_out",)
     single_layer: bool = False
     uses_token: bool = True
+    key_statistics: bool = True
 
     def edit_token(self, token: object) -> str | int | None:
         """The one decision of where this method edits: ``token`` as a canonical rule
@@ -85,9 +88,9 @@ def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=T
 
 EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     "ft-1": EditMethod("ft-1", "FT (1 layer)", _ft, FTHyperParams, window=1, weights=("W_out", "b_out"),
-                       uses_token=False),
+                       uses_token=False, key_statistics=False),
     "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out"),
-                       uses_token=False),
+                       uses_token=False, key_statistics=False),
     "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True),
     "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5),
     "r-rome": EditMethod("r-rome", "r-ROME (1 layer)", _r_rome, ROMEHyperParams, window=1, single_layer=True),

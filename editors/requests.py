@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformer_lens import HookedTransformer
 
-from locedit.tracer.tokens import EmptyTargetError, SubjectNotFoundError, locate_subject, target_tokens
+from locedit.tracer.tokens import EmptyTargetError, SubjectNotFoundError, check_template, locate_subject, target_tokens
 
 __all__ = [
     "EditRequest",
@@ -45,6 +45,9 @@ class EditRequest:
     template: str
     subject: str
     target: str
+
+    def __post_init__(self) -> None:
+        check_template(self.template, "edit template")
 
     @property
     def text(self) -> str:

@@ -21,6 +21,16 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
 def cmd_trace(args) -> int:
     from locedit.tracer import GaussianNoise, load_model, trace
 
@@ -48,7 +58,9 @@ def cmd_trace(args) -> int:
     secs = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    res.plot().write_html(str(out), include_plotlyjs=True)
+    from locedit.tracer.atomic import write_atomic
+
+    write_atomic(out, res.plot().to_html(include_plotlyjs=True, full_html=True))
     print(f"{prompt!r} -> {target!r}: sigma={res.sigma:.4f} ({args.noise:g} x the s3 rule's std) "
           f"p_clean={res.p_clean:.4f} p_noised={res.p_noised:.4f} peak layer={res.peak_layer()} ({secs:.1f} s); "
           f"heatmap: {out}")
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run or resume a study from a TOML config")
     r.add_argument("config")
     r.add_argument("--run-dir", default=None, help="default: runs/<study name>")
-    r.add_argument("--limit", type=int, default=None, help="only the first N selected facts")
+    r.add_argument("--limit", type=_positive_int, default=None, help="only the first N selected facts (N >= 1)")
     r.add_argument("--shard", type=_parse_shard, default=(0, 1), help="i/n: run facts i, i+n, ...")
     r.add_argument("--retry-failed", action="store_true")
     r.add_argument("--device", default=None)
@@ -300,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. A user error (a ``ValueError`` — bad config, name, input — or a missing file) prints one line
-    and exits 2; Ctrl-C prints one line and exits 130; ``--debug`` shows the traceback instead."""
+    """Run a command. A user error (a ``ValueError`` / ``TypeError`` — bad config, name, input — or an ``OSError``:
+    a missing file, a full disk, no permission) prints one line and exits 2; Ctrl-C prints one line and exits 130; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     from locedit.executor import RayUnavailableError
     from locedit.tracer.models import ModelUnavailableError
@@ -313,10 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("locedit: interrupted (finished units are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, ModelUnavailableError, RayUnavailableError) as e:
+    except (ValueError, TypeError, OSError, ModelUnavailableError, RayUnavailableError) as e:
         if args.debug:
             raise
-        print(f"locedit: error: {e}", file=sys.stderr)
+        print(f"locedit: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

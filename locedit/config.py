@@ -146,7 +146,8 @@ class LocalizationConfig(_Section):
 
     _methods = field_validator("methods")(
         classmethod(lambda cls, v: _unique(_names(LOCALIZATIONS, "localization method")(v))))
-    _kinds = field_validator("kinds")(classmethod(lambda cls, v: _names(TRACING_KINDS, "tracing kind")(v)))
+    _kinds = field_validator("kinds")(classmethod(lambda cls, v: _unique(_names(TRACING_KINDS, "tracing kind")(v))))
+    _windows = field_validator("windows")(classmethod(lambda cls, v: _unique(v)))
     _rule = field_validator("noise_scale_rule")(
         classmethod(lambda cls, v: check_choice(v, NOISE_SCALE_RULES, "noise_scale_rule")))
 
@@ -173,8 +174,9 @@ class EditingConfig(_Section):
     token_methods: Annotated[tuple[StrictStr, ...], Field(min_length=1)] | None = None
     token_facts: PositiveInt | None = None
 
-    _problems = field_validator("problems")(classmethod(lambda cls, v: _names(PROBLEMS, "problem")(v)))
-    _methods = field_validator("methods")(classmethod(lambda cls, v: _names(EDIT_METHODS, "edit method")(v)))
+    _problems = field_validator("problems")(classmethod(lambda cls, v: _unique(_names(PROBLEMS, "problem")(v))))
+    _methods = field_validator("methods")(classmethod(lambda cls, v: _unique(_names(EDIT_METHODS, "edit method")(v))))
+    _layers = field_validator("layers")(classmethod(lambda cls, v: v if v is None else _unique(v)))
     _tokens = field_validator("tokens")(classmethod(lambda cls, v: _unique(tuple(check_edit_token(t) for t in v))))
     _token_methods = field_validator("token_methods")(
         classmethod(lambda cls, v: v if v is None else _names(EDIT_METHODS, "edit method")(v)))
@@ -208,6 +210,13 @@ def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
             )
             if not ok:
                 problems.append(f"[hparams.{method}] {key} = {value!r} must be a {type(d).__name__}")
+        if not problems:
+            try:  # ranges (steps >= 1, rates and bounds > 0, ...): the dataclass checks them itself
+                dataclasses.replace(EDIT_METHODS[method].hparams(), **{
+                    k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                    for k, v in overrides.items()})
+            except ValueError as e:
+                problems.append(f"[hparams.{method}] {e}")
         out[method] = dict(overrides)
     if problems:
         raise ValueError("; ".join(problems))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from locedit.config import StudyConfig, check_against_model, parse_config
 from locedit.plan import StudyPlan, parse_key
 from locedit.rundir import RunDir
-from locedit.study import StudySummary, TableFlusher, data_mask, select_facts
+from locedit.study import StudySummary, TableFlusher, data_mask, prepare, select_facts
 
 __all__ = ["RayUnavailableError", "StudyWorker", "run_study_ray"]
 
@@ -69,6 +69,7 @@ class StudyWorker:
             torch.set_num_threads(threads)
         self.config: StudyConfig = parse_config(config)
         self.plan: StudyPlan | None = None
+        self.memo: dict = {}  # the current fact's pre-edit scores, shared by its edits (study.run_unit)
         self.model = load_model(self.config.model, device=device)
         self.dataset = load_dataset(self.config.data.dataset)
         self.by_id = {f.id: f for f in self.dataset}
@@ -99,6 +100,12 @@ class StudyWorker:
         """Run every unit with the driver's plan (recorded in provenance.json), not a re-resolved one."""
         self.plan = StudyPlan.from_json(plan, self.config, fact_ids)
 
+    def key_statistics(self, keys: list[str]) -> None:
+        """The key statistics the units ``keys`` read, in one pass, into the (shared) cache before they run."""
+        from locedit.study import key_statistics
+
+        key_statistics(self.model, self.plan, [parse_key(k) for k in keys], progress=False)
+
     def mask(self, fact_ids: list[str]) -> list[bool]:
         """The data filter's verdict for each fact (known: the 36-token greedy filter; cached on disk)."""
         return data_mask(self.model, self.config, [self.by_id[i] for i in fact_ids])
@@ -110,7 +117,7 @@ class StudyWorker:
         if self.plan is None:
             raise RuntimeError("set_plan() before run_fact()")
         fact = self.by_id[fact_id]
-        out = [run_unit(self.model, fact, parse_key(k), self.plan, self.dataset) for k in keys]
+        out = [run_unit(self.model, fact, parse_key(k), self.plan, self.dataset, self.memo) for k in keys]
         return {"fact_id": fact_id, "results": out, "actor": self.name, "node": self.node}
 
 
@@ -175,15 +182,13 @@ def run_study_ray(
         def judge(chunks):
             return ray.get([a.mask.remote([f.id for f in c]) for a, c in zip(pool, chunks)])
 
-        rd.start(config)
-        fact_ids = rd.fix_fact_ids(lambda: [f.id for f in select_facts(config, dataset, judge, wave=len(pool))])
-        rd.setup_log()
-        plan = rd.fix_plan(  # resolved on an actor (it holds the model); a resume reads the recorded plan
-            lambda: StudyPlan.from_json(ray.get(pool[0].resolve.remote(fact_ids)), config, fact_ids),
-            info["provenance"])
+        plan = prepare(rd, config, None, lambda: select_facts(config, dataset, judge, wave=len(pool)),
+                       info["provenance"], dataset, resolve=lambda ids: StudyPlan.from_json(  # on an actor: the model
+                           ray.get(pool[0].resolve.remote(list(ids))), config, ids))
         ray.get([a.set_plan.remote(plan.to_json(), list(plan.fact_ids)) for a in pool])
         units = plan.units(limit)
         todo = rd.todo(units, retry_failed)
+        ray.get(pool[0].key_statistics.remote([u.key() for u in todo]))  # one pass, before any actor edits
         n_facts = len({u.fact_id for u in units})
         log.info("study %s on Ray: %d actors (%s cpus, %s gpus each), %d facts, %d units, %d to do", config.name,
                  actors, cpus_per_actor, gpus_per_actor, n_facts, len(units), len(todo))

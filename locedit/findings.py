@@ -32,6 +32,7 @@ import polars as pl
 
 from locedit.editors.methods import DEFAULT_METHOD
 from locedit.rundir import RunDir, collect_tables
+from locedit.tracer.atomic import write_atomic
 from locedit.problems.variants import DEFAULT_PROBLEM
 from locedit.stats.paper import (
     PAPER_FIG4,
@@ -439,5 +440,5 @@ def write_findings(run_dir: str | Path, doc: str | Path, *, check: bool = False,
     text = doc.read_text()
     new = update_document(text, findings_blocks(run_dir, n_boot=n_boot))
     if not check and new != text:
-        doc.write_text(new)
+        write_atomic(doc, new)  # a full disk leaves the old document, never half of the new one
     return new == text

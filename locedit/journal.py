@@ -9,7 +9,14 @@ nothing is deleted and nothing valid is lost. Each record carries a unique ``key
 per key, so no row is ever duplicated. Parquet tables are *derived* from the journals (written atomically).
 
 A journal may also be gzip-compressed (``NAME.jsonl.gz``, written by :func:`compress_journal` for shipping a
-finished or paused run): readers take both forms, writers always append to the plain ``NAME.jsonl`` beside it.
+finished or paused run): readers take both forms, writers always append to the plain ``NAME.jsonl`` beside it. A
+compressed journal is read record by record: a damaged member or a truncated tail ends the readable part, every
+record before it is kept, and the damage is reported like a bad line; :func:`repair_compressed` (run by writers,
+never by readers) rewrites it with its intact records, keeps the damaged original as ``NAME.jsonl.gz.damaged`` and
+notes it in the quarantine.
+
+Journal names are ``TABLE.shard-I-of-N.jsonl[.gz]`` (:data:`JOURNAL_NAME`); anything else in ``journal/`` (a stray
+``edits.backup.jsonl``) is no journal and is left alone. Writers refuse to write through a symbolic link.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import shutil
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +35,27 @@ import polars as pl
 
 from locedit.tracer.atomic import atomic_path, write_atomic
 
-__all__ = ["Journal", "QUARANTINE", "compress_journal", "journal_files", "read_journal", "read_journals",
-           "scan_journal", "write_parquet_atomic"]
+__all__ = ["JOURNAL_NAME", "Journal", "QUARANTINE", "SymlinkWriteError", "compress_journal", "journal_files",
+           "read_journal", "read_journals", "refuse_symlink", "repair_compressed", "scan_journal",
+           "write_parquet_atomic"]
 
 QUARANTINE = "quarantine.jsonl"
+JOURNAL_NAME = re.compile(r"(?P<table>\w+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.jsonl(?:\.gz)?")
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
+
+
+class SymlinkWriteError(ValueError):
+    """A journal, the quarantine or a log would be written through a symbolic link (refused)."""
+
+
+def refuse_symlink(path: str | Path) -> Path:
+    """``path`` if neither it nor its folder is a symbolic link; else :class:`SymlinkWriteError`."""
+    path = Path(path)
+    for p in (path, path.parent):
+        if p.is_symlink():
+            raise SymlinkWriteError(f"refusing to write {path}: {p} is a symbolic link (it may point outside the run "
+                                    "directory); replace it with a regular file or folder")
+    return path
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
@@ -47,14 +74,42 @@ def scan_journal(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int
     records, bad = [], []
     if not path.exists():
         return records, bad
+    i = 0
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        for i, line in enumerate(f, 1):
-            rec = _parse(line)
-            if rec is None:
-                bad.append((i, line.decode("utf-8", "replace").rstrip("\n")))
-            else:
-                records.append(rec)
+        try:
+            for i, line in enumerate(f, 1):
+                rec = _parse(line)
+                if rec is None:
+                    bad.append((i, line.decode("utf-8", "replace").rstrip("\n")))
+                else:
+                    records.append(rec)
+        except _GZIP_ERRORS as e:  # a damaged member or a truncated tail: what was read before it is kept
+            bad.append((i + 1, f"<damaged compressed journal from here on: {type(e).__name__}: {e}>"))
     return records, bad
+
+
+def repair_compressed(path: str | Path) -> int:
+    """Rewrite a damaged ``NAME.jsonl.gz`` with its intact records (atomically, gzip mtime 0), keep the damaged
+    original as ``NAME.jsonl.gz.damaged`` and note the damage in ``quarantine.jsonl``. Returns the number of
+    damaged stretches (0: intact, nothing written)."""
+    path = Path(path)
+    records, bad = scan_journal(path)
+    if not bad:
+        return 0
+    refuse_symlink(path)
+    shutil.copyfile(path, path.with_name(path.name + ".damaged"))
+    _quarantine(path, bad)
+    _write_compressed(path, records)
+    return len(bad)
+
+
+def _quarantine(path: Path, bad: list[tuple[int, str]]) -> None:
+    q = refuse_symlink(path.parent / QUARANTINE)
+    with open(q, "a", encoding="utf-8") as f:
+        for line_no, text in bad:
+            f.write(json.dumps({"journal": path.name, "line": line_no, "text": text}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class Journal:
@@ -68,14 +123,11 @@ class Journal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(self.path)
         records, bad = scan_journal(self.path)
         self.quarantined = len(bad)
         if bad:
-            with open(self.path.parent / QUARANTINE, "a", encoding="utf-8") as q:
-                for line_no, text in bad:
-                    q.write(json.dumps({"journal": self.path.name, "line": line_no, "text": text}) + "\n")
-                q.flush()
-                os.fsync(q.fileno())
+            _quarantine(self.path, bad)
             write_atomic(self.path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
         self.keys: set[str] = {r["key"] for r in records}
 
@@ -85,7 +137,7 @@ class Journal:
         if key in self.keys:
             return
         line = json.dumps(record, default=_json_default) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(refuse_symlink(self.path), "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -131,7 +183,7 @@ def journal_files(journal_dir: str | Path, table: str = "*") -> list[Path]:
     never the quarantine file."""
     d = Path(journal_dir)
     paths = [*d.glob(f"{table}.*.jsonl"), *d.glob(f"{table}.*.jsonl.gz")]
-    return sorted((p for p in paths if not p.name.startswith(QUARANTINE)), key=_journal_order)
+    return sorted((p for p in paths if JOURNAL_NAME.fullmatch(p.name)), key=_journal_order)
 
 
 def compress_journal(plain: str | Path, remove_plain: bool = False) -> Path:
@@ -140,14 +192,20 @@ def compress_journal(plain: str | Path, remove_plain: bool = False) -> Path:
     only safe when no process appends to it (the caller holds the shard's lock). Returns the compressed file."""
     plain = Path(plain)
     packed = plain.with_name(plain.name + ".gz")
-    records = read_journals([packed, plain])
-    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records).encode()
-    with atomic_path(packed) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(
-            fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        gz.write(text)
+    if packed.exists():
+        repair_compressed(packed)
+    _write_compressed(packed, read_journals([packed, plain]))
     if remove_plain:
         plain.unlink()
     return packed
+
+
+def _write_compressed(packed: Path, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records).encode()
+    refuse_symlink(packed)
+    with atomic_path(packed) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(
+            fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(text)
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> None:

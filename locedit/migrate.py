@@ -125,13 +125,13 @@ def migrate_run_dir(run_dir: str | Path, model=None) -> MigrationReport:
         return MigrationReport(str(rd.path), version, version, 0, 0, None, ())
     if version != 1:
         raise ValueError(f"{rd.path} has run format {version!r}; this locedit migrates format 1 only")
-    locks = []
+    locks = [((-1, -1), rd.exclusive())]
     try:
         for path in rd.journals():
             shard = rd.journal_shard(path)[1]
             if all(shard != s for s, _ in locks):
                 locks.append((shard, rd.lock(shard)))
-        if not locks:
+        if len(locks) == 1:
             locks.append(((0, 1), rd.lock()))
         config = migrate_config(rd.raw_config())
         prov = rd.provenance()

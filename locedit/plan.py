@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer
 from locedit.config import StudyConfig, default_edit_layers
 from locedit.editors.covariance import default_n_tokens
 from locedit.editors.hparams import HyperParams
-from locedit.editors.methods import resolve_method
+from locedit.editors.methods import method_layers, resolve_method
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 from locedit.problems.variants import problem_hparams
 from locedit.tracer.corruption import GaussianNoise
@@ -222,6 +222,17 @@ class StudyPlan:
     tokens: Mapping[str, tuple[str | int | None, ...]]
     covariance_tokens: int
     fact_ids: tuple[str, ...]
+
+    @property
+    def key_layers(self) -> tuple[int, ...]:
+        """Every layer whose key second moment an edit of this study reads (methods with ``key_statistics``, ROME
+        only with ``mom2_adjustment``; MEMIT's whole window): computed in one pass before the first edit."""
+        out: set[int] = set()
+        for (_, m), hp in self.hparams.items():
+            entry = resolve_method(m, aliases=False)
+            if entry.key_statistics and getattr(hp, "mom2_adjustment", True):
+                out |= {x for layer in self.layers for x in method_layers(m, self.n_layers, layer)}
+        return tuple(sorted(out))
 
     def units(self, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[Unit]:
         """The units of the first ``limit`` facts, shard ``(i, n)`` (facts ``i::n``), in run order."""

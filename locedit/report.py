@@ -8,6 +8,7 @@ import polars as pl
 
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 from locedit.rundir import RunDir, collect_tables
+from locedit.tracer.atomic import write_atomic
 
 __all__ = ["localization_analysis", "study_analysis", "token_analysis", "write_report"]
 
@@ -196,5 +197,5 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     }
     out = Path(out) if out else dirs[0].path / "report.html"
     write_html(out, md, figs, title=f"Does localization inform editing? — {config.name}", meta=meta)
-    (out.parent / "tables.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in md.items()))
+    write_atomic(out.parent / "tables.md", "\n\n".join(f"## {k}\n\n{v}" for k, v in md.items()))
     return out

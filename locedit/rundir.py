@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,24 +33,37 @@ import polars as pl
 from filelock import FileLock, Timeout
 
 from locedit.config import ConfigError, StudyConfig, parse_config
-from locedit.journal import Journal, compress_journal, journal_files, read_journals, scan_journal, write_parquet_atomic
+from locedit.journal import (
+    JOURNAL_NAME,
+    Journal,
+    compress_journal,
+    journal_files,
+    read_journals,
+    refuse_symlink,
+    repair_compressed,
+    scan_journal,
+    write_parquet_atomic,
+)
 from locedit.plan import SCHEMA_VERSION, StudyPlan, Unit
 from locedit.tracer.atomic import write_atomic
 from locedit.tracer.result import tracing_frame
 
 __all__ = [
+    "IncompatibleRunDirsError",
+    "InputsChangedError",
     "OutdatedRunDirError",
     "RunDir",
     "StudyConfigMismatch",
     "StudyLockedError",
     "TABLES",
     "collect_tables",
+    "fact_digests",
 ]
 
 log = logging.getLogger("locedit.study")
 
 TABLES = ("tracing", "edits", "failures")
-_JOURNAL_NAME = re.compile(r"(?P<table>\w+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.jsonl(?:\.gz)?")
+PACK_LOCK_SECONDS = 600.0  # how long a `locedit pack` waits for another one on the same directory
 _FAILURE_SCHEMA = {k: pl.String for k in ("key", "stage", "fact_id", "error_type", "error")}
 
 
@@ -65,6 +77,24 @@ class StudyLockedError(ValueError):
 
 class OutdatedRunDirError(ValueError):
     """A run directory written in an older run format (``locedit migrate`` rewrites it)."""
+
+
+class InputsChangedError(ValueError):
+    """A resumed run's inputs (the facts' content) differ from those it started with."""
+
+
+class IncompatibleRunDirsError(ValueError):
+    """Several run directories given together hold different studies."""
+
+
+def fact_digests(facts) -> dict[str, str]:
+    """Per fact, a content hash (16 hex digits) of everything the study reads of it (every field of the
+    :class:`~locedit.problems.facts.Fact`): a resume compares them with those recorded at the first start."""
+    import dataclasses
+    import hashlib
+
+    return {f.id: hashlib.sha256(json.dumps(dataclasses.asdict(f), sort_keys=True, default=list).encode()
+                                 ).hexdigest()[:16] for f in facts}
 
 
 class RunDir:
@@ -107,7 +137,7 @@ class RunDir:
     @staticmethod
     def journal_shard(path: Path) -> tuple[str, tuple[int, int]]:
         """``(table, shard)`` of a journal file name (the inverse of :meth:`journal_path`)."""
-        m = _JOURNAL_NAME.fullmatch(Path(path).name)
+        m = JOURNAL_NAME.fullmatch(Path(path).name)
         if m is None:
             raise ValueError(f"{path} is not a journal file name")
         return m["table"], (int(m["i"]), int(m["n"]))
@@ -172,9 +202,15 @@ class RunDir:
         """The study's fact ids in order (None before the first start selected them)."""
         if not self.facts_path.exists():
             return None
-        ids = json.loads(self.facts_path.read_text())
+        try:
+            ids = json.loads(self.facts_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.facts_path} is unreadable ({type(e).__name__}: {e}); it must be a JSON list of "
+                             "fact ids") from None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError(f"{self.facts_path} must be a JSON list of fact ids")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{self.facts_path} lists a fact more than once")
         return ids
 
     def fix_fact_ids(self, select: Callable[[], Sequence[str]]) -> list[str]:
@@ -202,6 +238,8 @@ class RunDir:
         if "plan" not in old:
             write_atomic(self.provenance_path, json.dumps({**provenance, "plan": fresh.to_json()}, indent=2))
             return fresh
+        if "inputs" in provenance:
+            self._check_inputs(old, provenance["inputs"])
         plan = StudyPlan.from_json(old["plan"], fresh.config, fresh.fact_ids)
         msgs = [f"{self.path} was started with {k}={old.get(k)!r}, this resume runs with {k}={provenance[k]!r}: its "
                 "new rows may differ from the earlier ones at float precision"
@@ -214,6 +252,21 @@ class RunDir:
             log.warning(msg)
             warnings.warn(msg, stacklevel=3)
         return plan
+
+    def _check_inputs(self, old: dict[str, Any], now: dict[str, Any]) -> None:
+        """A resume's facts must have the content they had at the first start (a run that recorded none, e.g. a
+        migrated one, records them now)."""
+        if "inputs" not in old:
+            write_atomic(self.provenance_path, json.dumps({**old, "inputs": now}, indent=2))
+            return
+        was, is_ = old["inputs"].get("facts", {}), now.get("facts", {})
+        changed = sorted(f for f in was if is_.get(f) != was[f])
+        if changed or old["inputs"].get("dataset") != now.get("dataset"):
+            what = (f"{len(changed)} fact(s) changed content ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''})"
+                    if changed else f"the dataset is {now.get('dataset')!r}, was {old['inputs'].get('dataset')!r}")
+            raise InputsChangedError(f"{self.path}: the inputs changed since this run started: {what}; finished rows "
+                                     "would mix the old and the new facts -- restore the dataset or use a new run "
+                                     "directory")
 
     # ------------------------------------------------------------ journals
     def journal(self, table: str, shard: tuple[int, int] = (0, 1)) -> Journal:
@@ -256,28 +309,54 @@ class RunDir:
             ) from None
         return lock
 
+    def exclusive(self, timeout: float = PACK_LOCK_SECONDS) -> FileLock:
+        """The lock of operations that rewrite journals (pack, repair, migrate): one at a time per directory; a
+        second one waits up to ``timeout`` seconds (then :class:`StudyLockedError`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / ".lock.rewrite"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StudyLockedError(f"another locedit is packing or migrating {self.path}; try again when it is "
+                                   "done") from None
+        return lock
+
+    def repair(self) -> int:
+        """Rewrite every damaged compressed journal with its intact records (:func:`locedit.journal.
+        repair_compressed`: the damaged file kept beside it, the damage noted in the quarantine); a writer runs it
+        before appending. Returns the number of damaged stretches found."""
+        with self.exclusive():
+            return sum(repair_compressed(p) for p in self.journals() if p.suffix == ".gz")
+
     def pack(self) -> list[tuple[Path, bool]]:
         """Compress the journals for shipping (``NAME.jsonl`` -> ``NAME.jsonl.gz``, merged with an earlier ``.gz``).
         A shard no process is running loses its plain journal; a running one keeps appending to it and its ``.gz``
-        is a snapshot (pack again later). Returns ``(compressed file, plain journal removed)`` per journal."""
+        is a snapshot (pack again later). One pack at a time (:meth:`exclusive`), so a pack never replaces a merged
+        file it did not read. Returns ``(compressed file, plain journal removed)`` per journal."""
         self.require()
         out = []
-        for plain in self.journals():
-            if plain.suffix == ".gz":
-                continue
-            _, shard = self.journal_shard(plain)
-            try:
-                lock = self.lock(shard)
-            except StudyLockedError:
-                out.append((compress_journal(plain), False))
-                continue
-            try:
-                out.append((compress_journal(plain, remove_plain=True), True))
-            finally:
-                lock.release()
+        with self.exclusive():
+            for plain in self.journals():
+                if plain.suffix == ".gz":
+                    continue
+                _, shard = self.journal_shard(plain)
+                try:
+                    lock = self.lock(shard)
+                except StudyLockedError:
+                    out.append((compress_journal(plain), False))
+                    continue
+                try:
+                    out.append((compress_journal(plain, remove_plain=True), True))
+                finally:
+                    lock.release()
+        strays = sorted(p.name for p in self.journal_dir.glob("*.jsonl*")
+                        if not JOURNAL_NAME.fullmatch(p.name) and p.name != "quarantine.jsonl")
+        if strays:
+            log.warning("%s: left alone, not journals: %s", self.journal_dir, ", ".join(strays))
         return out
 
     def setup_log(self) -> None:
+        refuse_symlink(self.log_path)
         path = str(self.log_path.resolve())
         if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
             h = logging.FileHandler(path)
@@ -297,10 +376,13 @@ class RunDir:
 
 
 def collect_tables(*run_dirs: RunDir | str | Path) -> dict[str, pl.DataFrame]:
-    """Merge the journals of one or more run directories (all shards) into the study tables (nothing is written)."""
+    """Merge the journals of one or more run directories (all shards) into the study tables (nothing is written).
+    Several directories must hold one study (the same config and plan: shards or copies of one run), else
+    :class:`IncompatibleRunDirsError`."""
     dirs = [d if isinstance(d, RunDir) else RunDir(d) for d in run_dirs]
     for d in dirs:
         d.require()
+    _check_compatible(dirs)
 
     def records(table):
         return read_journals([p for d in dirs for p in d.journals(table)])
@@ -313,3 +395,27 @@ def collect_tables(*run_dirs: RunDir | str | Path) -> dict[str, pl.DataFrame]:
         "edits": pl.DataFrame(edits, infer_schema_length=None) if edits else pl.DataFrame(),
         "failures": pl.DataFrame(failures, schema=_FAILURE_SCHEMA),
     }
+
+
+def _check_compatible(dirs: Sequence[RunDir]) -> None:
+    if len(dirs) < 2:
+        return
+
+    def identity(d: RunDir):
+        if not d.config_path.exists():
+            return None
+        plan = d.provenance().get("plan", {})
+        return d.config().to_dict(), {k: plan.get(k) for k in ("noise", "hparams", "tokens", "model")}
+
+    first = identity(dirs[0])
+    for d in dirs[1:]:
+        other = identity(d)
+        if other != first:
+            a, b = first or ({}, {}), other or ({}, {})
+            diff = sorted({f"{s}.{k}" for s in set(a[0]) | set(b[0])
+                           for k in set(a[0].get(s, {})) | set(b[0].get(s, {}))
+                           if a[0].get(s, {}).get(k) != b[0].get(s, {}).get(k)}
+                          | {f"plan.{k}" for k in set(a[1]) | set(b[1]) if a[1].get(k) != b[1].get(k)})
+            raise IncompatibleRunDirsError(
+                f"{dirs[0].path} and {d.path} hold different studies (differences in: {diff or ['config.json']}); "
+                "give run directories of one study (its shards) together, or report each on its own")

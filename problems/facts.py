@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from locedit.tracer.tokens import check_template
+
 __all__ = [
     "DATASETS",
     "Fact",
@@ -87,8 +89,12 @@ class Fact:
     generation_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if "{}" not in self.template:
-            raise ValueError(f"{self.id}: template {self.template!r} has no '{{}}'")
+        try:
+            check_template(self.template)
+        except ValueError as e:
+            raise ValueError(f"{self.id}: {e}") from None
+        if "|" in self.id:
+            raise ValueError(f"{self.id!r}: a fact id cannot contain '|' (the study's journal keys use it)")
         if not self.subject.strip():
             raise ValueError(f"{self.id}: empty subject")
         for name in ("o_true", "o_false"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,10 +40,10 @@ from locedit.problems.facts import Fact
 from locedit.problems.variants import default_noise, problem_hparams, resolve_problem
 from locedit.tracer.corruption import GaussianNoise
 from locedit.tracer.probs import target_probs
-from locedit.tracer.tokens import locate_subject
+from locedit.tracer.tokens import UnspacedTargetWarning, locate_subject
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN, token_position
 
-__all__ = ["EditOutcome", "run_edit"]
+__all__ = ["EditOutcome", "PreEdit", "pre_edit", "run_edit"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,66 @@ class _Scorer:
         return out
 
 
+@dataclass(frozen=True)
+class PreEdit:
+    """What a fact's edits for one problem share before any edit: the problem's target and scoring pair, the scored
+    prompts, their pre-edit probabilities, the essence texts and pre-edit perplexity and fluency. Computed once by
+    :func:`pre_edit` and passed to every :func:`run_edit` of the fact and problem (``pre=``), whatever the method,
+    layer or token; equal to what each edit would compute itself (the model is the same, unedited, model)."""
+
+    fact_id: str
+    problem: str
+    sigma: float | None
+    target: str
+    new: str | None
+    old: str | None
+    rewrite: str
+    paraphrases: tuple[str, ...]
+    neighbors: tuple[str, ...]
+    n_true: tuple[str, ...]
+    n_other: str | None
+    keys: tuple[tuple[str, str, bool], ...]
+    scores: dict
+    texts: object
+    ppl_pre: float
+    fluency_pre: float
+    essence: bool
+    generation: bool
+
+
+def pre_edit(model: HookedTransformer, fact: Fact, problem: str, noise: GaussianNoise | float | None = None,
+             essence: bool = True, generation: bool = False) -> PreEdit:
+    """The pre-edit half of :func:`run_edit` for ``fact`` and ``problem`` (see :class:`PreEdit`); call it on the
+    unedited model."""
+    prob = resolve_problem(problem)
+    needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
+    snoise = default_noise(model, noise) if needs_noise else None
+    target = prob.target(model, fact, snoise)
+    new, old = prob.scoring_pair(model, fact, target, snoise)
+    noised = prob.noised_input
+    paraphrases = tuple(p for p in fact.paraphrases if not noised or fact.subject in p)
+    neighbors = tuple(fact.neighborhood)
+    n_true = tuple(fact.neighborhood_answers) if fact.neighborhood_answers else (fact.o_true,) * len(neighbors)
+    n_other = old if new == fact.o_true else new  # the pair's object that is not o_true
+    sc = _Scorer(model, fact.subject, snoise)
+    for p in [fact.prompt, *paraphrases]:
+        for t in (target, new, old):
+            sc.add(p, t, noised)
+    for p, tt in zip(neighbors, n_true):
+        for t in (target, tt, n_other):
+            sc.add(p, t, False)
+    texts = essence_texts(model, fact.subject) if essence else None
+    scores = sc.run()
+    return PreEdit(
+        fact_id=fact.id, problem=problem, sigma=None if snoise is None else snoise.sigma, target=target, new=new,
+        old=old, rewrite=fact.prompt, paraphrases=paraphrases, neighbors=neighbors, n_true=n_true, n_other=n_other,
+        keys=tuple(sc.keys), scores=scores, texts=texts,
+        ppl_pre=essence_perplexity(model, texts) if texts is not None else math.nan,
+        fluency_pre=unedited_generation_entropy(model, fact.generation_prompts) if generation else math.nan,
+        essence=essence, generation=generation,
+    )
+
+
 def run_edit(
     model: HookedTransformer,
     fact: Fact,
@@ -144,6 +205,7 @@ def run_edit(
     edit_samples: int | None = None,
     generation: bool = False,
     token: str | int | None = DEFAULT_EDIT_TOKEN,
+    pre: PreEdit | None = None,
     **edit_kwargs,
 ) -> EditOutcome:
     """Edit ``fact`` for ``problem`` with ``method`` at ``layer``, score, restore the weights, return the outcome.
@@ -168,6 +230,8 @@ def run_edit(
             token); recorded as ``token`` with ``token_index``, the position it names in the fact's prompt (the
             tracing grid's row for a token-level join). Methods without a key position (FT: ``token`` is ignored, None
             is accepted) record the default rule's row, the table's convention.
+        pre: the fact's :func:`pre_edit` for ``problem`` with the same noise, essence and generation (a study
+            computes it once per fact and problem); default: computed here.
         edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
 
     Raises:
@@ -185,38 +249,33 @@ def run_edit(
     token_index = token_position(locate_subject(model, fact.prompt, fact.subject), recorded_token, fact.prompt)
     needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
     snoise = default_noise(model, noise) if needs_noise else None
-    target = prob.target(model, fact, snoise)
-    new, old = prob.scoring_pair(model, fact, target, snoise)
+    if pre is None:
+        pre = pre_edit(model, fact, problem, snoise, essence=essence, generation=generation)
+    elif (pre.fact_id, pre.problem, pre.essence, pre.generation) != (fact.id, problem, essence, generation) or \
+            pre.sigma != (None if snoise is None else snoise.sigma):
+        raise ValueError(f"pre= was computed for {pre.fact_id}/{pre.problem} (essence={pre.essence}, "
+                         f"generation={pre.generation}, sigma={pre.sigma}), not for this edit of {fact.id}/{problem}")
     if hparams is None:
         hparams = problem_hparams(problem, method, model)
 
     noised = prob.noised_input
-    rewrite = fact.prompt
-    paraphrases = [p for p in fact.paraphrases if not noised or fact.subject in p]
-    neighbors = list(fact.neighborhood)
-    n_true = list(fact.neighborhood_answers) if fact.neighborhood_answers else [fact.o_true] * len(neighbors)
-    n_other = old if new == fact.o_true else new  # the pair's object that is not o_true
-
+    target, new, old, rewrite = pre.target, pre.new, pre.old, pre.rewrite
+    paraphrases, neighbors, n_true, n_other = list(pre.paraphrases), list(pre.neighbors), list(pre.n_true), pre.n_other
     sc = _Scorer(model, fact.subject, snoise)
-    for p in [rewrite, *paraphrases]:
-        for t in (target, new, old):
-            sc.add(p, t, noised)
-    for p, tt in zip(neighbors, n_true):
-        for t in (target, tt, n_other):
-            sc.add(p, t, False)
-
-    texts = essence_texts(model, fact.subject) if essence else None
-    pre = sc.run()
-    ppl_pre = essence_perplexity(model, texts) if texts is not None else math.nan
-    fluency_pre = unedited_generation_entropy(model, fact.generation_prompts) if generation else math.nan
+    sc.keys = list(pre.keys)
+    texts, ppl_pre, fluency_pre = pre.texts, pre.ppl_pre, pre.fluency_pre
     request = EditRequest(template=fact.template, subject=fact.subject, target=target)
-    with edit(
-        model, request, method=method, layers=list(layers), hparams=hparams,
-        objective=prob.objective, noise=snoise.prefix(edit_samples) if noised else None, token=token, **edit_kwargs,
-    ) as result:
-        post = sc.run()
-        ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan
-        fluency_post = generation_entropy(model, fact.generation_prompts) if generation else math.nan
+    with warnings.catch_warnings():  # targets here are the fact's or the model's own prediction (o_noise)
+        warnings.simplefilter("ignore", UnspacedTargetWarning)
+        with edit(
+            model, request, method=method, layers=list(layers), hparams=hparams,
+            objective=prob.objective, noise=snoise.prefix(edit_samples) if noised else None, token=token,
+            **edit_kwargs,
+        ) as result:
+            post = sc.run()
+            ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan
+            fluency_post = generation_entropy(model, fact.generation_prompts) if generation else math.nan
+    pre = pre.scores
     edit_seconds = float(result.seconds)
     update_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in result.deltas.values()))
 

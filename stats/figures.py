@@ -25,6 +25,7 @@ from locedit.problems.variants import DEFAULT_PROBLEM
 from locedit.tracer.vocab import LOCALIZATIONS
 from locedit.editors.tokens import EDIT_TOKENS, token_label
 from locedit.stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
+from locedit.tracer.atomic import write_atomic
 
 __all__ = [
     "fig_peak_layers",
@@ -352,7 +353,7 @@ def save_html(fig: go.Figure, path: str | Path, *, include_plotlyjs: bool | str 
     """Write a standalone HTML file (plotly.js inlined by default, so it works offline)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=include_plotlyjs, full_html=True)
+    write_atomic(path, fig.to_html(include_plotlyjs=include_plotlyjs, full_html=True))
     return path
 
 
@@ -370,7 +371,7 @@ def save_png(fig: go.Figure, path: str | Path, *, scale: float = 2.0) -> bool:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.write_image(str(path), scale=scale)
+        write_atomic(path, fig.to_image(format="png", scale=scale))
     except Exception as e:  # kaleido present but broken (e.g. no Chrome): degrade, do not crash a pipeline
         warnings.warn(f"PNG export failed for {path}: {e}", RuntimeWarning, stacklevel=2)
         return False

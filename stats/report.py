@@ -16,6 +16,7 @@ import polars as pl
 from plotly.offline import get_plotlyjs
 
 from locedit.stats.tables import to_markdown
+from locedit.tracer.atomic import write_atomic
 
 __all__ = ["markdown_to_html", "frame_to_html", "report_html", "write_report"]
 
@@ -138,5 +139,5 @@ def write_report(path: str | Path, *args, **kwargs) -> Path:
     """:func:`report_html` written to ``path`` (UTF-8)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(*args, **kwargs), encoding="utf-8")
+    write_atomic(path, report_html(*args, **kwargs))
     return path

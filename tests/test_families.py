@@ -119,3 +119,32 @@ def test_rome_raises_the_target_and_restores_bit_exactly(tiny, family, tmp_path,
     restore(m, res)
     assert p1 > 1.1 * p0, (family, p0, p1)
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("problem,method", [("error_injection", "ft-1"), ("fact_forcing", "ft-1")])
+def test_pre_edit_scores_computed_once_equal_each_edit_computing_them(tiny, family, problem, method):
+    """A study scores a fact's pre-edit probabilities once per problem (``pre=``) and reuses them for every edit:
+    the rows equal those of edits that each compute their own, within 1e-6 (here: exactly)."""
+    from locedit.problems import load_dataset
+    from locedit.problems.run import pre_edit, run_edit
+    from locedit.tracer import GaussianNoise
+
+    m = tiny[family]
+    fact = next(f for f in load_dataset("counterfact") if f.id == "cf:0")
+    noise = GaussianNoise(sigma=0.3, samples=2, seed=0)
+    hp = default_hparams(method, m)
+    hp = type(hp)(**{**hp.__dict__, "num_steps": 2})
+    pre = pre_edit(m, fact, problem, noise, essence=False)
+    for layer in (2,):
+        shared = run_edit(m, fact, problem, method, layer, hparams=hp, noise=noise, essence=False, pre=pre).as_row()
+        alone = run_edit(m, fact, problem, method, layer, hparams=hp, noise=noise, essence=False).as_row()
+        for k, v in alone.items():
+            if k.endswith("seconds"):
+                continue
+            if isinstance(v, float):
+                assert shared[k] == pytest.approx(v, rel=1e-6, abs=1e-12, nan_ok=True), (family, k)
+            else:
+                assert shared[k] == v, (family, k)
+    with pytest.raises(ValueError, match="pre= was computed for"):
+        run_edit(m, fact, "fact_erasure", method, 0, hparams=hp, noise=noise, essence=False, pre=pre)

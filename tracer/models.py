@@ -425,7 +425,44 @@ def load_model(
     return _load_transformer_lens(str(name), device, dtype)
 
 
+def model_fingerprint(model: HookedTransformer) -> str:
+    """A content hash of a model's weights and tokenizer (16 hex digits): every parameter's name, shape, dtype,
+    float64 sum and a strided sample of up to 1,024 of its entries, and the tokenizer's class and vocabulary. Two
+    checkpoints with one name and config but other weights get other fingerprints.
+
+    Memoized on the model object against the parameters' in-place version counters, so it is recomputed (~50 ms on
+    the embedded model) only after the weights changed; restoring an edit gives the same fingerprint again."""
+    params = list(model.named_parameters())
+    versions = tuple(p._version for _, p in params)
+    memo = getattr(model, "_locedit_fingerprint", None)
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in params:
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)][:1024].double().cpu().numpy().tobytes()
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{float(flat.double().sum())!r}|".encode() + sample)
+    tok = model.tokenizer
+    if tok is not None:
+        vocab = getattr(tok, "_locedit_vocab_hash", None)
+        if vocab is None:
+            vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+            try:
+                tok._locedit_vocab_hash = vocab
+            except AttributeError:
+                pass
+        h.update(f"{type(tok).__name__}|{vocab}".encode())
+    fp = h.hexdigest()[:16]
+    try:
+        model._locedit_fingerprint = (versions, fp)
+    except AttributeError:
+        pass
+    return fp
+
+
 def model_id(model: HookedTransformer) -> str:
-    """A short stable identifier of a loaded model (its config name and size), for cache keys."""
+    """The identifier of a loaded model for cache keys: its config name and size and :func:`model_fingerprint` (so
+    no two models with other weights or tokenizers share a cache entry)."""
     cfg = model.cfg
-    return f"{cfg.model_name}-L{cfg.n_layers}-d{cfg.d_model}".replace("/", "_")
+    return f"{cfg.model_name}-L{cfg.n_layers}-d{cfg.d_model}-{model_fingerprint(model)}".replace("/", "_")

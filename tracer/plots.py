@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from locedit.tracer.atomic import write_atomic
 from locedit.tracer.vocab import CORRUPTIONS, TRACING_KINDS
 
 __all__ = ["circuitsvis_heatmap", "plotly_heatmap", "save_html"]
@@ -70,8 +71,8 @@ def save_html(res, path, which: str = "plotly") -> None:
     """Write the plotly figure (``which="plotly"``) or the circuitsvis view (``"circuitsvis"``) to ``path``."""
     path = Path(path)
     if which == "plotly":
-        plotly_heatmap(res).write_html(str(path), include_plotlyjs=True)  # inline: the file works offline
+        write_atomic(path, plotly_heatmap(res).to_html(include_plotlyjs=True, full_html=True))  # works offline
     elif which == "circuitsvis":
-        path.write_text(str(circuitsvis_heatmap(res)))
+        write_atomic(path, str(circuitsvis_heatmap(res)))
     else:
         raise ValueError(f"which must be 'plotly' or 'circuitsvis', got {which!r}")

@@ -8,6 +8,7 @@ and "Danielle" at the start of a prompt both map to the right tokens.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,55 @@ from transformer_lens import HookedTransformer
 
 __all__ = [
     "EmptyTargetError",
+    "PromptTooLongError",
+    "UnspacedTargetWarning",
+    "warn_unspaced_target",
     "SubjectNotFoundError",
     "PromptTokens",
+    "check_length",
+    "check_template",
     "encode",
     "locate_subject",
     "target_tokens",
 ]
+
+
+class UnspacedTargetWarning(UserWarning):
+    """A user's target has no leading space (``"French"`` where ``" French"`` is meant)."""
+
+
+def warn_unspaced_target(target: str, stacklevel: int = 3) -> None:
+    """Warn when a target given by a user lacks its leading space: after a prompt that ends in a word, the model's
+    next token is the spaced word's, so p(target) comes out tiny (p ≈ 2e-5 for "French" on the embedded model).
+    Called where users give targets (``trace``, ``apply``/``edit``), not where a model's own decoded prediction is
+    the target (Tracing Reversal's o_noise)."""
+    if isinstance(target, str) and target and not target[0].isspace():
+        warnings.warn(f"target {target!r} has no leading space: after a prompt that ends in a word the model's next "
+                      f"token is {' ' + target!r}'s first token, so p({target!r}) is tiny; give {' ' + target!r}",
+                      UnspacedTargetWarning, stacklevel=stacklevel)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt has more tokens than the model's context (``n_ctx``)."""
+
+
+def check_template(template: str, what: str = "template") -> str:
+    """``template`` if it has exactly one ``{}`` for the subject and no other brace (which ``str.format`` would
+    misread); else a ``ValueError`` that says so (raised where the template is given, not at edit time)."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        n = template.count("{}") if isinstance(template, str) else 0
+        raise (SubjectNotFoundError if n == 0 else ValueError)(f"{what} {template!r} must have exactly one '{{}}' for the subject, it has {n}")
+    if "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+        raise ValueError(f"{what} {template!r} has a brace besides its '{{}}': write a literal brace as '{{{{' or "
+                         "'}}}}'... or avoid it (str.format fills the subject in)")
+    return template
+
+
+def check_length(model: HookedTransformer, n_tokens: int, text: str) -> None:
+    """:class:`PromptTooLongError` when ``n_tokens`` exceed the model's context."""
+    if n_tokens > model.cfg.n_ctx:
+        raise PromptTooLongError(f"prompt {text[:60]!r}... has {n_tokens} tokens, more than the model's context of "
+                                 f"{model.cfg.n_ctx}")
 
 
 class SubjectNotFoundError(ValueError):
@@ -69,8 +113,9 @@ def bos_ids(model: HookedTransformer) -> list[int]:
 
 def encode(model: HookedTransformer, text: str) -> Int[Tensor, "T"]:
     """Token ids of a prompt ``text``: no special tokens, BOS first only if the model's profile says so."""
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(bos_ids(model) + list(ids), dtype=torch.long)
+    ids = bos_ids(model) + list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    check_length(model, len(ids), text)
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def locate_subject(model: HookedTransformer, prompt: str, subject: str) -> PromptTokens:
@@ -95,6 +140,7 @@ def locate_subject(model: HookedTransformer, prompt: str, subject: str) -> Promp
         raise SubjectNotFoundError(f"subject {subject!r} maps to no token of prompt {prompt!r}")
     bos = bos_ids(model)
     ids = bos + list(ids)
+    check_length(model, len(ids), prompt)
     str_tokens = tuple(model.tokenizer.decode([i]) for i in ids)
     return PromptTokens(torch.tensor(ids, dtype=torch.long), str_tokens, (covered[0] + len(bos), covered[-1] + 1 + len(bos)))
 
@@ -107,6 +153,7 @@ def target_tokens(model: HookedTransformer, target: str) -> Int[Tensor, "n_targe
     """
     if not isinstance(target, str) or not target.strip():
         raise EmptyTargetError(f"target must be a non-empty string, got {target!r}")
+
     ids = torch.tensor(model.tokenizer(target, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() == 0:
         raise EmptyTargetError(f"target {target!r} tokenizes to no token")

@@ -50,7 +50,7 @@ from locedit.tracer.forward import logits_from_resid, scored_logits
 from locedit.tracer.lean import lean_supported
 from locedit.tracer.result import TraceResult
 from locedit.tracer.suffix import Restore, SuffixRunner
-from locedit.tracer.tokens import locate_subject, target_tokens
+from locedit.tracer.tokens import locate_subject, target_tokens, warn_unspaced_target
 from locedit.tracer.vocab import (
     CORRUPTIONS,
     TRACING_ALGORITHMS,
@@ -454,6 +454,7 @@ def trace(
         SubjectNotFoundError, EmptyTargetError, UnknownKindError, UnknownAlgorithmError, FlipAlignmentError,
         ValueError (bad window / samples / corruption) — all ValueError subclasses.
     """
+    warn_unspaced_target(target)
     corruption = _trace_corruption(noise, sigma, samples, seed, corrupt, flip_subject)
     if isinstance(corruption, Zeroing):
         return zero(model, prompt, subject, target, kind=kind, window=window, per_token=corruption.per_token)

@@ -1,0 +1,378 @@
+"""Reliability II (issue 28): one test per probe, each with the probe's own input. Fast tier: tiny random models and
+copies of the shipped studies; no real model."""
+
+import errno
+import gzip
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from locedit.cli import main
+from locedit.config import ConfigError, parse_config
+from locedit.editors import EditOrderError, EditRequest, UnsupportedDtypeError, apply, default_hparams, edit, restore
+from locedit.journal import Journal, SymlinkWriteError, read_journals
+from locedit.rundir import InputsChangedError, RunDir, collect_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES = ROOT / "studies"
+REQ = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+EYE = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
+
+
+def _tiny(tokenizer, dtype=torch.float32, n_ctx=256):
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=n_ctx, seed=0, act_fn="silu",
+                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                                  gated_mlp=True, n_key_value_heads=2, d_mlp=48, d_vocab=len(tokenizer),
+                                  model_name="tiny-rel-llama", dtype=dtype)
+    torch.manual_seed(0)
+    return HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return _tiny(tokenizer)
+
+
+def _hp(model, method, **kw):
+    hp = default_hparams(method, model)
+    return type(hp)(**{**hp.__dict__, **({"v_num_grad_steps": 3, "context_lengths": ()} if method != "ft-1"
+                                         else {"num_steps": 3}), **kw})
+
+
+def _copy(name: str, dst: Path) -> Path:
+    shutil.copytree(STUDIES / name, dst, ignore=shutil.ignore_patterns(".lock.*"))
+    return dst
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# 1 ------------------------------------------------------------------------------------------ cache keys by content
+def test_two_checkpoints_with_one_name_do_not_share_cache_entries(tokenizer, tmp_path, monkeypatch):
+    """runA/checkpoint-500 and runB/checkpoint-500 (same config, other weights) once shared key statistics."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from locedit.editors import key_second_moment
+    from locedit.tracer import load_model
+    from locedit.tracer.models import model_id
+
+    paths = []
+    for run, seed in (("runA", 0), ("runB", 1)):
+        torch.manual_seed(seed)
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer), n_positions=128,
+                                        n_ctx=128))
+        path = tmp_path / run / "checkpoint-500"
+        hf.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    a, b = (load_model(str(p), device="cpu") for p in paths)
+    assert a.cfg.model_name == b.cfg.model_name == "checkpoint-500" and model_id(a) != model_id(b)
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "alone"))
+    b_alone = key_second_moment(b, 1, n_tokens=256, seq_len=128, progress=False)
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "shared"))
+    key_second_moment(a, 1, n_tokens=256, seq_len=128, progress=False)
+    b_shared = key_second_moment(b, 1, n_tokens=256, seq_len=128, progress=False)
+    assert torch.equal(b_shared, b_alone)
+    assert model_id(a) == model_id(load_model(str(paths[0]), device="cpu"))  # stable for the same weights
+
+
+# 2 ------------------------------------------------------------------------------------------ concurrent pack
+def _half_packed(src: Path, dst: Path) -> int:
+    """A copy of ``src`` whose edits journal is split: the first half compressed, the rest a plain journal."""
+    _copy(src.name, dst)
+    gz = dst / "journal" / "edits.shard-0-of-1.jsonl.gz"
+    lines = gzip.decompress(gz.read_bytes()).decode().splitlines(keepends=True)
+    half = len(lines) // 2
+    with gzip.GzipFile(gz, "wb", mtime=0) as f:
+        f.write("".join(lines[:half]).encode())
+    (dst / "journal" / "edits.shard-0-of-1.jsonl").write_text("".join(lines[half:]))
+    return len(lines)
+
+
+def _pack(path: str, delay: float) -> None:
+    time.sleep(delay)
+    RunDir(path).pack()
+
+
+def test_concurrent_packs_lose_nothing(tmp_path):
+    """Two `locedit pack` at once lost 60 of 300 records; here 20 rounds of two packs 0-0.3 s apart."""
+    ctx = multiprocessing.get_context("fork")
+    for i in range(20):
+        run = tmp_path / f"r{i}"
+        n = _half_packed(STUDIES / "reber", run)
+        procs = [ctx.Process(target=_pack, args=(str(run), d)) for d in (0.0, 0.015 * i)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in procs), i
+        assert len(read_journals(RunDir(run).journals("edits"))) == n, i
+        assert not (run / "journal" / "edits.shard-0-of-1.jsonl").exists()
+
+
+# 3 ------------------------------------------------------------------------------------------ damaged .jsonl.gz
+def test_a_truncated_compressed_journal_keeps_its_intact_records_and_resumes(tmp_path, capsys):
+    run = _copy("reference", tmp_path / "ref")
+    gz = run / "journal" / "edits.shard-0-of-1.jsonl.gz"
+    whole = len(gzip.decompress(gz.read_bytes()).splitlines())
+    gz.write_bytes(gz.read_bytes()[:-200])  # the probe: 200 bytes off the end
+    edits = collect_tables(run)["edits"]
+    assert whole - 5 <= edits.height < whole  # every intact record before the damage
+    assert main(["summary", str(run)]) == 0
+    assert "skipped 1 bad journal line" in capsys.readouterr().err
+    assert RunDir(run).repair() == 1  # what a resume does before it appends
+    assert (run / "journal" / "edits.shard-0-of-1.jsonl.gz.damaged").exists()
+    assert collect_tables(run)["edits"].height == edits.height and RunDir(run).bad_lines() == []
+    quarantine = [json.loads(x) for x in (run / "journal" / "quarantine.jsonl").read_text().splitlines()]
+    assert quarantine[-1]["journal"] == gz.name and "damaged" in quarantine[-1]["text"]
+
+
+# 4 ------------------------------------------------------------------------------------------ atomic writes
+def test_a_full_disk_never_truncates_a_document(tmp_path, monkeypatch):
+    """`locedit findings` truncated docs/FINDINGS.md mid-table on a full disk."""
+    from locedit.findings import write_findings
+
+    doc = tmp_path / "FINDINGS.md"
+    doc.write_text((ROOT / "docs" / "FINDINGS.md").read_text().replace("| ", "|  ", 3))  # out of date
+    before = doc.read_bytes()
+    real = Path.write_text
+
+    def full_disk(self, data, *a, **k):
+        real(self, data[: len(data) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_findings(STUDIES / "reference", doc, n_boot=20)
+    monkeypatch.undo()
+    assert doc.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["FINDINGS.md"]  # no temporary left
+
+
+# 5 ------------------------------------------------------------------------------------------ inputs changed
+def _custom_dataset(path: Path, o_true: str = "French") -> Path:
+    records = json.loads(gzip.decompress((ROOT / "problems" / "data" / "counterfact.json.gz").read_bytes()))[:2]
+    records[0]["requested_rewrite"]["target_true"]["str"] = o_true
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_a_resume_refuses_inputs_changed_since_the_start(tiny, tmp_path, monkeypatch):
+    from locedit.study import run_study
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    data = _custom_dataset(tmp_path / "facts.json")
+    config = parse_config({"data": {"dataset": str(data), "filter": "none", "sample": 2},
+                           "localization": {"kinds": []},
+                           "editing": {"methods": ["ft-1"], "layers": [1], "essence": False},
+                           "hparams": {"ft-1": {"num_steps": 1}}})
+    run = tmp_path / "run"
+    assert run_study(config, run, model=tiny, progress=False, limit=1).done == 1
+    _custom_dataset(data, o_true="German")  # the dataset file edited between a kill and the resume
+    with pytest.raises(InputsChangedError, match=r"1 fact\(s\) changed content \(cf:0\)"):
+        run_study(config, run, model=tiny, progress=False)
+
+
+# 6 ------------------------------------------------------------------------------------------ summary A B
+def test_summary_of_two_different_studies_is_refused(tmp_path, capsys):
+    a, b = _copy("reber", tmp_path / "a"), _copy("tokens", tmp_path / "b")
+    for argv in (["summary", str(a), str(b)], ["summary", str(b), str(a)], ["report", str(a), str(b)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "hold different studies" in err[0] and "localization.noise_scale_rule" in err[0]
+    c = _copy("reber", tmp_path / "c")  # two copies of one study are fine
+    assert main(["summary", str(a), str(c)]) == 0
+
+
+# 7 ------------------------------------------------------------------------------------------ symlinks
+def test_writes_never_follow_a_symlink(tmp_path):
+    outside = tmp_path / "bashrc"
+    outside.write_text("export PATH=/usr/bin\n")
+    journal = tmp_path / "run" / "journal"
+    journal.mkdir(parents=True)
+    (journal / "edits.shard-0-of-1.jsonl").write_text('{"key": "a"}\n{"key": garbled\n')
+    (journal / "quarantine.jsonl").symlink_to(outside)
+    with pytest.raises(SymlinkWriteError, match="symbolic link"):
+        Journal(journal / "edits.shard-0-of-1.jsonl")
+    target = tmp_path / "elsewhere.jsonl"
+    (journal / "tracing.shard-0-of-1.jsonl").symlink_to(target)
+    with pytest.raises(SymlinkWriteError):
+        Journal(journal / "tracing.shard-0-of-1.jsonl").append({"key": "x"})
+    (tmp_path / "run" / "study.log").symlink_to(outside)
+    with pytest.raises(SymlinkWriteError):
+        RunDir(tmp_path / "run").setup_log()
+    assert outside.read_text() == "export PATH=/usr/bin\n" and not target.exists()
+
+
+# 8 ------------------------------------------------------------------------------------------ hyper-parameter ranges
+@pytest.mark.parametrize("method,values,message", [
+    ("ft-1", {"num_steps": -5}, "num_steps = -5 must be an int >= 1"),
+    ("ft-1", {"norm_constraint": -1e-4}, "norm_constraint = -0.0001 must be > 0"),
+    ("rome", {"v_num_grad_steps": -1}, "v_num_grad_steps = -1"),
+    ("rome", {"v_lr": 0.0}, "v_lr = 0.0 must be > 0"),
+    ("memit", {"mom2_update_weight": -1.0}, "mom2_update_weight"),
+])
+def test_out_of_range_hyper_parameters_are_refused(method, values, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"hparams": {method: values}})
+    hp = default_hparams(method)
+    with pytest.raises(ValueError, match=message):
+        type(hp)(**{**hp.__dict__, **values})
+
+
+# 9 ------------------------------------------------------------------------------------------ edit() exit order
+def test_nested_edits_exited_outer_first_raise_and_leave_the_inner_edit(tiny):
+    original = _weights(tiny)
+    outer = edit(tiny, REQ, "rome", [1], hparams=_hp(tiny, "rome"), covariance=EYE)
+    r1 = outer.__enter__()
+    after_outer = _weights(tiny)
+    inner = edit(tiny, EditRequest("The mother tongue of {} is", "Danielle Darrieux", " German"), "rome", [1],
+                 hparams=_hp(tiny, "rome"), covariance=EYE)
+    inner.__enter__()
+    after_inner = _weights(tiny)
+    with pytest.raises(EditOrderError, match="last-in-first-out"):
+        outer.__exit__(None, None, None)
+    assert all(torch.equal(p, after_inner[n]) for n, p in tiny.named_parameters())  # as the inner edit expects
+    inner.__exit__(None, None, None)
+    assert all(torch.equal(p, after_outer[n]) for n, p in tiny.named_parameters())
+    restore(tiny, r1)
+    assert all(torch.equal(p, original[n]) for n, p in tiny.named_parameters())
+
+
+# 10 ----------------------------------------------------------------------------------------- dtype, grad mode
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["rome", "ft-1"])
+def test_half_precision_models_fail_before_any_work(tokenizer, dtype, method):
+    model = _tiny(tokenizer, dtype=dtype)
+    before = _weights(model)
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedDtypeError, match="float32"):
+        apply(model, REQ, method, [1], hparams=_hp(model, method), covariance=EYE)
+    assert time.perf_counter() - t0 < 1.0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["rome", "ft-1"])
+def test_editing_inside_no_grad_works(tiny, method):
+    before = _weights(tiny)
+    with torch.no_grad():
+        res = apply(tiny, REQ, method, [1], hparams=_hp(tiny, method), covariance=EYE)
+    assert any(float(d.abs().max()) > 0 for d in res.deltas.values())
+    restore(tiny, res)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+# 11 ----------------------------------------------------------------------------------------- reading never writes
+def test_reading_a_run_directory_never_writes_to_it(tmp_path):
+    run = _copy("reber", tmp_path / "reber")
+
+    def state():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+
+    before = state()
+    assert main(["summary", str(run)]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "elsewhere" / "r.html")]) == 0
+    main(["findings", str(run), "--check"])  # out of date with docs/FINDINGS.md (that is the reference study)
+    assert state() == before
+
+
+# 12 ----------------------------------------------------------------------------------------- the lesser items
+@pytest.mark.parametrize("section,values", [("editing", {"layers": [5, 5]}), ("localization", {"windows": [5, 5]}),
+                                            ("localization", {"kinds": ["mlp", "mlp"]}),
+                                            ("editing", {"problems": ["error_injection"] * 2}),
+                                            ("editing", {"methods": ["rome", "rome"]})])
+def test_duplicate_entries_are_config_errors(section, values):
+    with pytest.raises(ConfigError, match="duplicate"):
+        parse_config({section: values})
+
+
+def _started(tmp_path, tiny):
+    from locedit.study import run_study
+
+    config = parse_config({"data": {"filter": "none", "sample": 1}, "localization": {"kinds": []},
+                           "editing": {"methods": ["ft-1"], "layers": [1], "essence": False},
+                           "hparams": {"ft-1": {"num_steps": 1}}})
+    run = tmp_path / "run"
+    run_study(config, run, model=tiny, progress=False)
+    return config, run
+
+
+def test_bad_run_files_are_one_clear_error(tiny, tmp_path, monkeypatch, capsys):
+    from locedit import tracer
+    from locedit.study import run_study
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    config, run = _started(tmp_path, tiny)
+    (run / "facts.json").write_text('["cf:0", ')
+    with pytest.raises(ValueError, match="facts.json is unreadable"):
+        run_study(config, run, model=tiny, progress=False)
+    (run / "facts.json").write_text('["cf:no-such-fact"]')
+    with pytest.raises(ValueError, match="facts.json names 1 fact.*cf:no-such-fact"):
+        run_study(config, run, model=tiny, progress=False)
+    (run / "config.json").write_text('{"schema_version": 2, "study": ')
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\nfilter = "none"\nsample = 1\n[localization]\nkinds = []\n[editing]\nmethods = ["ft-1"]\n'
+                   'layers = [1]\nessence = false\n[hparams.ft-1]\nnum_steps = 1\n')
+    assert main(["run", str(cfg), "--run-dir", str(run), "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json is unreadable" in err[0]
+    for limit in ("-1", "0"):
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(cfg), "--limit", limit])
+        assert e.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line(monkeypatch, capsys):
+    import locedit.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/edits.parquet")
+
+    monkeypatch.setattr(cli, "cmd_summary", full)
+    assert cli.main(["summary", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+
+
+def test_a_stray_file_in_journal_is_left_alone_by_pack(tmp_path, caplog):
+    run = _copy("reber", tmp_path / "reber")
+    backup = run / "journal" / "edits.backup.jsonl"
+    backup.write_text("not a journal\n")
+    RunDir(run).pack()
+    assert backup.read_text() == "not a journal\n" and "edits.backup.jsonl" in caplog.text
+    assert collect_tables(run)["edits"].height == 120
+
+
+def test_prompts_longer_than_the_context_and_bad_templates_are_typed_errors(tokenizer):
+    from locedit.tracer import trace
+    from locedit.tracer.tokens import PromptTooLongError
+
+    short = _tiny(tokenizer, n_ctx=8)
+    with pytest.raises(PromptTooLongError, match="more than the model's context of 8"):
+        trace(short, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French", samples=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        EditRequest("{} met {} in", "Danielle Darrieux", " Paris")
+    with pytest.raises(ValueError, match="brace"):
+        EditRequest("The set {x} of {} is", "Danielle Darrieux", " Paris")
+
+
+def test_a_target_without_its_leading_space_warns(tiny):
+    from locedit.tracer import trace
+    from locedit.tracer.tokens import UnspacedTargetWarning
+
+    with pytest.warns(UnspacedTargetWarning, match="no leading space"):
+        trace(tiny, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "French", samples=1)
+    with pytest.warns(UnspacedTargetWarning, match="give ' English'"):
+        restore(tiny, apply(tiny, EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"), "rome",
+                            [1], hparams=_hp(tiny, "rome"), covariance=EYE))
