@@ -13,6 +13,7 @@ Modules: ``collapse`` (grid → per-layer effects, peak layer, concentrated rule
 ``regressions`` (OLS / F-test / Pearson), ``tables`` (paper layouts, Markdown), ``figures`` (plotly), ``report``.
 """
 
+from locedit.stats.added_effect import AddedEffect, MixedCheck, UnsuitableFrameError, added_effect, minimum_detectable_effect
 from locedit.stats.collapse import (
     COLLAPSES,
     CONCENTRATION_MAX_OTHERS,
@@ -97,6 +98,11 @@ from locedit.stats.tables import (
 )
 
 __all__ = [
+    "AddedEffect",
+    "MixedCheck",
+    "UnsuitableFrameError",
+    "added_effect",
+    "minimum_detectable_effect",
     "ANALYSIS_KEYS",
     "COLLAPSES",
     "CONCENTRATION_MAX_OTHERS",
