@@ -150,7 +150,8 @@ def test_report_on_a_journal_with_a_bad_line_says_so(tmp_path, capsys):
 def test_a_second_process_on_the_same_shard_is_refused(model, tmp_path):
     from filelock import FileLock
 
-    from locedit.study import StudyLockedError, run_study
+    from locedit.rundir import StudyLockedError
+    from locedit.study import run_study
 
     run = tmp_path / "run"
     run.mkdir()

@@ -107,11 +107,13 @@ def test_profiles_and_the_fallback():
 
 
 def test_a_bare_float_means_the_same_noise_everywhere(model):
-    """``run_edit(..., noise=3.0)`` and ``trace(..., noise=3.0)`` use the same sigma (3 x std(W_E)): a bare float
-    used to be an absolute sigma in run_edit."""
+    """``run_edit(..., noise=3.0)`` and ``trace(..., noise=3.0)`` use the same sigma (3 x the s3 rule's std): a bare
+    float used to be an absolute sigma in run_edit."""
     from locedit.problems.variants import default_noise
+    from locedit.tracer.corruption import noise_std
 
-    sigma = 3.0 * embedding_std(model)
+    sigma = 3.0 * noise_std(model, "s3")
+    assert sigma != pytest.approx(3.0 * embedding_std(model), rel=1e-3)  # the s3 rule, not std(W_E)
     t = trace(model, P, S, O, noise=3.0, samples=2, cells={8: [3]})
     assert t.sigma == pytest.approx(sigma)
     assert default_noise(model, 3.0).sigma == pytest.approx(sigma)
