@@ -69,6 +69,7 @@ from locedit.tracer.vocab import LOCALIZATIONS, TRACING_KINDS, check_choice
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN, check_edit_token
 
 __all__ = [
+    "AnalysisConfig",
     "ConfigError",
     "DataConfig",
     "EditingConfig",
@@ -182,6 +183,39 @@ class EditingConfig(_Section):
         classmethod(lambda cls, v: v if v is None else _names(EDIT_METHODS, "edit method")(v)))
 
 
+Bound = Literal["none", "clip", "rank"]
+
+
+class AnalysisConfig(_Section):
+    """``[analysis]``: the pre-registered analysis, fixed in ``config.json`` at the run's first start (before any
+    data) and unchangeable at a resume. The report and ``locedit findings`` lead with the primary test
+    (:func:`locedit.stats.preregistered.preregistered_analysis` on :func:`locedit.stats.added_effect`), run the other
+    bounds as sensitivity analyses and every other (localization, problem, method) as the secondary family with
+    ``multiplicity``-adjusted p-values."""
+
+    localization: StrictStr = "noise"  # the primary test's localization method, problem, edit method and metric
+    problem: StrictStr = DEFAULT_PROBLEM
+    method: StrictStr = DEFAULT_METHOD
+    metric: StrictStr = "rewrite_score"
+    min_p_clean: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] = 0.0  # facts below are excluded (App. A: 0.02)
+    max_noised_ratio: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1)] | None = None  # noise must corrupt:
+    # a fact is excluded from a noise-based localization when p_noised > ratio · p_clean (e.g. 0.5)
+    bound: Bound = "none"  # how the tracing covariate is bounded in the primary test
+    sensitivity: tuple[Bound, ...] = ("clip", "rank")  # the other bounds, run as sensitivity analyses
+    sesoi: PositiveNumber = 0.01  # smallest partial R² of interest (the equivalence bound)
+    alpha: Annotated[StrictFloat, Field(gt=0, lt=0.5)] = 0.05
+    multiplicity: Literal["holm", "fdr_bh"] = "holm"  # the secondary family's correction
+    n_permutations: PositiveInt = 999
+    n_boot: Annotated[StrictInt, Field(ge=0)] = 999
+    seed: StrictInt = 0
+
+    _localization = field_validator("localization")(
+        classmethod(lambda cls, v: check_choice(v, LOCALIZATIONS, "localization method")))
+    _problem = field_validator("problem")(classmethod(lambda cls, v: check_choice(v, PROBLEMS, "problem")))
+    _method = field_validator("method")(classmethod(lambda cls, v: check_choice(v, EDIT_METHODS, "edit method")))
+    _sensitivity = field_validator("sensitivity")(classmethod(lambda cls, v: _unique(v)))
+
+
 def _check_hparams(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``[hparams.<method>]``: known methods, known fields, values of the field's type."""
     out, problems = {}, []
@@ -232,6 +266,7 @@ class StudyConfig(_Section):
     localization: LocalizationConfig = LocalizationConfig()
     editing: EditingConfig = EditingConfig()
     hparams: dict[StrictStr, dict[StrictStr, Any]] = Field(default_factory=dict)
+    analysis: AnalysisConfig = AnalysisConfig()
 
     _hparams = field_validator("hparams")(classmethod(lambda cls, v: _check_hparams(v)))
 
@@ -243,7 +278,7 @@ class StudyConfig(_Section):
 
 
 #: the sections of a study config, in file order ([study] holds the StudyConfig fields that are not sections)
-SECTIONS = ("study", "data", "localization", "editing", "hparams")
+SECTIONS = ("study", "data", "localization", "editing", "hparams", "analysis")
 _STUDY_KEYS = tuple(k for k in StudyConfig.model_fields if k not in SECTIONS)
 
 

@@ -48,7 +48,7 @@ from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
 
-FINDINGS_BLOCKS = ("status", "headline", "table1", "table3", "facts", "table2", "table7", "fig4", "fig7", "agreement",
+FINDINGS_BLOCKS = ("status", "primary", "headline", "table1", "table3", "facts", "table2", "table7", "fig4", "fig7", "agreement",
                    "localization", "reber", "tokens", "cost")
 _BLOCK = re.compile(r"(<!-- findings:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /findings:(?P=name) -->)", re.S)
 _N_BOOT = 1000
@@ -100,6 +100,19 @@ def _stages(run_dir: RunDir) -> _Stages:
     for rec in run_dir.records("tracing") + run_dir.records("edits"):
         secs[parse_key(rec["key"]).stage].append(float(rec.get("seconds", float("nan"))))
     return _Stages(dict(total), dict(secs), int(prov.get("threads", 1)))
+
+
+def _primary_block(run_dir: RunDir, tables: dict[str, pl.DataFrame], edits: pl.DataFrame) -> str:
+    """The pre-registered within-fact analysis (:mod:`locedit.stats.preregistered`): plan, primary test, sensitivity,
+    secondary family -- labelled exploratory when the run's config did not declare ``[analysis]``."""
+    from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
+
+    if edits.height == 0 or tables["tracing"].height == 0:
+        return "No edits yet.\n"
+    pre = preregistered_analysis(edits, tables["tracing"], **run_dir.config().analysis.model_dump())
+    md = preregistered_markdown(pre, declared="analysis" in run_dir.raw_config())
+    return "\n".join(f"{body}\n" if title == "Analysis plan" else f"**{title}**\n\n{body}\n"
+                     for title, body in md.items())
 
 
 def _status_block(st: _Stages, n_facts: int, tables: dict[str, pl.DataFrame]) -> str:
@@ -406,6 +419,7 @@ def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, 
     stages = _stages(run_dir)
     return {
         "status": _status_block(stages, n_facts, tables),
+        "primary": _primary_block(run_dir, tables, edits),
         "headline": _headline_block(loc),
         "table1": _table1_block(loc),
         "table3": _table3_block(loc),

@@ -112,8 +112,15 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     an = study_analysis(tables)
     md: dict[str, str] = {}
     figs = {}
+    if edits.height and trace.height:  # the pre-registered analysis leads; the paper's pooled tables follow
+        from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
+
+        config = dirs[0].config()
+        pre = preregistered_analysis(own_token_edits(edits), trace, **config.analysis.model_dump())
+        md.update(preregistered_markdown(pre, declared="analysis" in dirs[0].raw_config()))
     if an["results"] is not None and an["results"].height:
-        md.update(paper_tables(an["results"], concentrated_results=an["concentrated"]))
+        md.update({f"The paper's pooled analysis: {k}": v for k, v in
+                   paper_tables(an["results"], concentrated_results=an["concentrated"]).items()})
         for (problem, method), _ in an["analysis"].group_by(["problem", "method"], maintain_order=True):
             try:
                 md[f"Per-layer correlation, {problem} / {method}"] = to_markdown(

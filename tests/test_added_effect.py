@@ -183,3 +183,38 @@ def test_the_bca_cluster_interval_is_calibrated():
                      seed=int(rng.integers(1 << 30))).ci for _ in range(80))]
     print(f"coverage of the 95% interval at partial R² 0.025: {np.mean(hits):.2f}")
     assert 0.88 <= np.mean(hits) <= 1.0
+
+
+def test_the_preregistered_analysis_excludes_as_declared_and_adjusts_the_secondary_family():
+    from pathlib import Path
+
+    from statsmodels.stats.multitest import multipletests
+
+    from locedit.config import parse_config
+    from locedit.report import own_token_edits
+    from locedit.rundir import RunDir, collect_tables
+    from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
+
+    run = RunDir(Path(__file__).resolve().parent.parent / "studies" / "reber")
+    tables = collect_tables(run)
+    spec = parse_config({"analysis": {"min_p_clean": 0.05, "max_noised_ratio": 0.5, "n_permutations": 99,
+                                      "n_boot": 50, "multiplicity": "holm"}}).analysis
+    pre = preregistered_analysis(own_token_edits(tables["edits"]), tables["tracing"], **spec.model_dump())
+    facts = tables["tracing"].group_by("localization", "fact_id").agg(pl.col("p_clean").first(),
+                                                                       pl.col("p_noised").first())
+    noise = facts.filter(pl.col("localization") == "noise")
+    expect = sorted(noise.filter((pl.col("p_clean") < 0.05) | (pl.col("p_noised") > 0.5 * pl.col("p_clean")))
+                    ["fact_id"].to_list())
+    assert pre.excluded["noise"] == expect and len(expect) > 0  # the rule bites on this study
+    flip = facts.filter(pl.col("localization") == "flip")
+    assert pre.excluded["flip"] == sorted(flip.filter(pl.col("p_clean") < 0.05)["fact_id"].to_list())
+    assert pre.primary.n_facts == 10 - len(expect)
+    sec = pre.secondary
+    assert sec.height == 7 and ("noise", "error_injection", "rome") not in set(
+        zip(sec["localization"], sec["problem"], sec["method"]))
+    ok = sec.filter(pl.col("p").is_not_nan())
+    assert ok["p_adjusted"].to_list() == pytest.approx(list(multipletests(ok["p"].to_list(), method="holm")[1]))
+    assert set(pre.sensitivity) == {"clip", "rank"}
+    md = preregistered_markdown(pre, declared=False)
+    assert "NOT pre-registered" in md["Analysis plan"] and "holm" in md["Analysis plan"]
+    assert list(md)[1].startswith("Primary test")

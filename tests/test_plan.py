@@ -119,6 +119,7 @@ def test_a_setting_arrives_where_it_is_used_as_the_plan_resolved_it(tiny, tmp_pa
     assert all(parse_key(k) for k in edits["key"])
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["schema_version"] == SCHEMA_VERSION and parse_config(cfg) == config
+    assert cfg["analysis"]["bound"] == "none"  # [analysis] is declared in config.json before any unit runs
 
     # a resume keeps the recorded plan, and says so when today's code would resolve it differently
     rd = RunDir(run)
