@@ -195,7 +195,7 @@ def _table1_block(loc: pl.DataFrame) -> str:
         return "No finished ROME Error Injection edits yet.\n"
     r = rows[0]
     return _md(["", "Layer", "Tracing Effect", "Both", "facts"], [
-        ["this study (SmolLM2-135M)", format_num(r["r2_layer"]), format_num(r["r2_trace"]), format_num(r["r2_both"]),
+        ["this study (SmolLM2-135M-Instruct, 4-bit GGUF)", format_num(r["r2_layer"]), format_num(r["r2_trace"]), format_num(r["r2_both"]),
          str(r["n_facts"])],
         ["paper (GPT-J 6B)", f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", str(PAPER_N_FACTS)]])
 
