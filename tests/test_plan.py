@@ -14,8 +14,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from locedit.config import ConfigError, parse_config
 from locedit.plan import SCHEMA_VERSION, EditUnit, StudyPlan, TraceUnit, UnitKeyError, parse_key, resolve_plan
@@ -25,13 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer):
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=256, seed=0, act_fn="silu",
-                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
-                                  gated_mlp=True, n_key_value_heads=2, d_mlp=48, d_vocab=len(tokenizer),
-                                  model_name="tiny-plan-llama")
-    torch.manual_seed(0)
-    return HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
+def tiny(tiny_llama):
+    return tiny_llama(name="tiny-plan-llama")
 
 
 # ----------------------------------------------------------------------------------------------- keys

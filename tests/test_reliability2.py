@@ -5,15 +5,12 @@ import errno
 import gzip
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from pathlib import Path
 
-import polars as pl
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from locedit.cli import main
 from locedit.config import ConfigError, parse_config
@@ -27,18 +24,9 @@ REQ = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
 EYE = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
 
 
-def _tiny(tokenizer, dtype=torch.float32, n_ctx=256):
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=n_ctx, seed=0, act_fn="silu",
-                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
-                                  gated_mlp=True, n_key_value_heads=2, d_mlp=48, d_vocab=len(tokenizer),
-                                  model_name="tiny-rel-llama", dtype=dtype)
-    torch.manual_seed(0)
-    return HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
-
-
 @pytest.fixture(scope="module")
-def tiny(tokenizer):
-    return _tiny(tokenizer)
+def tiny(tiny_llama):
+    return tiny_llama(name="tiny-rel-llama")
 
 
 def _hp(model, method, **kw):
@@ -251,8 +239,8 @@ def test_nested_edits_exited_outer_first_raise_and_leave_the_inner_edit(tiny):
 # 10 ----------------------------------------------------------------------------------------- dtype, grad mode
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["rome", "ft-1"])
-def test_half_precision_models_fail_before_any_work(tokenizer, dtype, method):
-    model = _tiny(tokenizer, dtype=dtype)
+def test_half_precision_models_fail_before_any_work(tiny_llama, dtype, method):
+    model = tiny_llama(dtype=dtype)
     before = _weights(model)
     t0 = time.perf_counter()
     with pytest.raises(UnsupportedDtypeError, match="float32"):
@@ -354,11 +342,11 @@ def test_a_stray_file_in_journal_is_left_alone_by_pack(tmp_path, caplog):
     assert collect_tables(run)["edits"].height == 120
 
 
-def test_prompts_longer_than_the_context_and_bad_templates_are_typed_errors(tokenizer):
+def test_prompts_longer_than_the_context_and_bad_templates_are_typed_errors(tiny_llama):
     from locedit.tracer import trace
     from locedit.tracer.tokens import PromptTooLongError
 
-    short = _tiny(tokenizer, n_ctx=8)
+    short = tiny_llama(n_ctx=8)
     with pytest.raises(PromptTooLongError, match="more than the model's context of 8"):
         trace(short, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French", samples=1)
     with pytest.raises(ValueError, match="exactly one"):

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from locedit.editors import EditRequest, apply, default_hparams, restore
 from locedit.stats import best_cell_rate, join_cells, poisson_binomial_sf, token_regressions
@@ -23,13 +22,8 @@ RULES = ["subject_first", "subject_last", "after_subject", "prompt_last", -1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer):
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=64, seed=0, act_fn="silu",
-                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
-                                  gated_mlp=True, n_key_value_heads=2, d_mlp=48, d_vocab=len(tokenizer),
-                                  model_name="tiny-llama")
-    torch.manual_seed(0)
-    return HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
+def tiny(tiny_llama):
+    return tiny_llama(n_ctx=64)
 
 
 def _hp(model, method, **kw):
