@@ -13,7 +13,15 @@ Modules: ``collapse`` (grid → per-layer effects, peak layer, concentrated rule
 ``regressions`` (OLS / F-test / Pearson), ``tables`` (paper layouts, Markdown), ``figures`` (plotly), ``report``.
 """
 
-from locedit.stats.added_effect import AddedEffect, MixedCheck, UnsuitableFrameError, added_effect, minimum_detectable_effect
+from locedit.stats.added_effect import (
+    AddedEffect,
+    MixedCheck,
+    PairedAddedEffect,
+    UnsuitableFrameError,
+    added_effect,
+    minimum_detectable_effect,
+    paired_added_effect,
+)
 from locedit.stats.collapse import (
     COLLAPSES,
     CONCENTRATION_MAX_OTHERS,
@@ -100,6 +108,8 @@ from locedit.stats.tables import (
 __all__ = [
     "AddedEffect",
     "MixedCheck",
+    "PairedAddedEffect",
+    "paired_added_effect",
     "UnsuitableFrameError",
     "added_effect",
     "minimum_detectable_effect",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import polars as pl
 from statsmodels.stats.multitest import multipletests
 
-from locedit.stats.added_effect import AddedEffect, added_effect
+from locedit.stats.added_effect import AddedEffect, PairedAddedEffect, added_effect, paired_added_effect
 from locedit.stats.localization import localization_frames
 
 __all__ = ["PreregisteredAnalysis", "exclusions", "preregistered_analysis", "preregistered_markdown"]
@@ -42,6 +42,7 @@ class PreregisteredAnalysis:
     secondary: pl.DataFrame
     excluded: dict[str, list[str]]
     settings: dict
+    paired: tuple[tuple[str, str, PairedAddedEffect], ...] = ()  # (problem, method, other localization − primary's)
 
 
 def exclusions(trace: pl.DataFrame, *, min_p_clean: float, max_noised_ratio: float | None) -> dict[str, list[str]]:
@@ -120,7 +121,16 @@ def preregistered_analysis(
         for i, v in zip(idx, padj):
             adjusted[i] = float(v)
     secondary = secondary.with_columns(pl.Series("p_adjusted", adjusted, dtype=pl.Float64))
-    return PreregisteredAnalysis(primary, (localization, problem, method), sens, secondary, excluded, settings)
+    paired = []  # Reber's question: every other localization against the primary one, per problem × method
+    if localization in frames:
+        for (prob, meth), _ in frames[localization].group_by(["problem", "method"], maintain_order=True):
+            for loc in frames:
+                if loc != localization:
+                    paired.append((prob, meth, paired_added_effect(
+                        group(loc, prob, meth), group(localization, prob, meth), a=loc, b=localization,
+                        metric=metric, bound=bound, n_boot=n_boot, seed=seed)))
+    return PreregisteredAnalysis(primary, (localization, problem, method), sens, secondary, excluded, settings,
+                                 tuple(paired))
 
 
 def preregistered_markdown(pre: PreregisteredAnalysis, declared: bool) -> dict[str, str]:
@@ -160,7 +170,15 @@ def preregistered_markdown(pre: PreregisteredAnalysis, declared: bool) -> dict[s
                   "permutation p": x.p_value, "verdict": x.verdict} for b, x in pre.sensitivity.items()]
         out["Sensitivity of the primary test to the covariate's bound (not confirmatory)"] = to_markdown(
             pl.DataFrame(srows), p_columns=("permutation p",))
+    if pre.paired:
+        prows = [{"localization": d.a, "minus": d.b, "problem": prob, "method": meth, "facts": d.n_facts,
+                  "difference": d.difference, "95% CI low": d.ci[0], "95% CI high": d.ci[1],
+                  "excludes 0": "yes" if d.excludes_zero else "no"}
+                 for prob, meth, d in pre.paired]
+        out["Localization methods compared within facts (Reber's question: paired cluster intervals)"] = to_markdown(
+            pl.DataFrame(prows))
     if pre.secondary.height:
         out[f"Secondary family (within-fact test, {s['multiplicity']}-adjusted p)"] = to_markdown(
             pre.secondary.drop("note"), p_columns=("p", "p_adjusted"))
     return out
+

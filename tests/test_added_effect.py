@@ -218,3 +218,20 @@ def test_the_preregistered_analysis_excludes_as_declared_and_adjusts_the_seconda
     md = preregistered_markdown(pre, declared=False)
     assert "NOT pre-registered" in md["Analysis plan"] and "holm" in md["Analysis plan"]
     assert list(md)[1].startswith("Primary test")
+
+
+def test_the_paired_comparison_is_the_difference_of_the_two_tests_and_antisymmetric():
+    from locedit.stats.added_effect import paired_added_effect
+
+    rng = np.random.default_rng(9)
+    a = _study(rng, within=0.4)
+    b = a.with_columns(pl.Series("trace", rng.normal(size=a.height)))  # the same edits, another localization
+    d = paired_added_effect(a, b, a="flip", b="noise", n_boot=300)
+    ra = added_effect(a, n_permutations=9, n_boot=0, mixed=False)
+    rb = added_effect(b, n_permutations=9, n_boot=0, mixed=False)
+    assert d.difference == pytest.approx(ra.partial_r2 - rb.partial_r2, rel=1e-9)
+    assert d.ci[0] <= d.difference <= d.ci[1] and d.excludes_zero and "excludes 0" in d.sentence
+    back = paired_added_effect(b, a, a="noise", b="flip", n_boot=300)
+    assert back.difference == pytest.approx(-d.difference, rel=1e-9)
+    unbalanced = paired_added_effect(a.slice(1), b, a="flip", b="noise")
+    assert math.isnan(unbalanced.difference) and "balanced" in unbalanced.note
