@@ -32,10 +32,10 @@ from locedit.config import StudyConfig, default_edit_layers, parse_config
 from locedit.editors.covariance import DEFAULT_N_TOKENS
 from locedit.editors.methods import EDIT_METHODS
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
-from locedit.journal import _json_default, scan_journal
-from locedit.plan import SCHEMA_VERSION, StudyPlan, method_tokens, parse_key
+from locedit.journal import _json_default, scan_journal, write_gzip
+from locedit.plan import SCHEMA_VERSION, StudyPlan, hparams_from_json, method_tokens, parse_key
 from locedit.rundir import RunDir, StudyLockedError
-from locedit.tracer.atomic import atomic_path, write_atomic
+from locedit.tracer.atomic import write_atomic
 from locedit.tracer.corruption import GaussianNoise
 
 __all__ = ["MigrationReport", "migrate_config", "migrate_key", "migrate_run_dir"]
@@ -99,9 +99,7 @@ def _rewrite_journal(path: Path) -> tuple[int, int, list[dict[str, Any]]]:
         out.append(line)
     data = b"\n".join(out)
     if path.suffix == ".gz":
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0,
-                                                                          filename="") as gz:
-            gz.write(data)
+        write_gzip(path, data)
     else:
         write_atomic(path, data.decode())
     return n_new, len(recs), recs
@@ -143,7 +141,9 @@ def migrate_run_dir(run_dir: str | Path, model=None) -> MigrationReport:
             if rd.journal_shard(path)[0] == "tracing":
                 tracing += recs
         plan, assumed = _plan(rd, config, prov, tracing, model)
-        write_atomic(rd.config_path, json.dumps({"schema_version": SCHEMA_VERSION, **config.to_dict()}, indent=2))
+        # a format-1 run declared no [analysis]: writing today's defaults would make its analysis look pre-registered
+        layout = {k: v for k, v in config.to_dict().items() if k != "analysis"}
+        write_atomic(rd.config_path, json.dumps({"schema_version": SCHEMA_VERSION, **layout}, indent=2))
         prov = {k: v for k, v in prov.items() if k != "hparams"}
         prov["plan"] = plan.to_json()
         prov["migrated"] = {"from_schema": version, "assumed": list(assumed)}
@@ -184,15 +184,9 @@ def _plan(rd: RunDir, config: StudyConfig, prov: dict[str, Any], tracing: list[d
         n_cov = DEFAULT_N_TOKENS
         assumed.append(f"covariance_tokens={DEFAULT_N_TOKENS} (the default; a run under "
                        "$LOCEDIT_COVARIANCE_TOKENS used that value)")
-    d = {
-        "schema_version": SCHEMA_VERSION,
-        "model": pm.get("name", config.model),
-        "n_layers": n_layers,
-        "noise": {"sigma": sigma, "rule": noise.rule, "scale": noise.scale, "samples": noise.samples,
-                  "seed": noise.seed},
-        "layers": list(config.editing.layers or default_edit_layers(n_layers, config.model)),
-        "hparams": {k: hp[k] for k in wanted},
-        "tokens": {m: list(t) for m, t in method_tokens(config).items()},
-        "covariance_tokens": int(n_cov),
-    }
-    return StudyPlan.from_json(d, config, rd.fact_ids() or []), tuple(assumed)
+    hparams = {(p, m): hparams_from_json(EDIT_METHODS[m].hparams, hp[f"{p}|{m}"])
+               for p in config.editing.problems for m in config.editing.methods}
+    layers = tuple(config.editing.layers or default_edit_layers(n_layers, config.model))
+    plan = StudyPlan(config, pm.get("name", config.model), n_layers, noise, layers, hparams, method_tokens(config),
+                     int(n_cov), tuple(rd.fact_ids() or []))
+    return plan, tuple(assumed)

@@ -190,6 +190,7 @@ def test_an_unmigrated_run_gets_one_line_and_migrate_rewrites_it_reproducibly(tm
     rd = RunDir(a)
     config = rd.config()
     assert config.localization.noise_scale_rule == "embedding"  # what a [tracing] section without a rule ran with
+    assert "analysis" not in rd.raw_config()  # a format-1 run declared no analysis: it stays exploratory
     keys = {r["key"] for t in ("tracing", "edits") for r in rd.records(t)}
     assert keys == {"trace|cf:1|mlp|w5|noise", "trace|cf:2|mlp|w5|noise", "edit|cf:1|error_injection|rome|L4|Tsubject_last",
                     "edit|cf:1|error_injection|ft-1|L4"}
