@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from locedit.config import StudyConfig, check_against_model, parse_config
 from locedit.plan import StudyPlan, parse_key
-from locedit.rundir import RunDir
+from locedit.rundir import TABLES, RunDir
 from locedit.study import StudySummary, TableFlusher, data_mask, prepare, select_facts
 
 __all__ = ["RayUnavailableError", "StudyWorker", "run_study_ray"]
@@ -201,7 +201,7 @@ def run_study_ray(
             else:
                 batches.append((u.fact_id, [u]))
         queue = deque(range(len(batches)))
-        journals = {t: rd.journal(t) for t in ("tracing", "edits", "failures")}
+        journals = {t: rd.journal(t) for t in TABLES}
         flusher = TableFlusher(rd, flush_seconds)
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study (ray)", unit="unit",
                    disable=not progress)

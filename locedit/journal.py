@@ -37,7 +37,7 @@ from locedit.tracer.atomic import atomic_path, write_atomic
 
 __all__ = ["JOURNAL_NAME", "Journal", "QUARANTINE", "SymlinkWriteError", "compress_journal", "journal_files",
            "read_journal", "read_journals", "refuse_symlink", "repair_compressed", "scan_journal",
-           "write_parquet_atomic"]
+           "write_gzip", "write_parquet_atomic"]
 
 QUARANTINE = "quarantine.jsonl"
 JOURNAL_NAME = re.compile(r"(?P<table>\w+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.jsonl(?:\.gz)?")
@@ -201,11 +201,16 @@ def compress_journal(plain: str | Path, remove_plain: bool = False) -> Path:
 
 
 def _write_compressed(packed: Path, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records).encode()
-    refuse_symlink(packed)
-    with atomic_path(packed) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(
+    write_gzip(packed, "".join(json.dumps(r, default=_json_default) + "\n" for r in records).encode())
+
+
+def write_gzip(path: str | Path, data: bytes) -> None:
+    """``data`` gzip-compressed to ``path``, atomically and byte-reproducibly (mtime 0, no file name), never through
+    a symbolic link."""
+    path = refuse_symlink(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(
             fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        gz.write(text)
+        gz.write(data)
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> None:

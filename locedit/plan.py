@@ -39,6 +39,7 @@ from locedit.tracer.corruption import GaussianNoise
 __all__ = [
     "SCHEMA_VERSION",
     "EditUnit",
+    "hparams_from_json",
     "StudyPlan",
     "TraceUnit",
     "Unit",
@@ -187,7 +188,8 @@ def _hparams_json(hp: HyperParams) -> dict[str, Any]:
             for k, v in dataclasses.asdict(hp).items()}
 
 
-def _hparams_from_json(cls: type, d: Mapping[str, Any]) -> HyperParams:
+def hparams_from_json(cls: type, d: Mapping[str, Any]) -> HyperParams:
+    """The hyper-parameter dataclass ``cls`` from its JSON record (lists back to the fields' tuples)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
     if unknown:
@@ -264,7 +266,7 @@ class StudyPlan:
         hparams = {}
         for key, values in d["hparams"].items():
             p, m = key.split("|")
-            hparams[(p, m)] = _hparams_from_json(resolve_method(m, aliases=False).hparams, values)
+            hparams[(p, m)] = hparams_from_json(resolve_method(m, aliases=False).hparams, values)
         tokens = {m: tuple(t) for m, t in d["tokens"].items()}
         return cls(config, str(d["model"]), int(d["n_layers"]), noise, tuple(int(x) for x in d["layers"]),
                    hparams, tokens, int(d["covariance_tokens"]), tuple(fact_ids))
@@ -303,7 +305,7 @@ def resolve_plan(config: StudyConfig, model: HookedTransformer, fact_ids: Sequen
             hp = problem_hparams(p, m, model)
             overrides = config.hparams.get(m, {})
             hp = dataclasses.replace(hp, **overrides) if overrides else hp
-            hparams[(p, m)] = _hparams_from_json(type(hp), _hparams_json(hp))  # TOML lists -> the fields' tuples
+            hparams[(p, m)] = hparams_from_json(type(hp), _hparams_json(hp))  # TOML lists -> the fields' tuples
     layers = tuple(ed.layers or default_edit_layers(model.cfg.n_layers, config.model))
     n_cov = ed.covariance_tokens if ed.covariance_tokens is not None else default_n_tokens()
     return StudyPlan(config, model.cfg.model_name, model.cfg.n_layers, noise, layers, hparams, method_tokens(config),

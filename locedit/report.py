@@ -109,13 +109,13 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     trace, edits, failures = tables["tracing"], tables["edits"], tables["failures"]
     if trace.is_empty() and edits.is_empty():
         raise ValueError(f"no finished units in {', '.join(str(d.path) for d in dirs)}: nothing to report yet")
+    config = dirs[0].config()
     an = study_analysis(tables)
     md: dict[str, str] = {}
     figs = {}
     if edits.height and trace.height:  # the pre-registered analysis leads; the paper's pooled tables follow
         from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
 
-        config = dirs[0].config()
         pre = preregistered_analysis(own_token_edits(edits), trace, **config.analysis.model_dump())
         md.update(preregistered_markdown(pre, declared="analysis" in dirs[0].raw_config()))
     if an["results"] is not None and an["results"].height:
@@ -188,7 +188,6 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         own = own_token_edits(edits)
         for problem in own["problem"].unique(maintain_order=True).to_list():
             figs[f"Fig. 7: scores by edit layer ({problem})"] = fig_scores_by_layer(own, problem=problem)
-    config = dirs[0].config()
     plan = dirs[0].provenance().get("plan", {})
     sigma = plan.get("noise", {}).get("sigma")
     meta = {

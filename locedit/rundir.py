@@ -191,8 +191,7 @@ class RunDir:
         if self.config_path.exists():
             old = self.config().to_dict()
             if old != cfg:
-                diff = sorted(f"{s}.{k}" for s in cfg for k in set(cfg[s]) | set(old.get(s, {}))
-                              if cfg[s].get(k) != old.get(s, {}).get(k))
+                diff = config_differences(old, cfg)
                 raise StudyConfigMismatch(
                     f"{self.path} was started with another config; use a new run directory (differences in: {diff})")
             return
@@ -397,6 +396,13 @@ def collect_tables(*run_dirs: RunDir | str | Path) -> dict[str, pl.DataFrame]:
     }
 
 
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``section.key`` of every setting that differs between two configs in the TOML layout
+    (:meth:`StudyConfig.to_dict`)."""
+    return sorted(f"{s}.{k}" for s in set(a) | set(b) for k in set(a.get(s, {})) | set(b.get(s, {}))
+                  if a.get(s, {}).get(k) != b.get(s, {}).get(k))
+
+
 def _check_compatible(dirs: Sequence[RunDir]) -> None:
     if len(dirs) < 2:
         return
@@ -412,10 +418,8 @@ def _check_compatible(dirs: Sequence[RunDir]) -> None:
         other = identity(d)
         if other != first:
             a, b = first or ({}, {}), other or ({}, {})
-            diff = sorted({f"{s}.{k}" for s in set(a[0]) | set(b[0])
-                           for k in set(a[0].get(s, {})) | set(b[0].get(s, {}))
-                           if a[0].get(s, {}).get(k) != b[0].get(s, {}).get(k)}
-                          | {f"plan.{k}" for k in set(a[1]) | set(b[1]) if a[1].get(k) != b[1].get(k)})
+            diff = config_differences(a[0], b[0]) + sorted(
+                f"plan.{k}" for k in set(a[1]) | set(b[1]) if a[1].get(k) != b[1].get(k))
             raise IncompatibleRunDirsError(
                 f"{dirs[0].path} and {d.path} hold different studies (differences in: {diff or ['config.json']}); "
                 "give run directories of one study (its shards) together, or report each on its own")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from locedit.config import StudyConfig, check_against_model
 from locedit.editors.methods import resolve_method
 from locedit.plan import EditUnit, StudyPlan, TraceUnit, Unit, resolve_plan
-from locedit.rundir import RunDir, collect_tables, fact_digests
+from locedit.rundir import TABLES, RunDir, collect_tables, fact_digests
 
 __all__ = ["StudySummary", "TableFlusher", "collect_tables", "provenance", "run_study", "run_unit", "select_facts"]
 
@@ -232,7 +232,7 @@ def run_study(
         todo = rd.todo(units, retry_failed)
         key_statistics(model, plan, todo, progress)
         by_id = {f.id: f for f in dataset}
-        journals = {t: rd.journal(t, shard) for t in ("tracing", "edits", "failures")}
+        journals = {t: rd.journal(t, shard) for t in TABLES}
         log.info("study %s shard %d/%d: %d facts, %d units, %d to do (sigma %.4f)", config.name, i, n,
                  len({u.fact_id for u in units}), len(units), len(todo), plan.noise.sigma)
         n_done = n_failed = 0

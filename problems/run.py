@@ -165,8 +165,7 @@ def pre_edit(model: HookedTransformer, fact: Fact, problem: str, noise: Gaussian
     """The pre-edit half of :func:`run_edit` for ``fact`` and ``problem`` (see :class:`PreEdit`); call it on the
     unedited model."""
     prob = resolve_problem(problem)
-    needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
-    snoise = default_noise(model, noise) if needs_noise else None
+    snoise = default_noise(model, noise) if prob.uses_noise else None
     target = prob.target(model, fact, snoise)
     new, old = prob.scoring_pair(model, fact, target, snoise)
     noised = prob.noised_input
@@ -247,8 +246,7 @@ def run_edit(
     token = resolve_method(method).edit_token(DEFAULT_EDIT_TOKEN if token is None else token)  # None: no key position
     recorded_token = DEFAULT_EDIT_TOKEN if token is None else token
     token_index = token_position(locate_subject(model, fact.prompt, fact.subject), recorded_token, fact.prompt)
-    needs_noise = prob.noised_input or prob.target_kind == "o_noise" or "o_noise" in prob.pair
-    snoise = default_noise(model, noise) if needs_noise else None
+    snoise = default_noise(model, noise) if prob.uses_noise else None
     if pre is None:
         pre = pre_edit(model, fact, problem, snoise, essence=essence, generation=generation)
     elif (pre.fact_id, pre.problem, pre.essence, pre.generation) != (fact.id, problem, essence, generation) or \

@@ -109,6 +109,12 @@ class Problem:
     erase: bool = False
     pair: tuple[str, str] = ("o_false", "o_true")
 
+    @property
+    def uses_noise(self) -> bool:
+        """The problem needs the study's subject noise: a noised input (Fact Forcing) or o_noise as its target or
+        in its scoring pair (Tracing Reversal)."""
+        return self.noised_input or self.target_kind == "o_noise" or "o_noise" in self.pair
+
     def _obj(self, model, fact: Fact, kind: str, noise) -> str | None:
         if kind == "o_true":
             return fact.o_true

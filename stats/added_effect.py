@@ -242,14 +242,18 @@ def _partial_r2_batch(Q: np.ndarray, y_res: np.ndarray, traces: np.ndarray, laye
     return out
 
 
-def _statistic(fact, layer, trace, score, n_layers, slopes) -> tuple[float, float]:
-    """(partial R², common slope γ) of one panel."""
-    Q = _design_basis(fact, layer, n_layers)
+def _fit(Q: np.ndarray, layer, trace, score, n_layers, slopes) -> tuple[float, float, np.ndarray]:
+    """(partial R², common slope γ, the score's residual on fact + layer) given the fact + layer basis ``Q``."""
     y_res = _resid(Q, score)
     t_res = _resid(Q, trace)
     tt = float(t_res @ t_res)
     slope = float(t_res @ y_res) / tt if tt > 0 else _NAN
-    return _partial_r2(Q, y_res, _regressors(trace, layer, n_layers, slopes)), slope
+    return _partial_r2(Q, y_res, _regressors(trace, layer, n_layers, slopes)), slope, y_res
+
+
+def _statistic(fact, layer, trace, score, n_layers, slopes) -> tuple[float, float]:
+    """(partial R², common slope γ) of one panel."""
+    return _fit(_design_basis(fact, layer, n_layers), layer, trace, score, n_layers, slopes)[:2]
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -435,9 +439,8 @@ def added_effect(
                            note="; ".join(filter(None, [note, "the trace has no within-fact, within-layer variation"
                                                         " (constant, or a function of fact and layer)"])),
                            **nan_result)
-    theta, slope = _statistic(panel.fact, panel.layer, panel.trace, panel.score, panel.n_layers, slopes)
+    theta, slope, y_res = _fit(Q, panel.layer, panel.trace, panel.score, panel.n_layers, slopes)
     rng = np.random.default_rng(seed)
-    y_res = _resid(Q, panel.score)
     null = _partial_r2_batch(Q, y_res, _permutation_traces(panel, n_permutations, rng), panel.layer,
                              panel.n_layers, slopes)
     p = float((1 + np.sum(null >= theta - 1e-12)) / (1 + n_permutations))
