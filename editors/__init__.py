@@ -8,7 +8,7 @@
 
 from locedit.editors.context import UnsupportedDtypeError, apply, edit, edited_parameter_names, with_hparams
 from locedit.editors.covariance import key_second_moment, key_second_moments
-from locedit.editors.deltas import EditOrderError, EditResult, apply_deltas, restore
+from locedit.editors.deltas import Convergence, EditOrderError, EditResult, apply_deltas, restore
 from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
 from locedit.editors.methods import EDIT_METHODS, EditMethod, EditMethodName, default_hparams, method_layers, resolve_method
 from locedit.editors.tokens import (

@@ -79,6 +79,7 @@ def apply(
     covariance=None,
     fast: bool = True,
     token: str | int = "subject_last",
+    targets=None,
 ) -> EditResult:
     """Edit ``model`` in place (permanently) and return the :class:`EditResult` (exact float64 deltas).
 
@@ -98,6 +99,9 @@ def apply(
             (:data:`editors.tokens.EDIT_TOKENS`) or an int offset from the last subject token. Constrained finetuning
             has no key position (:meth:`EditMethod.edit_token` gives None): it descends the NLL through the whole
             prompt.
+        targets: ROME / r-ROME / MEMIT: an :class:`editors.targets.TargetMemo` shared by edits of the same request
+            on the same unedited model (a study's edits of one fact): the v*/z optimisation is taken from it or
+            computed there together with its layer group; ignored by FT. None (default): computed for this edit.
 
     Raises:
         ValueError: unknown method/objective/token rule; ROME with ≠ 1 layer. LayerOutOfRangeError,
@@ -123,7 +127,8 @@ def apply(
     try:
         with torch.enable_grad():  # a caller inside torch.no_grad() still gets its edit
             result = entry.execute(
-                model, request, layers, hp, objective, noise, covariance=covariance, fast=fast, token=token
+                model, request, layers, hp, objective, noise, covariance=covariance, fast=fast, token=token,
+                targets=targets,
             )
         return dataclasses.replace(result, edited_hashes={n: weights_hash(model, n) for n in result.deltas})
     except BaseException:

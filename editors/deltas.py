@@ -7,6 +7,8 @@ float32 numbers of similar magnitude is exactly representable in float64; :func:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,31 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-__all__ = ["EditResult", "apply_deltas", "restore", "exact_delta", "parameter", "snapshot", "load_snapshot"]
+__all__ = ["Convergence", "EditResult", "apply_deltas", "restore", "exact_delta", "parameter", "snapshot", "load_snapshot"]
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How an edit's optimisation ended, so that an under-converged edit is visible in the table it lands in.
+
+    Attributes:
+        final_loss: the loss at the last evaluation (ROME / MEMIT: the one the final vector belongs to; FT, as the
+            reference loop: the last evaluation, after which one more step may have been taken).
+        steps: loss evaluations (the optimiser stepped after all but the last).
+        p_target: mean over the optimisation prompts of p(target | prompt) at the last evaluation (with noise: each
+            prompt's mean over its noise rows) — what the optimisation pushed up (or, minimizing, down).
+        delta_ratio: ROME / r-ROME / MEMIT: ‖δ‖ / ‖v_init‖ of the final vector (NaN for FT).
+        clamped: ROME / r-ROME / MEMIT: 1.0 when ‖δ‖ ended at the clamp bound ``clamp_norm_factor · ‖v_init‖``,
+            else 0.0 (NaN for FT).
+        bound_share: FT: the share of edited entries at their L∞ bound at the end (NaN otherwise).
+    """
+
+    final_loss: float
+    steps: int
+    p_target: float
+    delta_ratio: float = math.nan
+    clamped: float = math.nan
+    bound_share: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -31,6 +57,7 @@ class EditResult:
         seconds: wall time of the edit.
         objective: "maximize" or "minimize".
         info: method-specific tensors/values (ROME: k_star, u, v_star, v_init; MEMIT: z, z_init; FT: steps).
+        convergence: how the optimisation ended (:class:`Convergence`; None for results saved before it existed).
         edited_hashes: parameter name → hash of its weights right after this edit (set by ``apply``); lets
             :func:`restore` refuse to undo an edit that is not the most recent one of those parameters.
     """
@@ -43,6 +70,7 @@ class EditResult:
     objective: str = "maximize"
     info: Mapping[str, Any] = field(default_factory=dict)
     edited_hashes: Mapping[str, str] = field(default_factory=dict)
+    convergence: Convergence | None = None
 
     def save(self, path: str | Path) -> None:
         """``torch.save`` of the deltas and metadata."""
@@ -57,6 +85,7 @@ class EditResult:
                 "objective": self.objective,
                 "info": {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.info.items()},
                 "edited_hashes": dict(self.edited_hashes),
+                "convergence": None if self.convergence is None else dataclasses.asdict(self.convergence),
             },
             Path(path),
         )
@@ -73,6 +102,7 @@ class EditResult:
             objective=d["objective"],
             info=dict(d["info"]),
             edited_hashes=dict(d.get("edited_hashes", {})),
+            convergence=Convergence(**d["convergence"]) if d.get("convergence") else None,
         )
 
 

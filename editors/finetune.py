@@ -21,7 +21,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from locedit.editors.deltas import EditResult, exact_delta, parameter, snapshot
+from locedit.editors.deltas import Convergence, EditResult, exact_delta, parameter, snapshot
 from locedit.editors.hparams import FTHyperParams
 from locedit.editors.inputs import build_batch, cache_acts, frozen_params, run_from, run_plain, scored_logits
 from locedit.editors.requests import EditRequest
@@ -80,6 +80,7 @@ def execute_ft(
             prompt_lp, _ = target_loss_terms(scored_logits(model, final, batch), batch, m)
             loss = (-prompt_lp / m).mean() if objective == "maximize" else prompt_lp.exp().mean()
             losses.append(loss.item())
+            p_target = float(prompt_lp.detach().exp().mean())
             if losses[-1] < hp.skip_loss:
                 break
             opt.zero_grad()
@@ -90,9 +91,12 @@ def execute_ft(
                     p.copy_(torch.maximum(torch.minimum(p, hi), lo))
         for p in params:  # leave no gradients behind on the model
             p.grad = None
+        at_bound = sum(int(((p == lo) | (p == hi)).sum()) for p, (lo, hi) in zip(params, bounds))
     deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
     return EditResult(
         method="ft", layers=tuple(layers), deltas=deltas, losses=tuple(losses),
         seconds=time.perf_counter() - t0, objective=objective,
         info={"steps": len(losses), "norm_constraint": hp.norm_constraint, "noise_samples": batch.reps},
+        convergence=Convergence(final_loss=losses[-1], steps=len(losses), p_target=p_target,
+                                bound_share=at_bound / sum(p.numel() for p in params)),
     )

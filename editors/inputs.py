@@ -204,18 +204,43 @@ def plan_suffix(
 
 
 def suffix_scored_logits(
-    model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], batch: EditBatch, plan: SuffixPlan
-) -> Float[Tensor, "n d_vocab"]:
-    """Scored next-token logits when ``resid`` (= ``blocks.{start}.hook_resid_pre``) differs from the unedited
-    run only at each row's last subject position: blocks ``start..`` run on each row's positions ``lookup[r]..``
-    with the frozen prefix keys/values; equal to :func:`run_from` + :func:`scored_logits` up to float rounding."""
+    model: HookedTransformer,
+    copies: Sequence[tuple[int, Float[Tensor, "rows pos d_model"]]],
+    batch: EditBatch,
+    plan: SuffixPlan,
+) -> list[Float[Tensor, "n d_vocab"]]:
+    """Scored next-token logits of several edited copies of the batch, run as one growing batch.
+
+    ``copies``: ``(start, resid)`` pairs in ascending ``start`` (each ``>= plan.start``, at most ``n_layers``), where
+    ``resid`` (= ``blocks.{start}.hook_resid_pre``) differs from the unedited run only at each row's lookup position.
+    Blocks ``plan.start..`` run on each row's positions ``lookup[r]..`` with the frozen prefix keys/values; a copy's
+    rows join the batch at their own ``start`` (one with ``start = n_layers`` runs no block), and the last block and
+    the unembedding run once for all. Each copy's logits equal :func:`run_from` + :func:`scored_logits` up to float
+    rounding."""
     L = model.cfg.n_layers
-    rows = torch.arange(batch.n_rows, device=resid.device)
-    x = resid[rows[:, None], plan.gather]
+    rows = torch.arange(batch.n_rows, device=batch.tokens.device)
     qpos, local = torch.unique(batch.score_pos - batch.lookup[batch.score_rows], return_inverse=True)
+    pending = list(copies)
+    if any(a[0] > b[0] for a, b in zip(pending, pending[1:])) or (pending and pending[0][0] < plan.start):
+        raise ValueError(f"copies must start in ascending order at block {plan.start} or later, got "
+                         f"{[c[0] for c in copies]}")
+    x = None
     for j in range(plan.start, L):
-        x = plan.runner.block(j, x, plan.prefix[j], starts=batch.lookup, query_positions=qpos if j == L - 1 else None)
-    return logits_from_resid(model, x[batch.score_rows, local])
+        joining = []
+        while pending and pending[0][0] == j:
+            joining.append(pending.pop(0)[1][rows[:, None], plan.gather])
+        if joining:
+            x = torch.cat(([x] if x is not None else []) + joining)
+        if x is None:
+            continue
+        n = x.shape[0] // batch.n_rows
+        x = plan.runner.block(j, x, plan.prefix[j], starts=batch.lookup.repeat(n),
+                              rows=None if n == 1 else rows.repeat(n), query_positions=qpos if j == L - 1 else None)
+    late = [resid[rows[:, None], plan.gather][:, qpos] for _, resid in pending]  # start = n_layers: no block
+    x = torch.cat(([x] if x is not None else []) + late)
+    n = x.shape[0] // batch.n_rows
+    pick = (batch.score_rows[None, :] + batch.n_rows * torch.arange(n, device=rows.device)[:, None]).reshape(-1)
+    return list(logits_from_resid(model, x[pick, local.repeat(n)]).chunk(n))
 
 
 def run_plain(

@@ -34,7 +34,8 @@ from locedit.editors.inputs import build_batch, cache_acts, frozen_params, group
 from locedit.editors.requests import EditRequest
 from locedit.editors.templates import context_templates, template_group_sizes
 from locedit.editors.requests import UnsupportedArchitectureError
-from locedit.editors.vstar import optimize_target
+from locedit.editors.targets import TargetMemo, target_key
+from locedit.editors.vstar import TargetOpt, optimize_targets
 from locedit.tracer.corruption import GaussianNoise
 from locedit.tracer.tokens import target_tokens
 
@@ -72,8 +73,12 @@ def execute_memit(
     covariance=None,
     fast: bool = True,
     token: str | int = "subject_last",
+    targets: TargetMemo | None = None,
 ) -> EditResult:
     """Edit ``blocks.{l}.mlp.W_out`` for every l in ``layers`` in place; return exact deltas and info (z, z_init).
+
+    ``targets``: a :class:`editors.targets.TargetMemo` that holds (or computes, with the rest of its group of z
+    layers) the z optimisation at the window's last layer; None: computed here.
 
     Raises:
         UnsupportedArchitectureError: the blocks normalize the MLP output before adding it to the residual stream
@@ -102,12 +107,21 @@ def execute_memit(
     names = [f"blocks.{layer}.mlp.W_out" for layer in layers]
     old = snapshot(model, names)
     with frozen_params(model):
-        opt = optimize_target(
-            model, batch, L, int(tgt.shape[0]),
-            steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
-            clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, objective=objective,
-            early_stop_loss=hp.early_stop_loss, v_hook="hook_resid_post", fast=fast,
-        )
+
+        def compute(z_layers: tuple[int, ...]) -> dict[int, TargetOpt]:
+            opts = optimize_targets(
+                model, batch, z_layers, int(tgt.shape[0]),
+                steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+                clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, objective=objective,
+                early_stop_loss=hp.early_stop_loss, v_hook="hook_resid_post", fast=fast,
+            )
+            return dict(zip(z_layers, opts))
+
+        if targets is None:
+            opt = compute((L,))[L]
+        else:  # z at L is shared by every window ending at L; the memo's group runs in one batch
+            opt = targets.get(model, target_key("hook_resid_post", request, objective, noise, token, fast, hp), L,
+                              compute)
         z = opt.v_init + opt.delta
         rows = torch.arange(batch.n_rows)
         t_keys = time.perf_counter()
@@ -135,4 +149,5 @@ def execute_memit(
         info={"z": z.cpu(), "z_init": opt.v_init.cpu(), "n_templates": len(texts), "noise_samples": batch.reps,
               "token": token,
               "update_seconds": t_keys},
+        convergence=opt.convergence(),
     )

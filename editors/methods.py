@@ -39,8 +39,8 @@ class EditMethod:
     Attributes:
         name: the registry key (``"ft-5"``).
         label: display label (``"FT (5 layers)"``).
-        execute: ``execute(model, request, layers, hp, objective, noise, *, covariance, fast, token) -> EditResult``;
-            edits
+        execute: ``execute(model, request, layers, hp, objective, noise, *, covariance, fast, token, targets)
+            -> EditResult``; edits
             the model in place (``edit``/``apply`` snapshot and restore around it).
         hparams: the hyper-parameter dataclass (its defaults are the reference GPT-J values).
         window: layers a study edits around its centre layer (1: the layer itself; 5: ``window_layers(l, 5, L)``).
@@ -50,6 +50,10 @@ class EditMethod:
             edits such a method once per ``[editing] tokens`` rule, the others once.
         key_statistics: the update reads the key second moment C of each edited layer (ROME with
             ``mom2_adjustment``, MEMIT): a study computes C for all of its layers in one pass before the first edit.
+        target_hook: the hook whose vector the method optimises on the unedited model, at the highest layer it
+            edits (ROME, r-ROME: v* at ``hook_mlp_out``; MEMIT: z at ``hook_resid_post``), or None (FT). Methods with
+            the same hook and hyper-parameters share that optimisation, and a study optimises a fact's layers
+            together (:class:`editors.targets.TargetMemo`).
     """
 
     name: str
@@ -61,12 +65,17 @@ class EditMethod:
     single_layer: bool = False
     uses_token: bool = True
     key_statistics: bool = True
+    target_hook: str | None = None
 
     def edit_token(self, token: object) -> str | int | None:
         """The one decision of where this method edits: ``token`` as a canonical rule
         (:func:`editors.tokens.check_edit_token`) for a method that reads keys at a position, None for one that has
         no key position (constrained finetuning descends the NLL through every position of the prompt at once)."""
         return check_edit_token(token) if self.uses_token else None
+
+    def target_layer(self, layers) -> int | None:
+        """The layer of the vector this method optimises when it edits ``layers`` (the highest), None without one."""
+        return max(layers) if self.target_hook is not None else None
 
     def parameter_names(self, layers) -> list[str]:
         """``blocks.{l}.mlp.{weight}`` for every edited layer and weight."""
@@ -81,8 +90,8 @@ def _r_rome(model, request, layers, hp, objective, noise, **kwargs):
     return execute_rome(model, request, layers[0], hp, objective, noise, consistent_keys=True, **kwargs)
 
 
-def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True, token=None):
-    # no key statistics, and no token (EditMethod.edit_token gives None: uses_token=False)
+def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True, token=None, targets=None):
+    # no key statistics, no token (EditMethod.edit_token gives None: uses_token=False), no target vector
     return execute_ft(model, request, layers, hp, objective, noise, fast=fast)
 
 
@@ -91,9 +100,12 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
                        uses_token=False, key_statistics=False),
     "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out"),
                        uses_token=False, key_statistics=False),
-    "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True),
-    "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5),
-    "r-rome": EditMethod("r-rome", "r-ROME (1 layer)", _r_rome, ROMEHyperParams, window=1, single_layer=True),
+    "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True,
+                       target_hook="hook_mlp_out"),
+    "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5,
+                        target_hook="hook_resid_post"),
+    "r-rome": EditMethod("r-rome", "r-ROME (1 layer)", _r_rome, ROMEHyperParams, window=1, single_layer=True,
+                         target_hook="hook_mlp_out"),
 })
 assert tuple(EDIT_METHODS) == get_args(EditMethodName)
 

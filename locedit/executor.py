@@ -69,7 +69,7 @@ class StudyWorker:
             torch.set_num_threads(threads)
         self.config: StudyConfig = parse_config(config)
         self.plan: StudyPlan | None = None
-        self.memo: dict = {}  # the current fact's pre-edit scores, shared by its edits (study.run_unit)
+        self.memo: dict = {}  # what the current fact's edits share: pre-edit scores, v*/z (study.run_unit)
         self.model = load_model(self.config.model, device=device)
         self.dataset = load_dataset(self.config.data.dataset)
         self.by_id = {f.id: f for f in self.dataset}

@@ -175,12 +175,31 @@ def plan_units(config: StudyConfig, tokens: Mapping[str, tuple], layers: Sequenc
             *(u for m in loc.methods for u in traces(fid, m)),
             *(u for p in ed.problems for m in ed.methods for t in tokens_for(m, fid) for u in edits(fid, p, m, t)),
         )]
+    stages = method_stages(ed.methods)
     return [
         *(u for m in loc.methods for fid in fact_ids for u in traces(fid, m)),
-        *(u for m in ed.methods for fid in fact_ids for p in ed.problems for u in edits(fid, p, m, own(m))),
-        *(u for m in ed.methods for fid in fact_ids for p in ed.problems for t in tokens[m][1:]
+        *(u for st in stages for fid in fact_ids for p in ed.problems for m in st for u in edits(fid, p, m, own(m))),
+        *(u for st in stages for fid in fact_ids for p in ed.problems for m in st for t in tokens[m][1:]
           for u in edits(fid, p, m, t)),
     ]
+
+
+def method_stages(methods: Sequence[str]) -> list[tuple[str, ...]]:
+    """The edit methods grouped into the stages of ``order = "stage"``: a method that optimises the same target
+    vector as an earlier one (:attr:`editors.methods.EditMethod.target_hook`: r-ROME after ROME) joins that
+    method's stage, so the two run back to back on each fact and the second reuses the first's v*
+    (:class:`editors.targets.TargetMemo`); every other method is its own stage, in config order."""
+    stages: list[list[str]] = []
+    by_hook: dict[str, list[str]] = {}
+    for m in methods:
+        hook = resolve_method(m, aliases=False).target_hook
+        if hook is not None and hook in by_hook:
+            by_hook[hook].append(m)
+            continue
+        stages.append([m])
+        if hook is not None:
+            by_hook[hook] = stages[-1]
+    return [tuple(st) for st in stages]
 
 
 def _hparams_json(hp: HyperParams) -> dict[str, Any]:
@@ -235,6 +254,27 @@ class StudyPlan:
             if entry.key_statistics and getattr(hp, "mom2_adjustment", True):
                 out |= {x for layer in self.layers for x in method_layers(m, self.n_layers, layer)}
         return tuple(sorted(out))
+
+    @property
+    def target_groups(self) -> dict[str, tuple[int, ...]]:
+        """Per target hook of the study's methods (:attr:`editors.methods.EditMethod.target_hook`), the layers of
+        that vector its edits optimise: a fact's optimisations at all of them run as one batch
+        (:class:`editors.targets.TargetMemo`)."""
+        out: dict[str, set[int]] = {}
+        for m in self.config.editing.methods:
+            entry = resolve_method(m, aliases=False)
+            if entry.target_hook is not None:
+                out.setdefault(entry.target_hook, set()).update(
+                    entry.target_layer(method_layers(m, self.n_layers, layer)) for layer in self.layers)
+        return {hook: tuple(sorted(v)) for hook, v in out.items()}
+
+    @property
+    def scoring_checkpoints(self) -> tuple[int, ...]:
+        """The lowest edited layer of every edit of the study: a fact's pre-edit scoring records its residual stream
+        there, and each edit's post-edit scoring reruns only the blocks from its own (:class:`problems.run.
+        ScoringCheckpoints`)."""
+        return tuple(sorted({min(method_layers(m, self.n_layers, layer))
+                             for m in self.config.editing.methods for layer in self.layers}))
 
     def units(self, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[Unit]:
         """The units of the first ``limit`` facts, shard ``(i, n)`` (facts ``i::n``), in run order."""

@@ -89,6 +89,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     """Merge the run directories (shards) and write ``report.html`` (default: in the first directory) with
     Tables 1–7, Figs. 1, 4/15, 6, 7, 10 and one tracing heatmap; also writes ``tables.md`` beside it."""
     from locedit.stats import (
+        CONVERGENCE_COLUMNS,
         correlation_table,
         fig_peak_layers,
         fig_r2_bars,
@@ -100,6 +101,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         fig_trace_heatmap,
         fig_window_effects,
         paper_tables,
+        score_summary,
         to_markdown,
     )
     from locedit.stats.report import write_report as write_html
@@ -167,6 +169,9 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
             .sort(["problem", "method", "token", "layer"])
         )
         md["Mean scores by edit layer"] = to_markdown(means)
+        if "opt_steps" in edits.columns:  # studies run before edits recorded their convergence lack the columns
+            md["Optimisation convergence by method × problem × layer (means; opt_clamped: share at the clamp bound)"] = (
+                to_markdown(score_summary(own_token_edits(edits), columns=CONVERGENCE_COLUMNS)))
     if failures.height:
         md["Failures"] = to_markdown(failures.select("key", "error_type", "error"))
     if trace.height:

@@ -96,24 +96,26 @@ def _trace_record(model, fact, unit: TraceUnit, plan: StudyPlan, dataset) -> dic
 
 def _edit_record(model, fact, unit: EditUnit, plan: StudyPlan, memo: dict | None = None) -> dict[str, Any]:
     from locedit.editors import key_second_moment
+    from locedit.editors.targets import TargetMemo
     from locedit.problems.run import pre_edit, run_edit
 
     n = plan.covariance_tokens
     ed = plan.config.editing
-    pre = None
-    if memo is not None:  # one pre-edit scoring per (fact, problem), shared by all of its edits
+    pre = targets = None
+    if memo is not None:  # what a fact's edits share: pre-edit scores per problem, v*/z optimisations
         if memo.get("fact") != fact.id:
             memo.clear()
             memo["fact"] = fact.id
+            memo["targets"] = TargetMemo(plan.target_groups)
         if unit.problem not in memo:
             memo[unit.problem] = pre_edit(model, fact, unit.problem, plan.noise, essence=ed.essence,
-                                          generation=ed.generation)
-        pre = memo[unit.problem]
+                                          generation=ed.generation, checkpoint_layers=plan.scoring_checkpoints)
+        pre, targets = memo[unit.problem], memo["targets"]
     outcome = run_edit(
         model, fact, unit.problem, unit.method, unit.layer, hparams=plan.hparams[(unit.problem, unit.method)],
         covariance=lambda m, layer: key_second_moment(m, layer, n_tokens=n, progress=False),
         noise=plan.noise, essence=ed.essence, edit_samples=ed.forcing_edit_samples, generation=ed.generation,
-        token=unit.token, pre=pre,
+        token=unit.token, pre=pre, targets=targets,
     )
     return outcome.as_row()
 
@@ -121,8 +123,10 @@ def _edit_record(model, fact, unit: EditUnit, plan: StudyPlan, memo: dict | None
 def run_unit(model, fact, unit: Unit, plan: StudyPlan, dataset, memo: dict | None = None) -> tuple[str, dict]:
     """Run one unit with the plan's resolved values: ``(table, record)`` on success, ``("failures", failure
     record)`` when it raises (one bad record never stops a run). The one unit runner of both executors. ``memo``:
-    a dict the caller owns across units, holding the current fact's pre-edit scores (:func:`problems.run.pre_edit`)
-    so that its edits share them; None recomputes them per edit."""
+    a dict the caller owns across units, holding what the current fact's edits share — its pre-edit scores
+    (:func:`problems.run.pre_edit`) and its v*/z optimisations (:class:`editors.targets.TargetMemo`: ROME and
+    r-ROME share v*, and a fact's layers are optimised as one batch); None recomputes everything per edit (the
+    one-edit-at-a-time path, kept for parity and ``benchmarks/bench_study.py``)."""
     t0 = time.perf_counter()
     key = unit.key()
     try:

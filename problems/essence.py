@@ -17,6 +17,7 @@ from transformer_lens import HookedTransformer
 from locedit.problems.facts import essence_prompt
 from locedit.tracer.models import cache_dir, model_id
 from locedit.tracer.atomic import read_checked_json, write_checked_json
+from locedit.tracer.forward import ResidCheckpoints, scored_logits
 from locedit.tracer.tokens import encode
 
 __all__ = ["EssenceTexts", "essence_texts", "essence_perplexity", "sample_tokens"]
@@ -89,10 +90,15 @@ def essence_texts(
 
 
 @torch.no_grad()
-def essence_perplexity(model: HookedTransformer, texts: EssenceTexts) -> float:
-    """Mean over the texts of exp(mean NLL of the generated tokens)."""
+def essence_perplexity(model: HookedTransformer, texts: EssenceTexts, *, checkpoints: ResidCheckpoints | None = None,
+                       changed_from: int | None = None) -> float:
+    """Mean over the texts of exp(mean NLL of the generated tokens). ``checkpoints``, ``changed_from``: record the
+    unedited pass / rerun only the blocks an edit changed (:class:`tracer.forward.ResidCheckpoints`)."""
     toks = texts.tokens.to(model.cfg.device)
-    logp = model(toks).log_softmax(-1).double()
     start = texts.prompt_len
-    nll = -logp[:, start - 1 : -1].gather(-1, toks[:, start:, None]).squeeze(-1)
+    positions = torch.arange(start - 1, toks.shape[1] - 1, device=toks.device)
+    logits, _ = scored_logits(model, toks, positions, checkpoints=checkpoints, key="essence",
+                              changed_from=changed_from)
+    logp = logits.log_softmax(-1).double()
+    nll = -logp.gather(-1, toks[:, start:, None]).squeeze(-1)
     return float(nll.mean(-1).exp().mean())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,18 +40,22 @@ from locedit.problems.fluency import generation_entropy, unedited_generation_ent
 from locedit.problems.facts import Fact
 from locedit.problems.variants import default_noise, problem_hparams, resolve_problem
 from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.forward import ResidCheckpoints
 from locedit.tracer.probs import target_probs
 from locedit.tracer.tokens import UnspacedTargetWarning, locate_subject
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN, token_position
 
-__all__ = ["EditOutcome", "PreEdit", "pre_edit", "run_edit"]
+__all__ = ["EditOutcome", "PreEdit", "ScoringCheckpoints", "pre_edit", "run_edit"]
 
 
 @dataclass(frozen=True)
 class EditOutcome:
     """One edit's flat record (one row of the edit-outcomes table). Probabilities of paraphrase/neighbour prompts
     are means over the prompts; ``seconds`` is the whole run (scoring included), ``edit_seconds`` the edit alone;
-    ``update_norm`` is the Frobenius norm of all weight changes (a collapse diagnostic: ROME's "disabling" edits)."""
+    ``update_norm`` is the Frobenius norm of all weight changes (a collapse diagnostic: ROME's "disabling" edits).
+    ``opt_*``: how the edit's optimisation ended (:class:`editors.deltas.Convergence`: final loss, steps, mean
+    p(target) over its optimisation prompts, ‖δ‖/‖v_init‖ and whether the clamp bound was active for ROME / r-ROME
+    / MEMIT, the share of entries at the L∞ bound for FT)."""
 
     fact_id: str
     problem: str
@@ -91,6 +96,12 @@ class EditOutcome:
     fluency_post: float
     edit_seconds: float
     seconds: float
+    opt_final_loss: float = math.nan
+    opt_steps: int = 0
+    opt_p_target: float = math.nan
+    opt_delta_ratio: float = math.nan
+    opt_clamped: float = math.nan
+    opt_bound_share: float = math.nan
 
     def as_row(self) -> dict:
         """A plain dict (``layers`` as a list) ready for ``polars.DataFrame([o.as_row() for o in outcomes])``."""
@@ -116,7 +127,10 @@ class _Scorer:
             self.keys.append((prompt, target, noised))
 
     @torch.no_grad()
-    def run(self) -> dict[tuple[str, str, bool], float]:
+    def run(self, checkpoints: ScoringCheckpoints | None = None,
+            changed_from: int | None = None) -> dict[tuple[str, str, bool], float]:
+        """p of every query: recording the unedited passes at ``checkpoints`` (``changed_from`` None), or rerunning
+        them from the checkpoint at or below block ``changed_from`` (inside an edit of blocks ``changed_from..``)."""
         out: dict[tuple[str, str, bool], float] = {}
         for noised in (False, True):
             ks = [k for k in self.keys if k[2] == noised]
@@ -128,9 +142,26 @@ class _Scorer:
                 [k[1] for k in ks],
                 subjects=[self.subject] * len(ks) if noised else None,
                 noise=self.noise if noised else None,
+                checkpoints=None if checkpoints is None else checkpoints.of(noised),
+                changed_from=changed_from,
             )
             out.update({k: float(v) for k, v in zip(ks, p.tolist())})
         return out
+
+
+class ScoringCheckpoints:
+    """A fact's scoring passes (clean queries, noised queries, essence texts) recorded on the unedited model at the
+    input of ``layers`` (:class:`tracer.forward.ResidCheckpoints`), so that each edit's post-edit scoring reruns
+    only the blocks from its lowest edited layer (the checkpoint at or below it) up — equal to scoring through the
+    whole model, since nothing below an edited block changes."""
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = tuple(sorted(set(layers)))
+        self._by = {which: ResidCheckpoints(self.layers) for which in (False, True, "essence")}
+
+    def of(self, which: bool | str) -> ResidCheckpoints:
+        """The checkpoints of the clean (False) or noised (True) queries, or of the essence texts ("essence")."""
+        return self._by[which]
 
 
 @dataclass(frozen=True)
@@ -138,7 +169,9 @@ class PreEdit:
     """What a fact's edits for one problem share before any edit: the problem's target and scoring pair, the scored
     prompts, their pre-edit probabilities, the essence texts and pre-edit perplexity and fluency. Computed once by
     :func:`pre_edit` and passed to every :func:`run_edit` of the fact and problem (``pre=``), whatever the method,
-    layer or token; equal to what each edit would compute itself (the model is the same, unedited, model)."""
+    layer or token; equal to what each edit would compute itself (the model is the same, unedited, model).
+    ``checkpoints``: the unedited scoring passes' residual streams at the study's lowest edited layers
+    (:class:`ScoringCheckpoints`; None: post-edit scoring runs the whole model)."""
 
     fact_id: str
     problem: str
@@ -158,12 +191,14 @@ class PreEdit:
     fluency_pre: float
     essence: bool
     generation: bool
+    checkpoints: ScoringCheckpoints | None = None
 
 
 def pre_edit(model: HookedTransformer, fact: Fact, problem: str, noise: GaussianNoise | float | None = None,
-             essence: bool = True, generation: bool = False) -> PreEdit:
+             essence: bool = True, generation: bool = False, checkpoint_layers: Sequence[int] = ()) -> PreEdit:
     """The pre-edit half of :func:`run_edit` for ``fact`` and ``problem`` (see :class:`PreEdit`); call it on the
-    unedited model."""
+    unedited model. ``checkpoint_layers``: the lowest edited layer of each edit that will use it (a study's; see
+    :class:`ScoringCheckpoints`): its post-edit scoring then starts there instead of at the embedding."""
     prob = resolve_problem(problem)
     snoise = default_noise(model, noise) if prob.uses_noise else None
     target = prob.target(model, fact, snoise)
@@ -181,14 +216,16 @@ def pre_edit(model: HookedTransformer, fact: Fact, problem: str, noise: Gaussian
         for t in (target, tt, n_other):
             sc.add(p, t, False)
     texts = essence_texts(model, fact.subject) if essence else None
-    scores = sc.run()
+    ckpt = ScoringCheckpoints(checkpoint_layers) if checkpoint_layers else None
+    scores = sc.run(ckpt)
     return PreEdit(
         fact_id=fact.id, problem=problem, sigma=None if snoise is None else snoise.sigma, target=target, new=new,
         old=old, rewrite=fact.prompt, paraphrases=paraphrases, neighbors=neighbors, n_true=n_true, n_other=n_other,
         keys=tuple(sc.keys), scores=scores, texts=texts,
-        ppl_pre=essence_perplexity(model, texts) if texts is not None else math.nan,
+        ppl_pre=essence_perplexity(model, texts, checkpoints=ckpt and ckpt.of("essence")) if texts is not None
+        else math.nan,
         fluency_pre=unedited_generation_entropy(model, fact.generation_prompts) if generation else math.nan,
-        essence=essence, generation=generation,
+        essence=essence, generation=generation, checkpoints=ckpt,
     )
 
 
@@ -230,8 +267,10 @@ def run_edit(
             tracing grid's row for a token-level join). Methods without a key position (FT: ``token`` is ignored, None
             is accepted) record the default rule's row, the table's convention.
         pre: the fact's :func:`pre_edit` for ``problem`` with the same noise, essence and generation (a study
-            computes it once per fact and problem); default: computed here.
-        edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``).
+            computes it once per fact and problem, with checkpoints at its edits' lowest layers so that post-edit
+            scoring reruns only the blocks from there); default: computed here (and the post-edit scores run the
+            whole model).
+        edit_kwargs: passed to :func:`editors.edit` (e.g. ``covariance=``, ``fast=``, ``targets=``).
 
     Raises:
         ValueError: unknown problem/method; ``LayerOutOfRangeError`` for a bad layer; ``MissingTargetError`` when the
@@ -261,7 +300,8 @@ def run_edit(
     paraphrases, neighbors, n_true, n_other = list(pre.paraphrases), list(pre.neighbors), list(pre.n_true), pre.n_other
     sc = _Scorer(model, fact.subject, snoise)
     sc.keys = list(pre.keys)
-    texts, ppl_pre, fluency_pre = pre.texts, pre.ppl_pre, pre.fluency_pre
+    texts, ppl_pre, fluency_pre, ckpt = pre.texts, pre.ppl_pre, pre.fluency_pre, pre.checkpoints
+    changed_from = min(layers) if ckpt is not None else None  # nothing below the lowest edited block changes
     request = EditRequest(template=fact.template, subject=fact.subject, target=target)
     with warnings.catch_warnings():  # targets here are the fact's or the model's own prediction (o_noise)
         warnings.simplefilter("ignore", UnspacedTargetWarning)
@@ -270,8 +310,9 @@ def run_edit(
             objective=prob.objective, noise=snoise.prefix(edit_samples) if noised else None, token=token,
             **edit_kwargs,
         ) as result:
-            post = sc.run()
-            ppl_post = essence_perplexity(model, texts) if texts is not None else math.nan
+            post = sc.run(ckpt, changed_from)
+            ppl_post = essence_perplexity(model, texts, checkpoints=ckpt and ckpt.of("essence"),
+                                          changed_from=changed_from) if texts is not None else math.nan
             fluency_post = generation_entropy(model, fact.generation_prompts) if generation else math.nan
     pre = pre.scores
     edit_seconds = float(result.seconds)
@@ -345,4 +386,13 @@ def run_edit(
         fluency_post=fluency_post,
         edit_seconds=edit_seconds,
         seconds=time.perf_counter() - t0,
+        **_convergence_columns(result.convergence),
     )
+
+
+def _convergence_columns(c) -> dict:
+    if c is None:
+        return {}
+    return {"opt_final_loss": float(c.final_loss), "opt_steps": int(c.steps), "opt_p_target": float(c.p_target),
+            "opt_delta_ratio": float(c.delta_ratio), "opt_clamped": float(c.clamped),
+            "opt_bound_share": float(c.bound_share)}

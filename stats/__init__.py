@@ -87,6 +87,7 @@ from locedit.stats.tokens import (
 )
 from locedit.stats.report import frame_to_html, markdown_to_html, report_html, write_report
 from locedit.stats.tables import (
+    CONVERGENCE_COLUMNS,
     METHOD_LABELS,
     METHOD_ORDER,
     METRIC_LABELS,
@@ -101,6 +102,7 @@ from locedit.stats.tables import (
     paper_tables,
     problem_label,
     r2_table,
+    score_summary,
     table1,
     to_markdown,
 )
@@ -180,6 +182,8 @@ __all__ = [
     "png_available",
     "problem_label",
     "r2_table",
+    "score_summary",
+    "CONVERGENCE_COLUMNS",
     "regression_table",
     "report_html",
     "results_frame",

@@ -38,6 +38,7 @@ __all__ = [
     "to_markdown",
     "paper_tables",
     "score_summary",
+    "CONVERGENCE_COLUMNS",
     "sort_paper_order",
 ]
 
@@ -221,6 +222,11 @@ SUMMARY_COLUMNS = (
     "rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "essence_score",
     "p_rewrite_pre", "p_rewrite_post", "edit_seconds",
 )
+CONVERGENCE_COLUMNS = ("opt_steps", "opt_final_loss", "opt_p_target", "opt_delta_ratio", "opt_clamped",
+                       "opt_bound_share")
+"""The edits table's record of how each edit's optimisation ended (``problems.run.EditOutcome``): their means per
+group are the report's convergence panel (mean of ``opt_clamped`` = share of edits whose ‖δ‖ ended at the clamp
+bound; of ``opt_bound_share`` = mean share of FT entries at the L∞ bound)."""
 
 
 def score_summary(

@@ -10,6 +10,13 @@ import torch
 # subprocesses started by the tests inherit it.
 os.environ.setdefault("LOCEDIT_COVARIANCE_TOKENS", "10240")
 
+# Under pytest-xdist (README's `-n 2`: one worker per core) each worker computes with one thread: two workers that
+# each spin two OpenMP threads on two cores slow each other down several-fold. Notebook kernels and subprocesses
+# inherit the setting. The model caches are safe to fill from two workers (atomic renames, checked files).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def model():

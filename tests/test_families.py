@@ -148,3 +148,85 @@ def test_pre_edit_scores_computed_once_equal_each_edit_computing_them(tiny, fami
                 assert shared[k] == v, (family, k)
     with pytest.raises(ValueError, match="pre= was computed for"):
         run_edit(m, fact, "fact_erasure", method, 0, hparams=hp, noise=noise, essence=False, pre=pre)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("problem,method,layer", [("error_injection", "rome", 1), ("fact_forcing", "ft-1", 2),
+                                                  ("error_injection", "memit", 2)])
+def test_post_edit_scoring_from_the_lowest_edited_layer_equals_the_whole_model(tiny, family, problem, method, layer,
+                                                                               tmp_path, monkeypatch):
+    """Post-edit scores rerun only the blocks from the edit's lowest layer, from the unedited passes' residual
+    stream recorded there (``pre_edit(checkpoint_layers=...)``): equal to scoring through the whole model within
+    1e-6, essence included."""
+    from locedit.problems import load_dataset
+    from locedit.problems.run import pre_edit, run_edit
+    from locedit.tracer import GaussianNoise
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
+    m = tiny[family]
+    if method == "memit" and family in POST_NORM:
+        return
+    fact = next(f for f in load_dataset("counterfact") if f.id == "cf:0")
+    noise = GaussianNoise(sigma=0.3, samples=2, seed=0)
+    hp = default_hparams(method, m)
+    hp = type(hp)(**({"num_steps": 2} if method.startswith("ft") else {"v_num_grad_steps": 3,
+                                                                       "context_lengths": ((3, 2),)}) | {
+        k: v for k, v in hp.__dict__.items() if k not in ("num_steps", "v_num_grad_steps", "context_lengths")})
+    eye = lambda model, lyr: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
+    kw = dict(hparams=hp, noise=noise, essence=True, covariance=eye)
+    whole = run_edit(m, fact, problem, method, layer, pre=pre_edit(m, fact, problem, noise), **kw).as_row()
+    pre = pre_edit(m, fact, problem, noise, checkpoint_layers=(0, 1, 2))
+    assert len(pre.checkpoints.of(problem == "fact_forcing")) > 0 and len(pre.checkpoints.of("essence")) > 0
+    resumed = run_edit(m, fact, problem, method, layer, pre=pre, **kw).as_row()
+    assert resumed["p_rewrite_post"] != resumed["p_rewrite_pre"]  # the edit moved what is scored
+    for k, v in whole.items():
+        if k.endswith("seconds"):
+            continue
+        if isinstance(v, float):
+            assert resumed[k] == pytest.approx(v, rel=1e-6, abs=1e-12, nan_ok=True), (family, k)
+        else:
+            assert resumed[k] == v, (family, k)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", ["rome", "r-rome", "memit", "ft-1"])
+def test_every_edit_records_how_its_optimisation_ended(tiny, family, method, tmp_path, monkeypatch):
+    """``EditResult.convergence`` (and the edits table's ``opt_*`` columns): final loss = the last recorded loss,
+    steps, mean p(target) over the optimisation prompts, ‖δ‖/‖v_init‖ and the clamp flag (ROME / MEMIT) or the share
+    of entries at the L∞ bound (FT); a tight clamp or bound shows as active."""
+    import dataclasses
+    import math
+
+    from locedit.problems import load_dataset
+    from locedit.problems.run import run_edit
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
+    m = tiny[family]
+    if method == "memit" and family in POST_NORM:
+        return
+    eye = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
+    req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+    hp = default_hparams(method, m)
+    ft = method.startswith("ft")
+    loose = dataclasses.replace(hp, num_steps=4) if ft else dataclasses.replace(hp, v_num_grad_steps=4,
+                                                                                context_lengths=((3, 2),))
+    tight = dataclasses.replace(loose, norm_constraint=1e-7, lr=1e-2) if ft else dataclasses.replace(
+        loose, clamp_norm_factor=1e-3)
+    layers = [0, 1] if method == "memit" else [1]
+    for hp, active in ((loose, None), (tight, True)):
+        res = apply(m, req, method, layers, hparams=hp, covariance=eye)
+        restore(m, res)
+        c = res.convergence
+        assert c.final_loss == res.losses[-1] and c.steps == len(res.losses) == 4
+        assert 0 <= c.p_target <= 1
+        if ft:
+            assert math.isnan(c.delta_ratio) and 0 <= c.bound_share <= 1
+            if active:
+                assert c.bound_share > 0.5, c.bound_share
+        else:
+            assert c.delta_ratio > 0 and c.clamped in (0.0, 1.0) and math.isnan(c.bound_share)
+            if active:
+                assert c.clamped == 1.0 and c.delta_ratio == pytest.approx(1e-3, rel=1e-4)
+    fact = next(f for f in load_dataset("counterfact") if f.id == "cf:0")
+    row = run_edit(m, fact, "error_injection", method, 1, hparams=loose, essence=False, covariance=eye).as_row()
+    assert row["opt_steps"] == 4 and 0 <= row["opt_p_target"] <= 1 and math.isfinite(row["opt_final_loss"])

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from locedit.tracer.corruption import GaussianNoise, noise_hook
-from locedit.tracer.forward import scored_logits
+from locedit.tracer.forward import ResidCheckpoints, scored_logits
 from locedit.tracer.tokens import encode, locate_subject, target_tokens
 
 __all__ = ["pack", "sequence_log_probs", "target_positions", "target_probs", "target_log_probs"]
@@ -66,10 +66,17 @@ def target_log_probs(
     noise: GaussianNoise | None = None,
     batch_size: int = 32,
     fwd_hooks: Sequence = (),
+    checkpoints: ResidCheckpoints | None = None,
+    changed_from: int | None = None,
 ) -> Float[Tensor, "batch"]:
     """log p(target_i | prompt_i), teacher-forced; with ``noise``, the log of the mean over noise samples of
     p(target | s_noise, r), the noise added at each prompt's own subject tokens (``subjects`` required).
-    Differentiable when called with grad enabled."""
+    Differentiable when called with grad enabled.
+
+    ``checkpoints``, ``changed_from``: record each chunk's residual stream at the checkpoint blocks (unedited
+    model, ``changed_from`` None), or rerun each chunk only from the checkpoint at or below block ``changed_from``
+    (the same prompts and targets, inside an edit of blocks ``changed_from..``); see
+    :class:`tracer.forward.ResidCheckpoints`."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if noise is not None and (subjects is None or len(subjects) != len(prompts)):
@@ -99,7 +106,8 @@ def target_log_probs(
                 row_spans += [(s, e)] * reps
                 row_eps += list(eps)
             hooks.append(("hook_embed", noise_hook(row_spans, row_eps)))
-        logits, _ = scored_logits(model, toks, target_positions(plens, tlens), fwd_hooks=hooks)
+        logits, _ = scored_logits(model, toks, target_positions(plens, tlens), fwd_hooks=hooks,
+                                  checkpoints=checkpoints, key=(lo, hi), changed_from=changed_from)
         lp = sequence_log_probs(logits, t_chunk)
         if reps > 1:  # log of the mean probability over noise samples
             lp = torch.logsumexp(lp.view(-1, reps), dim=1) - torch.log(torch.tensor(float(reps)))
@@ -116,8 +124,11 @@ def target_probs(
     subjects: Sequence[str] | None = None,
     noise: GaussianNoise | None = None,
     batch_size: int = 32,
+    checkpoints: ResidCheckpoints | None = None,
+    changed_from: int | None = None,
 ) -> Float[Tensor, "batch"]:
     """p(target_i | prompt_i) (mean over noise samples when ``noise`` is given). See :func:`target_log_probs`."""
     return target_log_probs(
-        model, prompts, targets, subjects=subjects, noise=noise, batch_size=batch_size
+        model, prompts, targets, subjects=subjects, noise=noise, batch_size=batch_size, checkpoints=checkpoints,
+        changed_from=changed_from,
     ).exp()
