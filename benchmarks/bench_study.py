@@ -47,7 +47,9 @@ def _sync(model) -> None:
 
 
 def run_path(model, units, plan, dataset, shared: bool) -> tuple[float, list[dict], dict]:
+    """Run ``units`` (one path), printing a line per finished fact (the run is long: progress survives a stop)."""
     by_id = {f.id: f for f in dataset}
+    name = "new" if shared else "old"
     memo: dict | None = {} if shared else None
     rows, per = [], defaultdict(float)
     _sync(model)
@@ -60,6 +62,9 @@ def run_path(model, units, plan, dataset, shared: bool) -> tuple[float, list[dic
         _sync(model)
         per[(u.method, u.problem)] += time.perf_counter() - t
         rows.append(rec)
+        if u is units[-1] or units[units.index(u) + 1].fact_id != u.fact_id:
+            print(f"  {name} path: fact {u.fact_id} done, {len(rows)}/{len(units)} units, "
+                  f"{time.perf_counter() - t0:.1f} s so far", flush=True)
     _sync(model)
     return time.perf_counter() - t0, rows, per
 

@@ -10,9 +10,10 @@ import torch
 # subprocesses started by the tests inherit it.
 os.environ.setdefault("LOCEDIT_COVARIANCE_TOKENS", "10240")
 
-# Under pytest-xdist (README's `-n 2`: one worker per core) each worker computes with one thread: two workers that
-# each spin two OpenMP threads on two cores slow each other down several-fold. Notebook kernels and subprocesses
-# inherit the setting. The model caches are safe to fill from two workers (atomic renames, checked files).
+# Under pytest-xdist (`-n 2`, one worker per core; not yet measured on the whole suite, so not README's command) each
+# worker computes with one thread: two workers that each spin two OpenMP threads on two cores slow each other down
+# several-fold. Notebook kernels and subprocesses inherit the setting. The model caches are safe to fill from two
+# workers (atomic renames, checked files).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)

@@ -150,9 +150,8 @@ def test_pre_edit_scores_computed_once_equal_each_edit_computing_them(tiny, fami
         run_edit(m, fact, "fact_erasure", method, 0, hparams=hp, noise=noise, essence=False, pre=pre)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("problem,method,layer", [("error_injection", "rome", 1), ("fact_forcing", "ft-1", 2),
-                                                  ("error_injection", "memit", 2)])
+@pytest.mark.parametrize("family,problem,method,layer", [(f, "error_injection", "rome", 1) for f in FAMILIES] + [
+    ("llama", "fact_forcing", "ft-1", 2), ("gemma3", "fact_forcing", "r-rome", 2), ("gpt2", "error_injection", "memit", 2)])
 def test_post_edit_scoring_from_the_lowest_edited_layer_equals_the_whole_model(tiny, family, problem, method, layer,
                                                                                tmp_path, monkeypatch):
     """Post-edit scores rerun only the blocks from the edit's lowest layer, from the unedited passes' residual
