@@ -31,7 +31,7 @@ from locedit.tracer.tokens import locate_subject
 from locedit.editors.tokens import token_position
 
 __all__ = [
-    "EditBatch", "SuffixPlan", "build_batch", "frozen_params", "plan_suffix", "suffix_cache_names",
+    "EditBatch", "KL_PROMPT", "SuffixPlan", "build_batch", "target_batch", "frozen_params", "plan_suffix", "suffix_cache_names",
     "suffix_scored_logits",
 ]
 
@@ -70,6 +70,28 @@ class EditBatch:
         if self.eps is None:
             return []
         return [("hook_embed", noise_hook(self.spans, self.eps))]
+
+
+KL_PROMPT = "{} is a"
+"""The prompt whose next-token distribution the v*/z optimisation's KL term keeps (ROME's and MEMIT's
+"{subject} is a")."""
+
+
+def target_batch(model: HookedTransformer, request, context_lengths, noise: GaussianNoise | None = None,
+                 token: str | int = "subject_last") -> tuple[EditBatch, int, Tensor]:
+    """The batch a v* (ROME, r-ROME) or z (MEMIT) optimisation of ``request`` runs on: every context template
+    (:func:`editors.templates.context_templates` of ``context_lengths``) formatted with the request's prompt and
+    followed by the target (teacher forcing), then :data:`KL_PROMPT` (:func:`build_batch`). Returns
+    ``(batch, n_texts, target ids)``; groups ``< n_texts`` are the rewriting texts."""
+    from locedit.editors.templates import context_templates
+    from locedit.tracer.tokens import target_tokens
+
+    templates = context_templates(model, context_lengths)
+    tgt = target_tokens(model, request.target).to(model.cfg.device)
+    texts = [t.format(request.text) for t in templates]
+    batch = build_batch(model, texts + [KL_PROMPT.format(request.subject)], request.subject,
+                        [tgt] * len(texts) + [None], noise, token)
+    return batch, len(texts), tgt
 
 
 def build_batch(

@@ -30,14 +30,13 @@ from transformer_lens import HookedTransformer
 
 from locedit.editors.deltas import EditResult, exact_delta, parameter, snapshot
 from locedit.editors.hparams import MEMITHyperParams
-from locedit.editors.inputs import build_batch, cache_acts, frozen_params, group_mean
+from locedit.editors.inputs import cache_acts, frozen_params, group_mean, target_batch
 from locedit.editors.requests import EditRequest
-from locedit.editors.templates import context_templates, template_group_sizes
+from locedit.editors.templates import template_group_sizes
 from locedit.editors.requests import UnsupportedArchitectureError
 from locedit.editors.targets import TargetMemo, target_key
 from locedit.editors.vstar import TargetOpt, optimize_targets
 from locedit.tracer.corruption import GaussianNoise
-from locedit.tracer.tokens import target_tokens
 
 __all__ = ["memit_update", "execute_memit", "mean_of_group_means"]
 
@@ -98,12 +97,7 @@ def execute_memit(
         covariance = lambda m, layer: covs[layer]  # noqa: E731
     layers = sorted(layers)
     L = layers[-1]
-    templates = context_templates(model, hp.context_lengths)
-    tgt = target_tokens(model, request.target).to(model.cfg.device)
-    texts = [t.format(request.text) for t in templates]
-    batch = build_batch(
-        model, texts + [f"{request.subject} is a"], request.subject, [tgt] * len(texts) + [None], noise, token
-    )
+    batch, n_texts, tgt = target_batch(model, request, hp.context_lengths, noise, token)
     names = [f"blocks.{layer}.mlp.W_out" for layer in layers]
     old = snapshot(model, names)
     with frozen_params(model):
@@ -134,7 +128,7 @@ def execute_memit(
             resid = None if prev is None else acts[f"blocks.{prev}.hook_resid_pre"]
             acts = cache_acts(model, batch, wanted, stop_at_layer=L + 1, resid=resid, start=prev or 0)
             keys = acts[f"blocks.{layer}.mlp.hook_post"][rows, batch.lookup]
-            per_prompt = torch.stack([group_mean(keys, batch, g) for g in range(len(texts))])
+            per_prompt = torch.stack([group_mean(keys, batch, g) for g in range(n_texts)])
             k = mean_of_group_means(per_prompt, template_group_sizes(hp.context_lengths))
             h = group_mean(acts[f"blocks.{L}.hook_resid_post"][rows, batch.lookup], batch, 0)
             r = (z - h) / (len(layers) - i)
@@ -146,7 +140,7 @@ def execute_memit(
     return EditResult(
         method="memit", layers=tuple(layers), deltas=deltas, losses=opt.losses,
         seconds=time.perf_counter() - t0, objective=objective,
-        info={"z": z.cpu(), "z_init": opt.v_init.cpu(), "n_templates": len(texts), "noise_samples": batch.reps,
+        info={"z": z.cpu(), "z_init": opt.v_init.cpu(), "n_templates": n_texts, "noise_samples": batch.reps,
               "token": token,
               "update_seconds": t_keys},
         convergence=opt.convergence(),

@@ -27,7 +27,7 @@ from locedit.tracer.profiles import profile_for
 from locedit.tracer.vocab import check_choice, window_layers
 
 __all__ = ["DEFAULT_METHOD", "EDIT_METHODS", "METHOD_ALIASES", "EditMethod", "EditMethodName", "default_hparams",
-           "method_layers", "resolve_method"]
+           "lowest_edited_layers", "method_layers", "resolve_method", "target_groups"]
 
 EditMethodName = Literal["ft-1", "ft-5", "rome", "memit", "r-rome"]  # the paper's table order, then r-ROME
 
@@ -149,3 +149,23 @@ def method_layers(method: str, n_layers: int, layer: int) -> tuple[int, ...]:
             f"edit layer {layer!r} is out of range: the model has n_layers={n_layers} (valid: 0..{n_layers - 1})"
         )
     return tuple(window_layers(layer, entry.window, n_layers))
+
+
+def target_groups(methods, n_layers: int, layers) -> dict[str, tuple[int, ...]]:
+    """Per target hook of ``methods`` (:attr:`EditMethod.target_hook`), the layers of that vector their edits at
+    (centre) ``layers`` optimise: a fact's optimisations at all of them run as one batch
+    (:class:`editors.targets.TargetMemo`)."""
+    out: dict[str, set[int]] = {}
+    for m in methods:
+        entry = resolve_method(m, aliases=False)
+        if entry.target_hook is not None:
+            out.setdefault(entry.target_hook, set()).update(
+                entry.target_layer(method_layers(m, n_layers, layer)) for layer in layers)
+    return {hook: tuple(sorted(v)) for hook, v in out.items()}
+
+
+def lowest_edited_layers(methods, n_layers: int, layers) -> tuple[int, ...]:
+    """The lowest edited layer of every edit of ``methods`` at (centre) ``layers``: where a fact's pre-edit scoring
+    records its residual stream so that each post-edit scoring reruns only the blocks from there
+    (:class:`problems.run.ScoringCheckpoints`)."""
+    return tuple(sorted({min(method_layers(m, n_layers, layer)) for m in methods for layer in layers}))

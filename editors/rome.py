@@ -33,13 +33,11 @@ from transformer_lens import HookedTransformer
 
 from locedit.editors.deltas import EditResult, exact_delta, parameter
 from locedit.editors.hparams import ROMEHyperParams
-from locedit.editors.inputs import build_batch, cache_acts, frozen_params, group_mean
+from locedit.editors.inputs import cache_acts, frozen_params, group_mean, target_batch
 from locedit.editors.requests import EditRequest
-from locedit.editors.templates import context_templates
 from locedit.editors.targets import TargetMemo, target_key
 from locedit.editors.vstar import TargetOpt, mlp_values, optimize_targets, target_cache_names
 from locedit.tracer.corruption import GaussianNoise
-from locedit.tracer.tokens import target_tokens
 
 __all__ = ["RomeTarget", "execute_rome", "rome_targets", "rome_update"]
 
@@ -100,11 +98,7 @@ def rome_targets(
     layers, the v* optimisations in lockstep (:func:`editors.vstar.optimize_targets`); for one layer exactly what
     :func:`execute_rome` computes itself."""
     layers = tuple(layers)
-    templates = context_templates(model, hp.context_lengths)
-    tgt = target_tokens(model, request.target).to(model.cfg.device)
-    texts = [t.format(request.text) for t in templates]
-    kl_text = f"{request.subject} is a"
-    batch = build_batch(model, texts + [kl_text], request.subject, [tgt] * len(texts) + [None], noise, token)
+    batch, n_texts, tgt = target_batch(model, request, hp.context_lengths, noise, token)
     with frozen_params(model):
         names = sorted({n for layer in layers for n in
                         [f"blocks.{layer}.mlp.hook_post"] + target_cache_names(model, layer, "hook_mlp_out", fast)})
@@ -115,14 +109,14 @@ def rome_targets(
             clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, objective=objective,
             early_stop_loss=hp.early_stop_loss, v_hook="hook_mlp_out", fast=fast, acts=acts,
         )
-    rw = batch.group < len(texts)
+    rw = batch.group < n_texts
     out = {}
     for layer, opt in zip(layers, opts):
         keys = acts[f"blocks.{layer}.mlp.hook_post"][torch.arange(batch.n_rows), batch.lookup]
         out[layer] = RomeTarget(
             k_star=keys[rw].mean(0),  # mean over templates (equal noise rows per template)
             k=group_mean(keys, batch, 0), v_bar=mlp_values(model, acts, layer, batch)[rw].mean(0).detach(), opt=opt,
-            n_templates=len(texts), noise_samples=batch.reps,
+            n_templates=n_texts, noise_samples=batch.reps,
         )
     return out
 

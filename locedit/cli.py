@@ -1,5 +1,5 @@
 """The ``locedit`` command line: ``trace``, ``run``, ``report``, ``pack``, ``migrate``, ``findings``, ``summary``,
-``tune-ft``, ``info``."""
+``tune``, ``info``."""
 
 from __future__ import annotations
 
@@ -174,24 +174,94 @@ def cmd_summary(args) -> int:
     return 0
 
 
-def cmd_tune_ft(args) -> int:
+def _parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
+    try:
+        name, values = text.split("=", 1)
+        return name.strip(), tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid must look like FIELD=V1,V2,... (e.g. kl_factor=0.0625,0.9,1), "
+                                         f"got {text!r}") from None
+
+
+def cmd_tune(args) -> int:
     import polars as pl
 
+    from locedit.editors.methods import resolve_method
     from locedit.problems import load_dataset
-    from locedit.problems.tuning import first_known, tune_norm_constraint
+    from locedit.tuning import TuningRule, first_known, sweep_layers, tune, write_tuned_table
     from locedit.tracer import load_model, profile_for
+    from locedit.tracer.profiles import TUNED_DIR
 
+    if args.layers and (len(args.problems) != 1 or len(args.methods) != 1):
+        raise ValueError(f"a layer sweep takes one problem and one method, got --problems {' '.join(args.problems)} "
+                         f"--methods {' '.join(args.methods)}")
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
     model = load_model(args.model, device=args.device)
-    layer = args.layer if args.layer is not None else profile_for(model).edit_layer(model.cfg.n_layers)
-    facts = first_known(model, load_dataset(args.dataset), args.facts)
-    print(f"tuning {args.method} for {args.problem} at layer {layer} on the first {len(facts)} known facts of "
-          f"{args.dataset} (ceiling {args.ceiling})", flush=True)
-    res = tune_norm_constraint(model, facts, args.problem, args.method, layer, bounds=args.bounds,
-                               ceiling=args.ceiling, progress=lambda line: print(line, flush=True))
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=4):
-        print(res.table)
-    verdict = "" if res.within_ceiling else f" (every bound exceeded {args.ceiling}: smallest scanned)"
-    print(f"chosen norm_constraint for {args.problem} {args.method}: {res.chosen:g}{verdict}")
+    profile = profile_for(model)
+    layer = args.layer if args.layer is not None else profile.edit_layer(model.cfg.n_layers)
+    facts = first_known(model, load_dataset(args.dataset), args.facts, skip=args.skip)
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    shown = dict(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=3)
+    directory = Path(args.dir or f"tune-{args.model}")
+    installed = TUNED_DIR / f"{profile.family}.json"
+    if args.layers:
+        problem, method = args.problems[0], args.methods[0]
+        say(f"layer sweep: {method} for {problem} at layers {args.layers} on {len(facts)} known facts of "
+            f"{args.dataset} (after the first {args.skip}); journal {directory / 'sweep'}")
+        sw = sweep_layers(model, facts, problem, method, args.layers, directory=directory / "sweep", progress=say,
+                          peaks=not args.no_peaks)
+        with pl.Config(**shown):
+            print(sw.table.select("layer", "n", "rewrite_mean", "ci_low", "ci_high", "paraphrase_mean",
+                                  "neighborhood_mean", "diff_vs_best", "p_vs_best_holm", "indistinguishable",
+                                  "trace_peaks"))
+        say(f"best layer {sw.best_layer}; not distinguishable from it (paired t, Holm, alpha 0.05): "
+            f"{sw.indistinguishable}")
+        if args.install:
+            write_tuned_table(installed, model.cfg.model_name, profile.family, edit_layer=sw)
+            say(f"default edit layer {sw.best_layer} written to {installed}")
+        return 0
+    if args.evaluate:
+        from locedit.tuning import evaluate
+
+        say(f"held-out check: the {profile.family} profile's hyper-parameters for {', '.join(args.methods)} × "
+            f"{', '.join(args.problems)} at layer {layer} on {len(facts)} known facts (after the first {args.skip})")
+        table = evaluate(model, facts, args.problems, args.methods, layer, directory=directory / "evaluate",
+                         edit_samples=args.edit_samples, progress=say)
+        with pl.Config(**shown):
+            print(table.drop("hparams"))
+        return 0
+    def per_method(pairs):  # --grid / --budget FIELD=V1,V2: to every method whose hyper-parameters have FIELD
+        if not pairs:
+            return None
+        out = {}
+        for m in args.methods:
+            entry = resolve_method(m, aliases=False)
+            mine = {f: v for f, v in pairs if f in entry.hparams.__dataclass_fields__}
+            if mine:
+                out[entry.name] = mine
+        return out or None
+
+    grids, budget = per_method(args.grid), per_method(args.budget)
+    rule = TuningRule(ceiling=args.ceiling, neighborhood_tolerance=args.tolerance, reach=args.reach)
+    say(f"tuning {', '.join(args.methods)} for {', '.join(args.problems)} at layer {layer} on {len(facts)} known "
+        f"facts of {args.dataset} (after the first {args.skip}): {rule}; journal {directory}")
+    results = tune(model, facts, args.problems, args.methods, layer, rule=rule, grids=grids, budget=budget,
+                   widen=not args.no_widen, directory=directory, edit_samples=args.edit_samples, progress=say)
+    for r in results:
+        with pl.Config(**shown):
+            print(f"\n{r.problem} × {r.method} at layer {r.layer}"
+                  + (" (the paper's grid stayed below the reach threshold: optimizer budget searched)" if r.widened
+                     else ""))
+            print(r.table.drop("point"))
+        verdict = "" if r.within_rule else " — NO grid point is admissible (all above the ceiling): lowest rewrite"
+        say(f"chosen for {r.problem} {r.method}: {r.chosen} (rewrite {r.chosen_row['rewrite_mean']:.3f}){verdict}")
+    table_path = directory / "tuned.json"
+    write_tuned_table(table_path, model.cfg.model_name, profile.family, results)
+    say(f"tuned table: {table_path}")
+    if args.install:
+        write_tuned_table(installed, model.cfg.model_name, profile.family, results)
+        say(f"installed into the {profile.family} profile: {installed}")
     return 0
 
 
@@ -226,7 +296,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from locedit.problems.tuning import FT_METHODS
+    from locedit.editors.methods import EDIT_METHODS
     from locedit.problems.variants import PROBLEMS
     from locedit.tracer.vocab import TRACING_ALGORITHMS, TRACING_KINDS
 
@@ -293,17 +363,38 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--markdown", action="store_true", help="print a Markdown table")
     sm.set_defaults(func=cmd_summary)
 
-    tf = sub.add_parser("tune-ft", help="tune FT's L-inf bound by Hase et al.'s rule (mean rewrite <= 0.99)")
+    tf = sub.add_parser("tune", help="tune editors for a model by Hase et al.'s rule (App. A), or sweep the edit layer")
     tf.add_argument("--model", default="smollm2-135m")
     tf.add_argument("--device", default=None)
-    tf.add_argument("--problem", default=next(iter(PROBLEMS)), choices=list(PROBLEMS))
-    tf.add_argument("--method", default=FT_METHODS[0], choices=list(FT_METHODS), help="edit method")
+    tf.add_argument("--problems", nargs="+", default=[next(iter(PROBLEMS))], choices=list(PROBLEMS))
+    tf.add_argument("--methods", nargs="+", default=["rome"], choices=list(EDIT_METHODS), help="edit methods")
     tf.add_argument("--layer", type=int, default=None, help="default: the model profile's default edit layer")
-    tf.add_argument("--facts", type=int, default=100, help="the first N known facts (the paper: 100)")
+    tf.add_argument("--facts", type=_positive_int, default=100, help="the first N known facts (the paper: 100)")
+    tf.add_argument("--skip", type=int, default=0,
+                    help="skip the first K known facts (e.g. 100: disjoint from a study of the first 100)")
     tf.add_argument("--dataset", default="counterfact")
-    tf.add_argument("--bounds", type=float, nargs="+", default=None, help="candidate bounds (default: 1e-5..1e-2)")
-    tf.add_argument("--ceiling", type=float, default=0.99)
-    tf.set_defaults(func=cmd_tune_ft)
+    tf.add_argument("--grid", type=_parse_grid, action="append", default=None,
+                    help="replace the paper's grid of a field, e.g. kl_factor=0.0625,0.9,1 (repeatable)")
+    tf.add_argument("--budget", type=_parse_grid, action="append", default=None,
+                    help="replace the optimizer-budget search (searched in the order given), e.g. v_lr=0.05,0.5")
+    tf.add_argument("--ceiling", type=float, default=0.99, help="highest admissible mean rewrite (the paper: 0.99)")
+    tf.add_argument("--tolerance", type=float, default=0.05,
+                    help="admissible points keep mean neighborhood within this of the grid's best")
+    tf.add_argument("--reach", type=float, default=0.9,
+                    help="search the optimizer budget when the paper's grid stays below this mean rewrite")
+    tf.add_argument("--no-widen", action="store_true", help="never search the optimizer budget")
+    tf.add_argument("--layers", type=int, nargs="+", default=None,
+                    help="sweep these edit layers instead (first of --problems x --methods, tuned hyper-parameters)")
+    tf.add_argument("--no-peaks", action="store_true", help="layer sweep: skip the causal traces of the facts")
+    tf.add_argument("--edit-samples", type=_positive_int, default=None,
+                    help="Fact Forcing: the edit optimises over the first N noise draws (a study's forcing_edit_samples;"
+                         " default all)")
+    tf.add_argument("--evaluate", action="store_true",
+                    help="score the profile's current (tuned) hyper-parameters instead (use held-out facts: --skip)")
+    tf.add_argument("--dir", default=None, help="journal directory (resumable); default tune-<model>")
+    tf.add_argument("--install", action="store_true",
+                    help="merge the result into the model family's shipped tuned table (tracer/data/tuned/)")
+    tf.set_defaults(func=cmd_tune)
 
     i = sub.add_parser("info", help="versions, cache, data, and optionally a model's config")
     i.add_argument("--model", default=None)

@@ -268,17 +268,13 @@ def _fig4_block(frames: dict[str, pl.DataFrame]) -> str:
         if name not in frames:
             continue
         for r in layer_correlations(frames[name], "rewrite_score").iter_rows(named=True):
-            n, rho = r["n"], r["rho"]
-            lo = hi = float("nan")
-            if n > 3 and rho is not None and math.isfinite(rho) and abs(rho) < 1:
-                z, se = math.atanh(rho), 1 / math.sqrt(n - 3)
-                lo, hi = math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
-            rows.append([name, *_labels(r), str(r["layer"]), str(n), format_num(rho, 2), _ci(lo, hi, 2),
-                         format_p(r["p"])])
+            rows.append([name, *_labels(r), str(r["layer"]), str(r["n"]), format_num(r["rho"], 2),
+                         _ci(r["ci_low"], r["ci_high"], 2), format_p(r["p"]), format_num(r["spearman"], 2),
+                         _ci(r["spearman_ci_low"], r["spearman_ci_high"], 2)])
     if not rows:
         return "No finished edits yet.\n"
     return (_md(["localization", "problem", "method", "edit layer", "facts", "Pearson ρ (rewrite vs effect)",
-                 "95% CI (Fisher z)", "p"], rows, right_from=3)
+                 "95% CI (Fisher z)", "p", "Spearman ρ", "95% CI (Bonett–Wright)"], rows, right_from=3)
             + f"\nPaper (Fig. 4, GPT-J, ROME, Error Injection, noise): ρ = {PAPER_FIG4['rho']} at layer "
               f"{PAPER_FIG4['layer']} of 28.\n")
 
@@ -342,24 +338,22 @@ def _agreement_block(trace: pl.DataFrame) -> str:
     out = _md(["localization", "facts", "mean peak layer", "median", "IQR", "median peak effect",
                "concentrated share"], rows)
     if "noise" in curves and len(curves) > 1:
+        from locedit.stats import agreement
+
         pair_rows = []
         for name, c in curves.items():
             if name == "noise":
                 continue
-            facts = sorted(set(c) & set(curves["noise"]))
-            rs, close = [], []
-            for f in facts:
-                a, b = curves["noise"][f], c[f]
-                ok = np.isfinite(a) & np.isfinite(b)
-                if ok.sum() >= 3 and np.ptp(a[ok]) > 0 and np.ptp(b[ok]) > 0:
-                    rs.append(float(np.corrcoef(a[ok], b[ok])[0, 1]))
-                if np.isfinite(a).any() and np.isfinite(b).any():
-                    close.append(abs(int(np.nanargmax(a)) - int(np.nanargmax(b))) <= 2)
-            pair_rows.append([f"noise vs {name}", str(len(facts)), format_num(float(np.median(rs)) if rs else None, 2),
-                              f"{np.percentile(rs, 25):.2f}–{np.percentile(rs, 75):.2f}" if rs else "n/a",
-                              f"{np.mean(close):.2f}" if close else "n/a"])
+            g = agreement(curves["noise"], c)
+            pair_rows.append([f"noise vs {name}", str(g.n_facts), format_num(g.median_r, 2),
+                              f"{g.r_q25:.2f}–{g.r_q75:.2f}" if g.n_facts >= 2 else "n/a", format_num(g.cross_median_r, 2),
+                              format_p(g.p_r), format_num(g.close_share, 2), format_num(g.cross_close_share, 2),
+                              format_p(g.p_close)])
         out += "\n" + _md(["pair", "facts", "median per-fact r of the per-layer curves", "IQR",
-                           "share with peak layers ≤ 2 apart"], pair_rows)
+                           "other-fact pairs: median r", "p (same > other)", "share with peak layers ≤ 2 apart",
+                           "other-fact pairs: share", "p (same > other)"], pair_rows) + (
+            "\nOther-fact pairs compare method A on one fact with method B on another: the agreement the layer "
+            "profile shared by all facts produces on its own. p: facts permuted (999), one-sided.\n")
     return out
 
 
@@ -398,8 +392,10 @@ def _tokens_block(tables: dict[str, pl.DataFrame]) -> str:
         out += [to_markdown(an["regressions"].select(cols), p_columns=("p",),
                             title="Token-level regressions: does the cell's tracing effect add to layer × token?")]
     if an["best_cell"] is not None and an["best_cell"].height:
-        out += [to_markdown(an["best_cell"], p_columns=("p",),
-                            title="Is a fact's peak-tracing cell among its best-editing cells?")]
+        out += [to_markdown(an["best_cell"].rename({"p": "p_uniform"}), p_columns=("p_uniform", "p_cross_fact"),
+                            title="Is a fact's peak-tracing cell among its best-editing cells? (test: `p_cross_fact`, "
+                                  "each fact's edits paired with another fact's tracing; `p_uniform` assumes a "
+                                  "uniformly random peak cell and credits tracing with what all facts share)")]
     return "\n".join(out)
 
 

@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer
 from locedit.config import StudyConfig, default_edit_layers
 from locedit.editors.covariance import default_n_tokens
 from locedit.editors.hparams import HyperParams
-from locedit.editors.methods import method_layers, resolve_method
+from locedit.editors.methods import lowest_edited_layers, method_layers, resolve_method, target_groups
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 from locedit.problems.variants import problem_hparams
 from locedit.tracer.corruption import GaussianNoise
@@ -260,21 +260,14 @@ class StudyPlan:
         """Per target hook of the study's methods (:attr:`editors.methods.EditMethod.target_hook`), the layers of
         that vector its edits optimise: a fact's optimisations at all of them run as one batch
         (:class:`editors.targets.TargetMemo`)."""
-        out: dict[str, set[int]] = {}
-        for m in self.config.editing.methods:
-            entry = resolve_method(m, aliases=False)
-            if entry.target_hook is not None:
-                out.setdefault(entry.target_hook, set()).update(
-                    entry.target_layer(method_layers(m, self.n_layers, layer)) for layer in self.layers)
-        return {hook: tuple(sorted(v)) for hook, v in out.items()}
+        return target_groups(self.config.editing.methods, self.n_layers, self.layers)
 
     @property
     def scoring_checkpoints(self) -> tuple[int, ...]:
         """The lowest edited layer of every edit of the study: a fact's pre-edit scoring records its residual stream
         there, and each edit's post-edit scoring reruns only the blocks from its own (:class:`problems.run.
         ScoringCheckpoints`)."""
-        return tuple(sorted({min(method_layers(m, self.n_layers, layer))
-                             for m in self.config.editing.methods for layer in self.layers}))
+        return lowest_edited_layers(self.config.editing.methods, self.n_layers, self.layers)
 
     def units(self, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[Unit]:
         """The units of the first ``limit`` facts, shard ``(i, n)`` (facts ``i::n``), in run order."""

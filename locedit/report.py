@@ -67,7 +67,8 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
 
     trace, edits = tables["tracing"], tables["edits"]
     edits = own_token_edits(edits)  # the paper's analysis: ROME/MEMIT at their own position (the token study is apart)
-    out: dict = {"analysis": None, "results": None, "concentrated": None, "correlations": None, "window": None}
+    out: dict = {"analysis": None, "results": None, "concentrated": None, "concentrated_top": None,
+                 "correlations": None, "window": None}
     if trace.height == 0 or edits.height == 0:
         return out
     windows = sorted(trace.filter(pl.col("kind") == kind)["window"].unique().to_list())
@@ -80,6 +81,7 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
         window=window,
         results=regression_table(analysis),
         concentrated=regression_table(analysis.filter(pl.col("concentrated"))),
+        concentrated_top=regression_table(analysis.filter(pl.col("concentrated_top"))),
         correlations=layer_correlations(analysis),
     )
     return out
@@ -122,7 +124,8 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         md.update(preregistered_markdown(pre, declared="analysis" in dirs[0].raw_config()))
     if an["results"] is not None and an["results"].height:
         md.update({f"The paper's pooled analysis: {k}": v for k, v in
-                   paper_tables(an["results"], concentrated_results=an["concentrated"]).items()})
+                   paper_tables(an["results"], concentrated_results=an["concentrated"],
+                                concentrated_top_results=an["concentrated_top"]).items()})
         for (problem, method), _ in an["analysis"].group_by(["problem", "method"], maintain_order=True):
             try:
                 md[f"Per-layer correlation, {problem} / {method}"] = to_markdown(
@@ -158,7 +161,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
                   f"(say n ≥ {_FEW_FACTS}).\n\n" if n_facts < _FEW_FACTS else "")
         md["Token × layer: regressions (score ~ layer × token [+ cell tracing effect])"] = caveat + to_markdown(
             tok["regressions"].drop("note"), p_columns=("p",))
-        md["Token × layer: is the peak-tracing cell a best-editing cell?"] = caveat + to_markdown(tok["best_cell"], p_columns=("p",))
+        md["Token × layer: is the peak-tracing cell a best-editing cell?"] = caveat + to_markdown(tok["best_cell"].rename({"p": "p_uniform"}), p_columns=("p_uniform", "p_cross_fact"))
         for (problem, method), _ in tok["cells"].group_by(["problem", "method"], maintain_order=True):
             figs[f"Fig. 5 analog: scores by token and layer ({problem}, {method})"] = fig_scores_by_token_layer(
                 edits, problem=problem, method=method)

@@ -109,7 +109,8 @@ def _edit_record(model, fact, unit: EditUnit, plan: StudyPlan, memo: dict | None
             memo["targets"] = TargetMemo(plan.target_groups)
         if unit.problem not in memo:
             memo[unit.problem] = pre_edit(model, fact, unit.problem, plan.noise, essence=ed.essence,
-                                          generation=ed.generation, checkpoint_layers=plan.scoring_checkpoints)
+                                          generation=ed.generation, checkpoint_layers=plan.scoring_checkpoints,
+                                          edit_samples=ed.forcing_edit_samples)
         pre, targets = memo[unit.problem], memo["targets"]
     outcome = run_edit(
         model, fact, unit.problem, unit.method, unit.layer, hparams=plan.hparams[(unit.problem, unit.method)],

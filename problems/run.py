@@ -29,7 +29,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformer_lens import HookedTransformer
@@ -55,7 +55,9 @@ class EditOutcome:
     ``update_norm`` is the Frobenius norm of all weight changes (a collapse diagnostic: ROME's "disabling" edits).
     ``opt_*``: how the edit's optimisation ended (:class:`editors.deltas.Convergence`: final loss, steps, mean
     p(target) over its optimisation prompts, ‖δ‖/‖v_init‖ and whether the clamp bound was active for ROME / r-ROME
-    / MEMIT, the share of entries at the L∞ bound for FT)."""
+    / MEMIT, the share of entries at the L∞ bound for FT). ``rewrite_score_heldout_noise``: Fact Forcing whose edit
+    optimised over only the first ``edit_samples`` noise draws: the rewrite score on the draws it did not see (its
+    transfer to unseen noise; NaN otherwise, when the rewrite score is already on the draws the edit optimised)."""
 
     fact_id: str
     problem: str
@@ -102,6 +104,7 @@ class EditOutcome:
     opt_delta_ratio: float = math.nan
     opt_clamped: float = math.nan
     opt_bound_share: float = math.nan
+    rewrite_score_heldout_noise: float = math.nan
 
     def as_row(self) -> dict:
         """A plain dict (``layers`` as a list) ready for ``polars.DataFrame([o.as_row() for o in outcomes])``."""
@@ -192,13 +195,34 @@ class PreEdit:
     essence: bool
     generation: bool
     checkpoints: ScoringCheckpoints | None = None
+    edit_samples: int | None = None
+    p_rewrite_heldout: float = math.nan
+
+
+def _heldout_noise(model: HookedTransformer, fact: Fact, snoise: GaussianNoise | None,
+                   edit_samples: int | None) -> GaussianNoise | None:
+    """The noise draws a Fact Forcing edit over the first ``edit_samples`` draws does not see (explicit values at the
+    rewrite prompt's subject), or None when it sees them all."""
+    if snoise is None or edit_samples is None or edit_samples >= snoise.samples:
+        return None
+    s, e = locate_subject(model, fact.prompt, fact.subject).subject_span
+    eps = snoise.draw(e - s, model.cfg.d_model, "cpu", torch.float32)[edit_samples:]
+    return replace(snoise, samples=int(eps.shape[0]), values=eps, of=None)
+
+
+def _p_heldout(model, fact: Fact, target: str, held: GaussianNoise | None, **kw) -> float:
+    if held is None:
+        return math.nan
+    return float(target_probs(model, [fact.prompt], [target], subjects=[fact.subject], noise=held, **kw)[0])
 
 
 def pre_edit(model: HookedTransformer, fact: Fact, problem: str, noise: GaussianNoise | float | None = None,
-             essence: bool = True, generation: bool = False, checkpoint_layers: Sequence[int] = ()) -> PreEdit:
+             essence: bool = True, generation: bool = False, checkpoint_layers: Sequence[int] = (),
+             edit_samples: int | None = None) -> PreEdit:
     """The pre-edit half of :func:`run_edit` for ``fact`` and ``problem`` (see :class:`PreEdit`); call it on the
     unedited model. ``checkpoint_layers``: the lowest edited layer of each edit that will use it (a study's; see
-    :class:`ScoringCheckpoints`): its post-edit scoring then starts there instead of at the embedding."""
+    :class:`ScoringCheckpoints`): its post-edit scoring then starts there instead of at the embedding.
+    ``edit_samples``: as :func:`run_edit`'s (Fact Forcing: p(target) on the draws the edit will not see)."""
     prob = resolve_problem(problem)
     snoise = default_noise(model, noise) if prob.uses_noise else None
     target = prob.target(model, fact, snoise)
@@ -225,7 +249,9 @@ def pre_edit(model: HookedTransformer, fact: Fact, problem: str, noise: Gaussian
         ppl_pre=essence_perplexity(model, texts, checkpoints=ckpt and ckpt.of("essence")) if texts is not None
         else math.nan,
         fluency_pre=unedited_generation_entropy(model, fact.generation_prompts) if generation else math.nan,
-        essence=essence, generation=generation, checkpoints=ckpt,
+        essence=essence, generation=generation, checkpoints=ckpt, edit_samples=edit_samples,
+        p_rewrite_heldout=_p_heldout(model, fact, target, _heldout_noise(model, fact, snoise if noised else None,
+                                                                        edit_samples)),
     )
 
 
@@ -287,11 +313,12 @@ def run_edit(
     token_index = token_position(locate_subject(model, fact.prompt, fact.subject), recorded_token, fact.prompt)
     snoise = default_noise(model, noise) if prob.uses_noise else None
     if pre is None:
-        pre = pre_edit(model, fact, problem, snoise, essence=essence, generation=generation)
-    elif (pre.fact_id, pre.problem, pre.essence, pre.generation) != (fact.id, problem, essence, generation) or \
-            pre.sigma != (None if snoise is None else snoise.sigma):
+        pre = pre_edit(model, fact, problem, snoise, essence=essence, generation=generation, edit_samples=edit_samples)
+    elif (pre.fact_id, pre.problem, pre.essence, pre.generation, pre.edit_samples) != \
+            (fact.id, problem, essence, generation, edit_samples) or pre.sigma != (None if snoise is None else snoise.sigma):
         raise ValueError(f"pre= was computed for {pre.fact_id}/{pre.problem} (essence={pre.essence}, "
-                         f"generation={pre.generation}, sigma={pre.sigma}), not for this edit of {fact.id}/{problem}")
+                         f"generation={pre.generation}, sigma={pre.sigma}, edit_samples={pre.edit_samples}), not for "
+                         f"this edit of {fact.id}/{problem}")
     if hparams is None:
         hparams = problem_hparams(problem, method, model)
 
@@ -314,6 +341,9 @@ def run_edit(
             ppl_post = essence_perplexity(model, texts, checkpoints=ckpt and ckpt.of("essence"),
                                           changed_from=changed_from) if texts is not None else math.nan
             fluency_post = generation_entropy(model, fact.generation_prompts) if generation else math.nan
+            held = _heldout_noise(model, fact, snoise if noised else None, edit_samples)
+            p_heldout_post = _p_heldout(model, fact, target, held)
+    p_heldout_pre = pre.p_rewrite_heldout
     pre = pre.scores
     edit_seconds = float(result.seconds)
     update_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in result.deltas.values()))
@@ -387,6 +417,7 @@ def run_edit(
         edit_seconds=edit_seconds,
         seconds=time.perf_counter() - t0,
         **_convergence_columns(result.convergence),
+        rewrite_score_heldout_noise=float(score(p_heldout_pre, p_heldout_post)) if held is not None else nan,
     )
 
 

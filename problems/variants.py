@@ -160,14 +160,18 @@ def resolve_problem(problem: str) -> Problem:
     return PROBLEMS[check_choice(problem, PROBLEMS, "problem")]
 
 
-def problem_hparams(problem: str, method: str, model="smollm2-135m"):
+def problem_hparams(problem: str, method: str, model="smollm2-135m", tuned: bool = True):
     """Hyper-parameters of edit ``method`` for ``problem`` on a model (a HookedTransformer or a name): the editors'
     defaults for the model (:func:`editors.default_hparams`) with the model profile's App. A overrides for
-    (problem, method) applied (:mod:`tracer.profiles`)."""
+    (problem, method) applied, then the values ``locedit tune`` chose for this model (:mod:`tracer.profiles`; not
+    with ``tuned=False``, the base a tuning run starts from)."""
     from locedit.editors.methods import default_hparams, resolve_method
     from locedit.tracer.profiles import profile_for
 
     entry = resolve_method(method, aliases=False)
     resolve_problem(problem)
-    overrides = dict(profile_for(model).problem_hparams.get((problem, entry.name), {}))
+    profile = profile_for(model)
+    overrides = dict(profile.problem_hparams.get((problem, entry.name), {}))
+    if tuned:
+        overrides.update(profile.tuned.get((problem, entry.name), {}))
     return dataclasses.replace(default_hparams(entry.name, model), **overrides)

@@ -96,6 +96,19 @@ rows = [run_edit(model, fact, p, "rome", 8, noise=noise, essence=(p == "error_in
         for p in PROBLEMS]
 pl.DataFrame(rows).select([c for c in ["problem", "target", "rewrite_score", "paraphrase_score",
                                        "neighborhood_score", "essence_score"] if c in rows[0]])"""),
+        ("md", """## The hyper-parameters these edits ran with: tuned for this model
+
+`problem_hparams` gives the paper's App. A values (GPT-J's) with the model's tuned table on top — what `locedit tune`
+measured for SmolLM2 by the paper's rule (docs/TUNING.md). Each entry carries its provenance: the facts, the layer,
+the rule and the measured grid."""),
+        ("code", """from locedit.problems import problem_hparams
+from locedit.tracer import profile_for
+
+for p, m in [("error_injection", "rome"), ("fact_forcing", "rome")]:
+    print(p, m, "GPT-J's App. A:", problem_hparams(p, m, model, tuned=False))
+    print(p, m, "tuned for this model:", problem_hparams(p, m, model))
+tuned = profile_for(model).tuned
+pl.DataFrame([{"problem": p, "method": m, "overrides": str(dict(o))} for (p, m), o in tuned.items()])"""),
     ],
     "03_localization_vs_editing.ipynb": [
         ("md", """# 03 · Does localization inform editing? A small study end to end

@@ -50,6 +50,8 @@ Collapse = Literal["max", "last_subject"]
 COLLAPSES: tuple[str, ...] = ("max", "last_subject")
 CONCENTRATION_THRESHOLD = 0.5
 CONCENTRATION_MAX_OTHERS = 3
+CONCENTRATION_TOP_SHARE = 0.10
+"""The paper's "10 % most concentrated" facts (§5.3), by rank of ``peak_share`` (:func:`concentrated_facts`)."""
 
 
 def _check_collapse(collapse: str) -> None:
@@ -215,23 +217,38 @@ def concentrated_facts(
     *,
     threshold: float = CONCENTRATION_THRESHOLD,
     max_others: int = CONCENTRATION_MAX_OTHERS,
+    top_share: float = CONCENTRATION_TOP_SHARE,
 ) -> pl.DataFrame:
-    """App. B concentrated-effects flag from a :func:`per_layer_effects` frame (use ``collapse="max"``, window 5).
+    """Concentrated-effects flags from a :func:`per_layer_effects` frame (use ``collapse="max"``, window 5).
 
     One row per (fact_id, kind, window): ``max_effect``, ``n_near_peak`` (layers besides the peak with effect
-    ≥ threshold × max) and ``concentrated`` (``n_near_peak ≤ max_others`` and ``max_effect > 0``).
+    ≥ threshold × max), ``concentrated`` (App. B's rule: ``n_near_peak ≤ max_others`` and ``max_effect > 0``),
+    ``peak_share`` (the peak's share of the curve's positive effect, max / Σ max(effect, 0): 1 when one layer holds it
+    all) and ``concentrated_top`` (the paper's §5.3 wording: the ``top_share`` (10 %) of facts with the largest
+    ``peak_share`` within their kind × window, at least one; ties at the cut are all in; ``max_effect ≤ 0``
+    never is).
     """
     _check_columns(effects, ("fact_id", "kind", "window", "layer", "effect"), "per-layer effects")
     keys = ["fact_id", "kind", "window"]
     m = pl.col("effect").max()
-    return (
+    out = (
         effects.group_by(keys)
         .agg(
             m.alias("max_effect"),
             ((pl.col("effect") >= threshold * m).sum().cast(pl.Int64) - 1).alias("n_near_peak"),
+            (m / pl.col("effect").clip(lower_bound=0).sum()).alias("peak_share"),
         )
         .with_columns(
-            ((pl.col("max_effect") > 0) & (pl.col("n_near_peak") <= max_others)).fill_null(False).alias("concentrated")
+            ((pl.col("max_effect") > 0) & (pl.col("n_near_peak") <= max_others)).fill_null(False).alias("concentrated"),
+            pl.when(pl.col("max_effect") > 0).then(pl.col("peak_share")).otherwise(None).alias("peak_share"),
+        )
+    )
+    n_top = pl.max_horizontal(pl.lit(1), (pl.col("peak_share").count() * top_share).ceil().cast(pl.Int64))
+    cut = pl.col("peak_share").sort(descending=True, nulls_last=True).gather(n_top - 1).first()
+    return (
+        out.with_columns(
+            ((pl.col("peak_share") >= cut.over(["kind", "window"])) & pl.col("peak_share").is_not_null())
+            .fill_null(False).alias("concentrated_top")
         )
         .sort(keys)
     )

@@ -37,7 +37,8 @@ def join_trace(
     recompute: bool = True,
     localization: str | None = None,
 ) -> pl.DataFrame:
-    """Analysis frame ``fact_id, problem, method, layer, trace, <scores>`` (+ ``concentrated`` if asked).
+    """Analysis frame ``fact_id, problem, method, layer, trace, <scores>`` (+ ``concentrated`` (App. B's rule) and
+    ``concentrated_top`` (the 10 % most concentrated, by rank) if asked, :func:`stats.collapse.concentrated_facts`).
 
     Args:
         edits: edit outcomes table (``docs/CONTRACTS.md``).
@@ -81,6 +82,7 @@ def join_trace(
         base = effects if collapse == "max" else per_layer_effects(
             trace, collapse="max", kind=kind, window=window, recompute=recompute, localization=localization
         )
-        conc = concentrated_facts(base).select(pl.col("fact_id").cast(pl.String), "concentrated")
-        out = out.join(conc, on="fact_id", how="left").with_columns(pl.col("concentrated").fill_null(False))
+        conc = concentrated_facts(base).select(pl.col("fact_id").cast(pl.String), "concentrated", "concentrated_top")
+        out = out.join(conc, on="fact_id", how="left").with_columns(
+            pl.col("concentrated").fill_null(False), pl.col("concentrated_top").fill_null(False))
     return out.sort(list(ANALYSIS_KEYS))

@@ -23,7 +23,9 @@ from locedit.stats.join import join_trace
 from locedit.stats.regressions import fit_regression, single_blas_thread
 
 __all__ = [
+    "Agreement",
     "LocalizationComparison",
+    "agreement",
     "PairedDifference",
     "delta_r2",
     "localization_frames",
@@ -245,3 +247,63 @@ def paired_differences(
                                      float(diff), lo, hi, "")
                 out.append(PairedDifference(**{**asdict(d), "sentence": reber_sentence(d)}))
     return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Do two localization methods agree on *a fact* more than on facts in general? (:func:`agreement`)
+
+    Attributes:
+        n_facts: facts with a complete per-layer curve under both methods.
+        median_r, r_q25, r_q75: per fact, Pearson r between the two methods' per-layer effect curves: median, IQR.
+        close_share: share of facts whose two peak layers are ≤ ``within`` apart.
+        cross_median_r, cross_close_share: the same over *other-fact* pairs (method A on fact i, B on fact j ≠ i):
+            the agreement that the layer profile all facts share produces on its own.
+        p_r, p_close: one-sided permutation p-values of mean same-fact r and the close share against pairings of
+            each fact's A curve with a random other fact's B curve (facts permuted).
+        n_permutations: permutations drawn.
+    """
+
+    n_facts: int
+    median_r: float
+    r_q25: float
+    r_q75: float
+    close_share: float
+    cross_median_r: float
+    cross_close_share: float
+    p_r: float
+    p_close: float
+    n_permutations: int
+
+
+def agreement(curves_a: dict[str, np.ndarray], curves_b: dict[str, np.ndarray], *, within: int = 2,
+              n_permutations: int = 999, seed: int = 0) -> Agreement:
+    """Agreement of two methods' per-layer effect curves (``{fact_id: [L]}``) on the same fact, beside the
+    cross-fact baseline (:class:`Agreement`). Facts whose curves are not finite at every layer, or are constant, are
+    left out. NaN fields (``n_facts`` < 2) when there is nothing to compare."""
+    facts = sorted(f for f in set(curves_a) & set(curves_b)
+                   if np.isfinite(curves_a[f]).all() and np.isfinite(curves_b[f]).all()
+                   and np.ptp(curves_a[f]) > 0 and np.ptp(curves_b[f]) > 0 and len(curves_a[f]) == len(curves_b[f]))
+    n = len(facts)
+    if n < 2:
+        return Agreement(n, *([_NAN] * 8), 0)
+    A = np.stack([curves_a[f] for f in facts]).astype(float)
+    B = np.stack([curves_b[f] for f in facts]).astype(float)
+
+    def z(X):
+        X = X - X.mean(axis=1, keepdims=True)
+        return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+    R = z(A) @ z(B).T  # R[i, j] = Pearson r of A's curve of fact i and B's curve of fact j
+    pa, pb = A.argmax(axis=1), B.argmax(axis=1)
+    C = (np.abs(pa[:, None] - pb[None, :]) <= within).astype(float)
+    off = ~np.eye(n, dtype=bool)
+    same_r, same_c = np.diag(R), np.diag(C)
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((n_permutations, n)), axis=1)
+    rows = np.arange(n)[None, :]
+    null_r, null_c = R[rows, perms].mean(axis=1), C[rows, perms].mean(axis=1)
+    p_r = float((1 + np.sum(null_r >= same_r.mean() - 1e-12)) / (1 + n_permutations))
+    p_c = float((1 + np.sum(null_c >= same_c.mean() - 1e-12)) / (1 + n_permutations))
+    return Agreement(n, float(np.median(same_r)), float(np.percentile(same_r, 25)), float(np.percentile(same_r, 75)),
+                     float(same_c.mean()), float(np.median(R[off])), float(C[off].mean()), p_r, p_c, n_permutations)

@@ -39,6 +39,7 @@ __all__ = [
     "FitStats",
     "RegressionResult",
     "Correlation",
+    "fisher_interval",
     "fit_regression",
     "fit_regressions",
     "results_frame",
@@ -143,12 +144,30 @@ class RegressionResult:
 
 @dataclass(frozen=True)
 class Correlation:
-    """Pearson ρ with its two-sided p-value (Figs. 4, 15–18)."""
+    """Pearson ρ with its two-sided p-value (Figs. 4, 15–18), and Spearman's rank correlation beside it (robust to the
+    tracing covariate's extreme values), each with a 95 % interval: Fisher's z, ``atanh(r) ± 1.96·se`` with
+    se = 1/√(n − 3) for Pearson and Bonett & Wright's (2000) se = √((1 + r²/2)/(n − 3)) for Spearman."""
 
     rho: float
     p: float
     n: int
     note: str = ""
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    spearman: float = float("nan")
+    spearman_p: float = float("nan")
+    spearman_ci_low: float = float("nan")
+    spearman_ci_high: float = float("nan")
+
+
+def fisher_interval(r: float, n: int, *, spearman: bool = False, level: float = 0.95) -> tuple[float, float]:
+    """Fisher-z interval for a correlation ``r`` from ``n`` pairs (Bonett–Wright's variance for Spearman); NaN for
+    n ≤ 3 or |r| = 1."""
+    if n <= 3 or not np.isfinite(r) or abs(r) >= 1:
+        return _NAN, _NAN
+    se = np.sqrt((1 + r * r / 2 if spearman else 1.0) / (n - 3))
+    z, q = np.arctanh(r), sps.norm.ppf(0.5 + level / 2)
+    return float(np.tanh(z - q * se)), float(np.tanh(z + q * se))
 
 
 def _clean(df: pl.DataFrame, metric: str) -> tuple[pd.DataFrame, int]:
@@ -308,7 +327,8 @@ def regression_table(
 
 
 def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Correlation:
-    """Pearson ρ and two-sided p (scipy), NaN-safe: drops non-finite pairs; NaN with a note if n < 3 or either
+    """Pearson ρ and two-sided p (scipy), with Spearman and both intervals beside it (:class:`Correlation`), NaN-safe:
+    drops non-finite pairs; NaN with a note if n < 3 or either
     variable is constant."""
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(xa) & np.isfinite(ya)
@@ -319,7 +339,10 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     if np.ptp(xa) == 0 or np.ptp(ya) == 0:
         return Correlation(_NAN, _NAN, n, "constant " + ("trace" if np.ptp(xa) == 0 else "score"))
     r = sps.pearsonr(xa, ya)
-    return Correlation(float(r.statistic), float(r.pvalue), n)
+    rs = sps.spearmanr(xa, ya)
+    rho, srho = float(r.statistic), float(rs.statistic)
+    return Correlation(rho, float(r.pvalue), n, "", *fisher_interval(rho, n), srho, float(rs.pvalue),
+                       *fisher_interval(srho, n, spearman=True))
 
 
 def layer_correlations(
@@ -330,7 +353,8 @@ def layer_correlations(
 ) -> pl.DataFrame:
     """Per edit layer Pearson ρ of score vs trace (Fig. 4: ρ = −0.13 at GPT-J layer 6; Figs. 15–18).
 
-    Columns: problem, method, metric, layer, n, rho, p, note.
+    Columns: problem, method, metric, layer, n, rho, p, ci_low, ci_high (Pearson, Fisher z), spearman, spearman_p,
+    spearman_ci_low, spearman_ci_high, note (:class:`Correlation`).
     """
     rows = []
     for key, sub in _groups(analysis, by):
@@ -339,7 +363,8 @@ def layer_correlations(
                 c = pearson(lsub["trace"].to_numpy(), lsub[m].to_numpy())
                 rows.append({"problem": key.get("problem"), "method": key.get("method"), "metric": m,
                              "layer": int(layer[0]), **asdict(c)})
-    schema = {"problem": pl.String, "method": pl.String, "metric": pl.String, "layer": pl.Int64, "rho": pl.Float64,
-              "p": pl.Float64, "n": pl.Int64, "note": pl.String}
-    cols = ["problem", "method", "metric", "layer", "n", "rho", "p", "note"]
+    stats_cols = ["rho", "p", "ci_low", "ci_high", "spearman", "spearman_p", "spearman_ci_low", "spearman_ci_high"]
+    schema = {"problem": pl.String, "method": pl.String, "metric": pl.String, "layer": pl.Int64,
+              **{c: pl.Float64 for c in stats_cols}, "n": pl.Int64, "note": pl.String}
+    cols = ["problem", "method", "metric", "layer", "n", *stats_cols, "note"]
     return (pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)).select(cols)

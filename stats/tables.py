@@ -166,11 +166,20 @@ def correlation_table(
     correlations: pl.DataFrame, *, problem: str = DEFAULT_PROBLEM, method: str = DEFAULT_METHOD,
     metric: str = "rewrite_score",
 ) -> pl.DataFrame:
-    """Per-layer Pearson ρ (the numbers in the Fig. 4 / 15–18 panel titles): Layer | n | rho | p-value."""
+    """Per-layer correlations (the numbers in the Fig. 4 / 15–18 panel titles): Layer | n | Pearson rho | 95% CI |
+    p-value | Spearman rho | 95% CI (Spearman) — Spearman's beside Pearson's, as the tracing covariate has extreme
+    values."""
     sub = correlations.filter(
         (pl.col("problem") == problem) & (pl.col("method") == method) & (pl.col("metric") == metric)
     ).sort("layer")
-    return sub.select(pl.col("layer").alias("Layer"), "n", pl.col("rho").alias("rho"), pl.col("p").alias("p-value"))
+
+    def ci(lo: str, hi: str) -> pl.Expr:
+        return pl.format("[{}, {}]", pl.col(lo).round(2), pl.col(hi).round(2))
+
+    return sub.select(pl.col("layer").alias("Layer"), "n", pl.col("rho").alias("Pearson rho"),
+                      ci("ci_low", "ci_high").alias("95% CI"), pl.col("p").alias("p-value"),
+                      pl.col("spearman").alias("Spearman rho"),
+                      ci("spearman_ci_low", "spearman_ci_high").alias("95% CI (Spearman)"))
 
 
 def to_markdown(
@@ -255,13 +264,15 @@ def paper_tables(
     results: pl.DataFrame,
     *,
     concentrated_results: pl.DataFrame | None = None,
+    concentrated_top_results: pl.DataFrame | None = None,
     problem: str = DEFAULT_PROBLEM,
     method: str = DEFAULT_METHOD,
 ) -> dict[str, str]:
     """All tables that ``results`` can fill, as Markdown, keyed "Table 1", "Table 3 (rewrite)", ...
 
     Tables needing a missing metric / method are skipped. ``concentrated_results`` (regressions on the App. B
-    concentrated-effects subset) adds "Table 2".
+    concentrated-effects subset) adds "Table 2"; ``concentrated_top_results`` (the 10 % most concentrated facts by
+    rank, the paper's §5.3 wording) adds "Table 2 (top 10 % by rank)".
     """
     out: dict[str, str] = {}
     have = set(results["metric"].unique().to_list()) if results.height else set()
@@ -277,6 +288,10 @@ def paper_tables(
     if concentrated_results is not None and concentrated_results.height:
         _try("Table 2", lambda: to_markdown(table1(concentrated_results, problem=problem, method=method),
                                             title="R² on the concentrated-effects subset"))
+    if concentrated_top_results is not None and concentrated_top_results.height:
+        _try("Table 2 (top 10 % by rank)", lambda: to_markdown(
+            table1(concentrated_top_results, problem=problem, method=method),
+            title="R² on the 10 % of facts with the most concentrated effects (by the peak's share of the curve)"))
     for num, metric in TABLE_METRICS.items():
         if metric in have:
             short = metric.removesuffix("_score")

@@ -8,8 +8,12 @@
   adding the effect, its nested-model F-test, and a bootstrap 95 % interval over facts of the *adjusted* ΔR² (the
   plain one is ≥ 0 on any data);
 * :func:`best_cell_rate` asks directly: for each fact, is the edited (token, layer) cell with the largest tracing
-  effect among its best-editing cells? It reports that rate next to the chance rate (the mean share of a fact's
-  cells that are best) and a one-sided Poisson-binomial p-value.
+  effect among its best-editing cells? It reports that rate next to two chance rates and their p-values: the
+  *cross-fact* rate (the hit rate when each fact's edits are paired with *another* fact's tracing grid: what tracing
+  predicts about editing in general — e.g. "the last subject token at a middle layer" — rather than about this fact)
+  with a permutation p-value (tracing grids permuted across facts), which is the test of the question; and the
+  uniform rate (the mean share of a fact's cells that are best) with a Poisson-binomial p-value, which assumes the
+  peak cell is picked at random and so credits tracing with every regularity shared by all facts.
 """
 
 from __future__ import annotations
@@ -218,18 +222,29 @@ class BestCellRate:
     rate: float  # share of facts whose peak-effect cell is among their best-editing cells
     chance: float  # mean over facts of |best cells| / |cells|: the rate if the peak cell were picked at random
     p: float  # one-sided: P(hits ≥ observed) if each fact's hit were Bernoulli(its chance share)
+    cross_fact_chance: float = _NAN  # mean over fact pairs i ≠ j: is j's peak cell among i's best cells?
+    p_cross_fact: float = _NAN  # one-sided permutation p: tracing grids permuted across facts (the primary null)
+    n_permutations: int = 0
 
 
 def best_cell_rate(
-    cells: pl.DataFrame, metric: str = "rewrite_score", *, tol: float = 1e-9
+    cells: pl.DataFrame, metric: str = "rewrite_score", *, tol: float = 1e-9, n_permutations: int = 9999,
+    seed: int = 0,
 ) -> list[BestCellRate]:
     """Per (problem, method): for each fact with ≥ 2 edited cells and a defined effect everywhere, its best-editing
     cells are those within ``tol`` of its largest ``metric``; its peak cell is the edited cell with the largest
-    tracing effect (ties: every tied cell must be best for a hit). Chance = |best| / |cells| per fact."""
+    tracing effect (ties: every tied cell must be best for a hit). Chance = |best| / |cells| per fact.
+
+    Cross-fact null: with H[i, j] = "fact j's peak cell (by its (token rule, layer)) is among fact i's best cells",
+    observed hits = Σ H[i, i]; the null pairs each fact's edits with another fact's tracing: ``cross_fact_chance`` is
+    the mean of H off the diagonal, ``p_cross_fact`` = (1 + #{π: Σ H[i, π(i)] ≥ observed}) / (1 + n_permutations)
+    over uniform random permutations π of the facts whose edited cells are the group's most common set."""
+    rng = np.random.default_rng(seed)
     out = []
     for (problem, method), sub in cells.sort(["problem", "method"]).group_by(["problem", "method"], maintain_order=True):
         hits, chances, sizes = 0, [], []
-        for _, fact in sub.group_by("fact_id"):
+        best_sets, peak_sets, layouts = [], [], []
+        for _, fact in sub.sort(["fact_id", "token", "layer"]).group_by("fact_id", maintain_order=True):
             s = fact[metric].cast(pl.Float64).fill_nan(None).to_numpy()
             e = fact["effect"].cast(pl.Float64).fill_nan(None).to_numpy()
             if len(s) < 2 or np.isnan(s.astype(float)).any() or np.isnan(e.astype(float)).any():
@@ -240,13 +255,40 @@ def best_cell_rate(
             hits += int(best[peak].all())
             chances.append(float(best.mean()))
             sizes.append(len(s))
+            best_sets.append(best)
+            peak_sets.append(peak)
+            layouts.append(tuple(zip(fact["token"].to_list(), fact["layer"].to_list())))
         n = len(chances)
+        cross, p_cross = _cross_fact_null(best_sets, peak_sets, layouts, n_permutations, rng)
         out.append(BestCellRate(
             str(problem), str(method), metric, n, float(np.mean(sizes)) if n else _NAN, hits,
             hits / n if n else _NAN, float(np.mean(chances)) if n else _NAN,
-            poisson_binomial_sf(hits, chances) if n else _NAN,
+            poisson_binomial_sf(hits, chances) if n else _NAN, cross, p_cross, n_permutations if n > 1 else 0,
         ))
     return out
+
+
+def _cross_fact_null(best_sets, peak_sets, layouts, n_permutations: int, rng) -> tuple[float, float]:
+    """(cross-fact chance, permutation p) over the facts sharing the most common cell layout (module docstring)."""
+    if not layouts:
+        return _NAN, _NAN
+    values, counts = np.unique(np.array([hash(x) for x in layouts]), return_counts=True)
+    common = values[counts.argmax()]
+    keep = [i for i, x in enumerate(layouts) if hash(x) == common]
+    if len(keep) < 2:
+        return _NAN, _NAN
+    B = np.stack([best_sets[i] for i in keep]).astype(float)  # [facts, cells]
+    P = np.stack([peak_sets[i] for i in keep]).astype(float)
+    # H[i, j] = all of j's peak cells are best for i  <=>  (peak_j · not-best_i) == 0
+    H = ((1.0 - B) @ P.T == 0).astype(float)
+    m = len(keep)
+    observed = float(np.trace(H))
+    cross = float((H.sum() - observed) / (m * (m - 1)))
+    if n_permutations < 1:
+        return cross, _NAN
+    perms = np.argsort(rng.random((n_permutations, m)), axis=1)
+    null = H[np.arange(m)[None, :], perms].sum(axis=1)
+    return cross, float((1 + np.sum(null >= observed - 1e-9)) / (1 + n_permutations))
 
 
 def best_cell_table(cells: pl.DataFrame, metric: str = "rewrite_score", **kw) -> pl.DataFrame:

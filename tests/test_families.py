@@ -5,6 +5,7 @@ TransformerLens backend feeding pre-QK-norm keys to its KV cache (exact was off 
 
 import pytest
 import torch
+from rows import assert_rows_equal
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from locedit.editors import EditRequest, UnsupportedArchitectureError, apply, default_hparams, restore
@@ -139,13 +140,7 @@ def test_pre_edit_scores_computed_once_equal_each_edit_computing_them(tiny, fami
     for layer in (2,):
         shared = run_edit(m, fact, problem, method, layer, hparams=hp, noise=noise, essence=False, pre=pre).as_row()
         alone = run_edit(m, fact, problem, method, layer, hparams=hp, noise=noise, essence=False).as_row()
-        for k, v in alone.items():
-            if k.endswith("seconds"):
-                continue
-            if isinstance(v, float):
-                assert shared[k] == pytest.approx(v, rel=1e-6, abs=1e-12, nan_ok=True), (family, k)
-            else:
-                assert shared[k] == v, (family, k)
+        assert_rows_equal(shared, alone, rel=1e-6, abs_=1e-12, context=(family,))
     with pytest.raises(ValueError, match="pre= was computed for"):
         run_edit(m, fact, "fact_erasure", method, 0, hparams=hp, noise=noise, essence=False, pre=pre)
 
@@ -178,13 +173,7 @@ def test_post_edit_scoring_from_the_lowest_edited_layer_equals_the_whole_model(t
     assert len(pre.checkpoints.of(problem == "fact_forcing")) > 0 and len(pre.checkpoints.of("essence")) > 0
     resumed = run_edit(m, fact, problem, method, layer, pre=pre, **kw).as_row()
     assert resumed["p_rewrite_post"] != resumed["p_rewrite_pre"]  # the edit moved what is scored
-    for k, v in whole.items():
-        if k.endswith("seconds"):
-            continue
-        if isinstance(v, float):
-            assert resumed[k] == pytest.approx(v, rel=1e-6, abs=1e-12, nan_ok=True), (family, k)
-        else:
-            assert resumed[k] == v, (family, k)
+    assert_rows_equal(resumed, whole, rel=1e-6, abs_=1e-12, context=(family,))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -163,3 +163,29 @@ def test_s3_rule_reproduces_rome_sigma(model):
     assert 3 * noise_std(model, "s3") == pytest.approx(0.3500, abs=5e-4)
     assert 3 * noise_std(model, "embedding") == pytest.approx(0.4067, abs=5e-4)
     assert GaussianNoise(rule="s3").resolve(model).sigma == pytest.approx(0.3500, abs=5e-4)
+
+
+def test_agreement_separates_fact_specific_from_shared_profiles():
+    """Same-fact agreement is tested against other-fact pairs: curves that share a fact's own peak agree beyond the
+    baseline (p = 1/1000); curves that only share the profile common to all facts agree as much with other facts
+    (p large), although their same-fact r alone looks high."""
+    import numpy as np
+
+    from locedit.stats import agreement
+
+    rng = np.random.default_rng(0)
+    L, n = 30, 40
+    layers = np.arange(L)
+    peaks = rng.integers(3, 27, size=n)
+    bump = lambda c: np.exp(-0.5 * ((layers - c) / 2.0) ** 2)  # noqa: E731
+    a = {f"f{i}": bump(peaks[i]) + 0.05 * rng.normal(size=L) for i in range(n)}
+    b = {f"f{i}": bump(peaks[i]) + 0.05 * rng.normal(size=L) for i in range(n)}
+    g = agreement(a, b)
+    assert g.n_facts == n and g.median_r > 0.9 and g.cross_median_r < 0.3 and g.p_r == pytest.approx(1 / 1000)
+    assert g.close_share == 1.0 and g.p_close == pytest.approx(1 / 1000)
+    shared = bump(15.0)
+    a2 = {f: shared + 0.05 * rng.normal(size=L) for f in a}
+    b2 = {f: shared + 0.05 * rng.normal(size=L) for f in a}
+    g2 = agreement(a2, b2)
+    assert g2.median_r > 0.9 and abs(g2.median_r - g2.cross_median_r) < 0.05 and g2.p_r > 0.05
+    assert agreement({"x": np.ones(L)}, {"x": np.ones(L)}).n_facts == 0

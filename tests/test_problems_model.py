@@ -42,12 +42,19 @@ def test_problem_targets_on_a_real_fact(model, facts):
 
 
 def test_problem_hparams_follow_appendix_a():
-    assert problem_hparams("error_injection", "rome").kl_factor == 1.0
+    assert problem_hparams("error_injection", "rome", tuned=False).kl_factor == 1.0  # GPT-J's App. A: the base
     assert problem_hparams("error_injection", "memit").kl_factor == 0.9
+    # the embedded model's tuned table (tracer/data/tuned/smollm2.json, `locedit tune`) goes on top of it
+    from locedit.tracer import profile_for
+
+    for (p, m), overrides in profile_for("smollm2-135m").tuned.items():
+        hp = problem_hparams(p, m)
+        assert all(getattr(hp, k) == v for k, v in overrides.items()), (p, m)
+    assert problem_hparams("error_injection", "rome", "EleutherAI/gpt-j-6B").kl_factor == 1.0
     gptj = "EleutherAI/gpt-j-6B"
     assert problem_hparams("error_injection", "ft-1", gptj).norm_constraint == 1e-4
     assert problem_hparams("error_injection", "ft-5", gptj).norm_constraint == 2e-5
-    # the embedded model's Error Injection FT bounds, re-tuned by the paper's rule (problems.tuning)
+    # the embedded model's Error Injection FT bounds, re-tuned by the paper's rule (locedit.tuning)
     assert problem_hparams("error_injection", "ft-1", "SmolLM2-135M-Instruct").norm_constraint == 1e-2
     assert problem_hparams("error_injection", "ft-5").norm_constraint == 1e-3
     assert problem_hparams("error_injection", "ft-1", "gpt2-xl").norm_constraint == 1e-3

@@ -170,7 +170,10 @@ def test_provenance_is_recorded_and_a_thread_change_warns(model, tmp_path):
     rd.fix_plan(lambda: resolve_plan(config, model, ["cf:1"]), provenance(model))
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["threads"] == torch.get_num_threads() and prov["device"] == "cpu"
-    assert prov["plan"]["hparams"]["error_injection|rome"]["kl_factor"] == 1.0 and prov["versions"]["torch"]
+    from locedit.problems import problem_hparams
+
+    want = problem_hparams("error_injection", "rome", model).kl_factor  # resolved once, with the tuned table
+    assert prov["plan"]["hparams"]["error_injection|rome"]["kl_factor"] == want and prov["versions"]["torch"]
     assert prov["plan"]["noise"]["sigma"] == pytest.approx(0.350, abs=5e-4)
     before = torch.get_num_threads()
     torch.set_num_threads(before + 1)

@@ -178,6 +178,39 @@ def test_best_cell_rate_and_its_chance_rate():
     assert (r.hits, r.chance) == (1, 0.5)
 
 
+def test_cross_fact_null_does_not_credit_a_regularity_every_fact_shares():
+    """Every fact is best edited at the same cell and traces there: the uniform-chance null calls that a discovery
+    (p ~ 1e-40), but another fact's tracing predicts it just as well, so the cross-fact null does not (p = 1). When
+    the peak cell is fact-specific and right, both reject; when it is fact-specific and unrelated, neither does, and
+    the cross-fact p-value holds its level over 300 null studies."""
+    rng = np.random.default_rng(5)
+
+    def cells(n, best_of, peak_of):
+        rows = []
+        for f in range(n):
+            b, pk = best_of(f), peak_of(f)
+            for c in range(12):
+                rows.append({"fact_id": f"f{f:03d}", "problem": "error_injection", "method": "rome",
+                             "token": ["subject_first", "subject_last", "after_subject", "prompt_last"][c // 3],
+                             "token_index": c // 3, "layer": c % 3,
+                             "effect": 0.9 if c == pk else 0.1 * rng.random(),
+                             "rewrite_score": 1.0 if c == b else 0.5 * rng.random()})
+        return pl.DataFrame(rows)
+
+    (r,) = best_cell_rate(cells(40, lambda f: 4, lambda f: 4), n_permutations=999)
+    assert r.rate == 1.0 and r.p < 1e-30 and r.cross_fact_chance == 1.0 and r.p_cross_fact == 1.0
+    specific = [int(x) for x in rng.integers(12, size=40)]
+    (r,) = best_cell_rate(cells(40, lambda f: specific[f], lambda f: specific[f]), n_permutations=999)
+    assert r.rate == 1.0 and r.p_cross_fact == pytest.approx(1 / 1000) and r.cross_fact_chance < 0.2
+    rejections = 0
+    for seed in range(300):
+        g = np.random.default_rng(seed)
+        b, pk = g.integers(12, size=30), g.integers(12, size=30)
+        (r,) = best_cell_rate(cells(30, lambda f: int(b[f]), lambda f: int(pk[f])), n_permutations=199, seed=seed)
+        rejections += r.p_cross_fact <= 0.05
+    assert rejections / 300 <= 0.08, rejections
+
+
 def test_poisson_binomial_tail_equals_enumeration():
     probs = [0.1, 0.5, 0.25, 0.8]
     for k in range(6):

@@ -1,42 +1,242 @@
-"""FT norm-constraint tuning (Hase et al. App. A rule): the choice rule on synthetic scans, and a real scan on the
-embedded model where a looser bound really edits more."""
+"""Editor tuning by Hase et al.'s App. A rule (locedit.tuning): the rule on hand-made tables, `tune` on a tiny model
+choosing the grid point an independently computed table says it should, resuming from its journal without a single
+new edit, the tuned table round-tripping into the profile exactly, the layer sweep's statistics on planted data, and
+(slow) a real FT scan on the embedded model where a looser bound really edits more."""
 
+import math
+from dataclasses import replace
+
+import polars as pl
 import pytest
+import torch
 
+from locedit.editors import key_second_moment
 from locedit.problems import load_counterfact
-from locedit.problems.tuning import choose_norm_constraint, tune_norm_constraint
+from locedit.problems.run import run_edit
+from locedit.tuning import (
+    LayerSweep,
+    TuningConfigMismatch,
+    budget_axes,
+    TuningRule,
+    choose_setting,
+    evaluate,
+    grid_points,
+    layer_table,
+    tune,
+    write_tuned_table,
+)
+from locedit.problems.variants import problem_hparams
+from locedit.tracer import profiles
+from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.profiles import TunedTableError, read_tuned_table, with_tuned_table
 
 
-def test_choose_largest_bound_within_ceiling():
-    bounds = [1e-5, 1e-4, 1e-3, 1e-2]
-    assert choose_norm_constraint(bounds, [0.01, 0.5, 0.98, 0.999]) == (1e-3, True)
-    assert choose_norm_constraint(bounds, [0.01, 0.5, 0.98, 0.99]) == (1e-2, True)  # "no higher than": ≤
-    assert choose_norm_constraint(bounds, [0.995, 0.996, 0.997, 0.999]) == (1e-5, False)
-    assert choose_norm_constraint([1e-3, 1e-5], [0.2, 0.1], ceiling=0.15) == (1e-5, True)  # order-free
-    with pytest.raises(ValueError, match="one mean rewrite per bound"):
-        choose_norm_constraint(bounds, [0.1])
+def _table(rewrite, neighborhood):
+    return pl.DataFrame({"rewrite_mean": rewrite, "neighborhood_mean": neighborhood})
 
 
-def test_bad_tuning_requests_are_clear_errors(model):
-    facts = load_counterfact(limit=1)
-    with pytest.raises(ValueError, match="ft-1"):
-        tune_norm_constraint(model, facts, "error_injection", "rome", 5)
-    with pytest.raises(ValueError, match="unknown problem"):
-        tune_norm_constraint(model, facts, "error_injektion", "ft-1", 5)
-    with pytest.raises(ValueError, match="bounds must be positive"):
-        tune_norm_constraint(model, facts, "error_injection", "ft-1", 5, bounds=[0.0, 1e-3])
-    with pytest.raises(ValueError, match="no facts"):
-        tune_norm_constraint(model, [], "error_injection", "ft-1", 5)
+def test_rule_highest_rewrite_within_ceiling_and_neighborhood():
+    rule = TuningRule()
+    assert choose_setting(_table([0.5, 0.98, 0.999], [1.0, 0.99, 0.9]), rule) == (1, True)
+    assert choose_setting(_table([0.5, 0.99, 0.999], [1.0, 0.99, 0.9]), rule) == (1, True)  # "no higher than": ≤
+    # the highest rewrite within the ceiling gives up too much neighborhood (0.90 < 1.0 - 0.05): next best
+    assert choose_setting(_table([0.5, 0.7, 0.98], [1.0, 0.97, 0.90]), rule) == (1, True)
+    assert choose_setting(_table([0.5, 0.7, 0.98], [1.0, 0.97, 0.90]), TuningRule(neighborhood_tolerance=0.2)) == (2, True)
+    # ties go to the earlier grid point; nothing admissible: the lowest rewrite, flagged
+    assert choose_setting(_table([0.8, 0.8], [1.0, 1.0]), rule) == (0, True)
+    assert choose_setting(_table([0.995, 0.992, 0.999], [1.0, 1.0, 1.0]), rule) == (1, False)
+    assert choose_setting(_table([math.nan, 0.4], [1.0, 1.0]), rule) == (1, True)
+    with pytest.raises(ValueError, match="rewrite_mean"):
+        choose_setting(pl.DataFrame({"rewrite_mean": [0.5]}), rule)
+    with pytest.raises(ValueError, match="reach"):
+        TuningRule(reach=1.5)
+
+
+def test_grid_points_paper_grid_then_budget():
+    base = problem_hparams("fact_forcing", "rome", "gpt-j", tuned=False)  # v_lr 0.05, 25 steps (App. A)
+    assert grid_points("rome", base) == [{"kl_factor": k} for k in (0.0625, 0.9, 1.0)]
+    axes = budget_axes("rome", base)
+    assert axes == {"v_lr": (0.05, 0.5), "v_num_grad_steps": (25, 50)}  # learning rate first, base values included
+    wide = grid_points("rome", base, None, {"v_lr": axes["v_lr"]})
+    assert wide[:2] == [{"v_lr": 0.05, "kl_factor": 0.0625}, {"v_lr": 0.05, "kl_factor": 0.9}] and len(wide) == 6
+    ei = problem_hparams("error_injection", "ft-1", "gpt-j", tuned=False)
+    ft = grid_points("ft-1", ei, {"norm_constraint": (1e-3, 1e-5)}, {"num_steps": budget_axes("ft-1", ei)["num_steps"]})
+    assert ft[:2] == [{"num_steps": 25, "norm_constraint": 1e-5}, {"num_steps": 25, "norm_constraint": 1e-3}]
+    assert sorted({p["num_steps"] for p in ft}) == [25, 50, 100]
+    with pytest.raises(ValueError, match="not a hyper-parameter"):
+        grid_points("rome", base, {"norm_constraint": (1e-4,)})
+    with pytest.raises(ValueError, match="not a hyper-parameter"):
+        budget_axes("ft-1", ei, {"v_lr": (0.5,)})
+
+
+@pytest.fixture()
+def tiny_setup(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    m = tiny_llama()
+    facts = [f for f in load_counterfact(limit=3)][:3]
+    return m, facts
+
+
+def test_tune_on_a_tiny_model_picks_the_hand_computed_point_and_resumes(tiny_setup, tmp_path, monkeypatch):
+    m, facts = tiny_setup
+    layer, problem, n_tok = 1, "error_injection", 512
+    base = replace(problem_hparams(problem, "rome", m, tuned=False), v_num_grad_steps=6, context_lengths=((3, 2),))
+    grid = (0.0625, 1.0, 4.0)
+    cov = lambda mm, lay: key_second_moment(mm, lay, n_tokens=n_tok, progress=False)  # noqa: E731
+    # the slow, obviously-correct table: every edit alone through run_edit (its own pre-edit scores and v*)
+    hand = []
+    for k in grid:
+        outs = [run_edit(m, f, problem, "rome", layer, hparams=replace(base, kl_factor=k), essence=False,
+                         covariance=cov) for f in facts]
+        hand.append((sum(o.rewrite_score for o in outs) / len(outs), sum(o.neighborhood_score for o in outs) / len(outs)))
+    ranked = sorted(range(len(grid)), key=lambda i: -hand[i][0])
+    # a random 32-wide model barely moves p(target) (rewrites ~1e-5), but the three points still differ by far more
+    # than the two paths do
+    assert hand[ranked[0]][0] - hand[ranked[1]][0] > 1e-7, hand
+    ceiling = (hand[ranked[0]][0] + hand[ranked[1]][0]) / 2  # the top point is over it: the rule must take the 2nd
+    rule = TuningRule(ceiling=ceiling, neighborhood_tolerance=1.0, reach=0.0)
+    monkeypatch.setattr("locedit.tuning.problem_hparams", lambda p, meth, mod, tuned=True: base)
+    d = tmp_path / "tune"
+    res, = tune(m, facts, [problem], ["rome"], layer, rule=rule, grids={"rome": {"kl_factor": grid}}, directory=d,
+                covariance_tokens=n_tok)
+    got = res.table["rewrite_mean"].to_list()
+    assert got == pytest.approx([h[0] for h in hand], rel=1e-3, abs=1e-9)
+    assert res.chosen == {"kl_factor": grid[ranked[1]]} and res.within_rule and not res.widened
+    assert res.table["chosen"].to_list() == [i == ranked[1] for i in range(len(grid))]
+    # the held-out check scores the profile's current setting (here the base, kl 1 = a grid point) the same way
+    ev = evaluate(m, facts, [problem], ["rome"], layer, covariance_tokens=n_tok)
+    assert base.kl_factor in grid and not ev["tuned"][0]
+    assert ev["rewrite_mean"][0] == pytest.approx(got[grid.index(base.kl_factor)], rel=1e-6, abs=1e-12)
+    assert ev["ci_low"][0] <= ev["rewrite_mean"][0] <= ev["ci_high"][0]
+    # resume: the journal answers every edit (none is recomputed) and the table is the same
+    calls = []
+    monkeypatch.setattr("locedit.problems.run.run_edit", lambda *a, **k: calls.append(1))
+    again, = tune(m, facts, [problem], ["rome"], layer, rule=rule, grids={"rome": {"kl_factor": grid}}, directory=d,
+                  covariance_tokens=n_tok)
+    assert calls == [] and again.table.equals(res.table) and again.chosen == res.chosen
+    # another rule in the same directory re-decides from the same rows (the rule chooses, it does not change a row)
+    loose, = tune(m, facts, [problem], ["rome"], layer, rule=replace(rule, ceiling=1.0),
+                  grids={"rome": {"kl_factor": grid}}, directory=d, covariance_tokens=n_tok)
+    assert calls == [] and loose.chosen == {"kl_factor": grid[ranked[0]]}
+    with pytest.raises(TuningConfigMismatch, match="layer"):
+        tune(m, facts, [problem], ["rome"], 0, rule=rule, grids={"rome": {"kl_factor": grid}}, directory=d,
+             covariance_tokens=n_tok)
+
+
+def test_widening_searches_the_budget_when_the_grid_falls_short(tiny_setup, monkeypatch):
+    m, facts = tiny_setup
+    base = replace(problem_hparams("error_injection", "ft-1", m, tuned=False), num_steps=2)
+    monkeypatch.setattr("locedit.tuning.problem_hparams", lambda p, meth, mod, tuned=True: base)
+    res, = tune(m, facts[:1], ["error_injection"], ["ft-1"], 1, rule=TuningRule(reach=0.99),
+                grids={"ft-1": {"norm_constraint": (1e-6,)}}, budget={"ft-1": {"num_steps": (4,)}})
+    # a bound of 1e-6 edits nothing: below reach, so the budget (2 and 4 steps) is searched and marked
+    assert res.widened and res.table["stage"].to_list() == ["paper", "budget:num_steps"]
+    assert res.table["num_steps"].to_list() == [2, 4]  # the paper row is the base budget (2 steps)
+    assert res.chosen["norm_constraint"] == 1e-6 and all(isinstance(v, float) for v in res.chosen.values())
+
+
+def test_tuned_table_round_trips_into_the_profile_exactly(tiny_setup, tmp_path, monkeypatch):
+    m, facts = tiny_setup
+    base = replace(problem_hparams("error_injection", "ft-1", "smollm2-135m", tuned=False), num_steps=2)
+    monkeypatch.setattr("locedit.tuning.problem_hparams", lambda p, meth, mod, tuned=True: base)
+    res, = tune(m, facts[:1], ["error_injection"], ["ft-1"], 1, widen=False,
+                grids={"ft-1": {"norm_constraint": (3e-3, 7e-3)}})
+    path = tmp_path / "smollm2.json"
+    write_tuned_table(path, "SmolLM2-135M-Instruct", "smollm2", [res], date="2026-12-02")
+    table = read_tuned_table(path)
+    entry, = table["entries"]
+    assert entry["overrides"] == res.chosen and entry["provenance"]["facts"] == [facts[0].id]
+    assert len(entry["provenance"]["table"]) == 2 and entry["provenance"]["date"] == "2026-12-02"
+    tuned = with_tuned_table(profiles.SMOLLM2, table)
+    monkeypatch.setattr(profiles, "PROFILES", {**profiles.PROFILES, "smollm2": tuned})
+    from locedit.problems import variants
+
+    applied = variants.problem_hparams("error_injection", "ft-1", "smollm2-135m")
+    assert applied.norm_constraint == res.chosen["norm_constraint"]
+    assert variants.problem_hparams("error_injection", "ft-1", "smollm2-135m", tuned=False).norm_constraint == \
+        profiles.SMOLLM2.problem_hparams[("error_injection", "ft-1")]["norm_constraint"]
+    # a second write merges (replaces the same problem × method, keeps it and adds the sweep's layer)
+    sweep = LayerSweep("error_injection", "rome", pl.DataFrame({"layer": [3, 7], "indistinguishable": [False, True]}),
+                       7, ("cf:0",))
+    write_tuned_table(path, "SmolLM2-135M-Instruct", "smollm2", [res], edit_layer=sweep, date="2026-12-03")
+    again = read_tuned_table(path)
+    assert len(again["entries"]) == 1 and again["edit_layer"]["layer"] == 7
+    assert with_tuned_table(profiles.SMOLLM2, again).edit_layer(30) == 7
+    with pytest.raises(ValueError, match="not 'gemma3'"):
+        write_tuned_table(path, "gemma", "gemma3", [res])
+    path.write_text('{"format": 99}')
+    with pytest.raises(TunedTableError, match="format"):
+        read_tuned_table(path)
+
+
+def test_layer_table_finds_the_planted_best_layer_and_its_equals():
+    rng = torch.Generator().manual_seed(0)
+    n, means = 30, {0: 0.2, 4: 0.8, 8: 0.79, 12: 0.5}
+    fact_effect = torch.randn(n, generator=rng) * 0.1
+    rows = [{"fact_id": f"f{i}", "layer": lay, "rewrite_score": mu + float(fact_effect[i]) +
+             0.02 * float(torch.randn(1, generator=rng)), "paraphrase_score": 0.0, "neighborhood_score": 1.0}
+            for i in range(n) for lay, mu in means.items()]
+    t, best = layer_table(pl.DataFrame(rows), peaks=[4, 4, 8, 12, 30])
+    assert best == 4
+    ind = dict(zip(t["layer"].to_list(), t["indistinguishable"].to_list()))
+    assert ind == {0: False, 4: True, 8: True, 12: False}
+    assert t["trace_peaks"].to_list() == [0, 2, 1, 1]
+    r4 = t.filter(pl.col("layer") == 4).row(0, named=True)
+    assert r4["ci_low"] < r4["rewrite_mean"] < r4["ci_high"] and r4["ci_high"] - r4["ci_low"] < 0.1
 
 
 def test_looser_bound_edits_more_on_real_facts(model):
     facts = load_counterfact(limit=2)  # cf:0 (Danielle Darrieux → French), cf:13
     lines = []
-    res = tune_norm_constraint(model, facts, "error_injection", "ft-1", 12, bounds=[1e-2, 1e-5],
-                               stop_above=False, progress=lines.append)
+    res, = tune(model, facts, ["error_injection"], ["ft-1"], 12, widen=False,
+                grids={"ft-1": {"norm_constraint": (1e-2, 1e-5)}}, progress=lines.append)
     t = res.table
-    assert t["norm_constraint"].to_list() == [1e-5, 1e-2] and t["n"].to_list() == [2, 2] and len(lines) == 2
+    assert t["norm_constraint"].to_list() == [1e-5, 1e-2] and t["n"].to_list() == [2, 2] and len(lines) == 3
     tight, loose = t["rewrite_mean"].to_list()
     # measured: ~0.000 at 1e-5 (the GPT-J-scale bound does nothing on SmolLM2) vs > 0.3 unconstrained
     assert tight < 0.02 and loose > tight + 0.2
-    assert res.chosen == (1e-2 if loose <= 0.99 else 1e-5) and res.fact_ids == ("cf:0", "cf:13")
+    assert res.chosen == {"norm_constraint": 1e-2 if loose <= 0.99 else 1e-5}
+
+
+def test_fact_forcing_reports_transfer_to_the_noise_draws_its_edit_did_not_see(tiny_setup):
+    """An FF edit over the first 2 of 4 noise draws: ``rewrite_score_heldout_noise`` is the rewrite score on draws 3
+    and 4, i.e. from p(target) averaged over exactly those draws (checked draw by draw, before and after the same
+    edit); with every draw optimised there is nothing held out (NaN)."""
+    from locedit.editors import EditRequest, edit
+    from locedit.problems import metrics as M
+    from locedit.problems.variants import default_noise
+    from locedit.tracer import target_probs
+    from locedit.tracer.tokens import locate_subject
+
+    m, facts = tiny_setup
+    fact = facts[0]
+    noise = default_noise(m, GaussianNoise(scale=3.0, samples=4, seed=1))
+    hp = replace(problem_hparams("fact_forcing", "ft-1", m, tuned=False), num_steps=3, norm_constraint=1e-1)
+    out = run_edit(m, fact, "fact_forcing", "ft-1", 1, hparams=hp, noise=noise, essence=False, edit_samples=2)
+    full = run_edit(m, fact, "fact_forcing", "ft-1", 1, hparams=hp, noise=noise, essence=False)
+    assert math.isnan(full.rewrite_score_heldout_noise) and math.isfinite(out.rewrite_score_heldout_noise)
+    s, e = locate_subject(m, fact.prompt, fact.subject).subject_span
+    eps = noise.draw(e - s, m.cfg.d_model)
+
+    def p_by_draw():
+        return [float(target_probs(m, [fact.prompt], [out.target], subjects=[fact.subject],
+                                   noise=replace(noise, samples=1, values=eps[j:j + 1], of=None))[0]) for j in (2, 3)]
+
+    before = p_by_draw()
+    req = EditRequest(template=fact.template, subject=fact.subject, target=out.target)
+    with edit(m, req, method="ft-1", layers=[1], hparams=hp, noise=noise.prefix(2)):
+        after = p_by_draw()
+    want = M.rewrite_score(sum(before) / 2, sum(after) / 2)
+    assert out.rewrite_score_heldout_noise == pytest.approx(want, rel=1e-4, abs=1e-9)
+    assert out.rewrite_score_heldout_noise != pytest.approx(out.rewrite_score, rel=1e-6)
+
+
+def test_cli_tune_refuses_bad_requests_in_one_line(capsys):
+    from locedit.cli import main
+
+    assert main(["tune", "--layers", "1", "2", "--methods", "rome", "ft-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one problem and one method" in err[0]
+    assert main(["tune", "--skip", "-1"]) == 2 and "--skip must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tune", "--grid", "kl_factor"])  # argparse: FIELD=V1,V2

@@ -6,9 +6,15 @@ method, the BOS convention and whether the lean fast path may be used. Everythin
 it through :func:`profile_for`:
 
 * ``editors.default_hparams`` / ``problems.problem_hparams`` — hyper-parameters;
-* ``locedit`` — the default edit layers of a study and ``tune-ft``'s layer;
+* ``locedit`` — the default edit layers of a study and ``locedit tune``'s layer;
 * :func:`tracer.tokens.encode` / ``locate_subject`` — whether a BOS token starts every prompt;
 * :func:`tracer.lean.lean_supported` — whether the lean blocks may be used (the config must allow them too).
+
+A family's *tuned* table — the App. A table ``locedit tune`` measured for that model by the paper's rule, and the
+default edit layer its layer sweep chose — is data shipped beside this module (``data/tuned/<family>.json``, written
+by :func:`locedit.tuning.write_tuned_table`, read here by :func:`read_tuned_table`): its entries replace the
+inherited (GPT-J) App. A values per (problem, method), each with its provenance (facts, layer, grid, rule, measured
+table, date).
 
 Adding a model family is one :data:`PROFILES` entry (see docs/CONTRACTS.md). A model no profile matches gets
 :data:`FALLBACK_PROFILE`: the reference (GPT-J) hyper-parameters and App. A table, the paper's edit layer 5 of 28
@@ -17,12 +23,25 @@ scaled to its depth, no BOS, the lean path where its configuration allows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["FALLBACK_PROFILE", "PROFILES", "ModelProfile", "profile_for"]
+__all__ = ["FALLBACK_PROFILE", "PROFILES", "TUNED_DIR", "TUNED_FORMAT", "ModelProfile", "TunedTableError",
+           "profile_for", "read_tuned_table", "with_tuned_table"]
+
+TUNED_DIR = Path(__file__).parent / "data" / "tuned"
+"""Where the shipped tuned tables live (``<family>.json``)."""
+
+TUNED_FORMAT = 1
+"""Version of the tuned-table JSON layout (:func:`read_tuned_table`)."""
+
+
+class TunedTableError(ValueError):
+    """A tuned table that is not one: wrong format version, a missing field, an unknown problem or method."""
 
 Overrides = Mapping[str, Any]
 
@@ -45,6 +64,10 @@ class ModelProfile:
         problem_hparams: per (problem, edit method), Hase et al. App. A overrides applied on top.
         prepend_bos: every prompt starts with the tokenizer's BOS token (subject spans shift by one).
         lean_fast_path: the lean suffix blocks may be used (they are used only where the config allows them).
+        tuned: per (problem, edit method), the overrides ``locedit tune`` chose for this model (applied on top of
+            ``problem_hparams``; empty where the family was not tuned).
+        tuned_edit_layer: the default edit layer a ``locedit tune --layers`` sweep chose (overrides
+            ``default_edit_layer``), or None.
     """
 
     family: str
@@ -54,18 +77,25 @@ class ModelProfile:
     problem_hparams: Mapping[tuple[str, str], Overrides] = field(default_factory=dict)
     prepend_bos: bool = False
     lean_fast_path: bool = True
+    tuned: Mapping[tuple[str, str], Overrides] = field(default_factory=dict)
+    tuned_edit_layer: int | None = None
 
     def edit_layer(self, n_layers: int) -> int:
-        """The default edit layer for a model of ``n_layers`` layers."""
-        if self.default_edit_layer is not None and self.default_edit_layer < n_layers:
-            return self.default_edit_layer
+        """The default edit layer for a model of ``n_layers`` layers: the tuned sweep's, else the family's, else
+        GPT-J's 5 of 28 scaled."""
+        for layer in (self.tuned_edit_layer, self.default_edit_layer):
+            if layer is not None and layer < n_layers:
+                return layer
         return round(5 * n_layers / 28)
 
-    def hparam_overrides(self, method: str, problem: str | None = None) -> dict[str, Any]:
-        """Field overrides for ``method`` (an edit method name), plus App. A's for ``problem`` if given."""
+    def hparam_overrides(self, method: str, problem: str | None = None, tuned: bool = True) -> dict[str, Any]:
+        """Field overrides for ``method`` (an edit method name), plus App. A's for ``problem`` if given, plus this
+        model's tuned values for (problem, method) unless ``tuned=False`` (the base a tuning run starts from)."""
         out = dict(self.editor_hparams.get(method, {}))
         if problem is not None:
             out.update(self.problem_hparams.get((problem, method), {}))
+            if tuned:
+                out.update(self.tuned.get((problem, method), {}))
         return out
 
 
@@ -115,14 +145,11 @@ GPT2_XL = ModelProfile(
     }),
 )
 
-# The embedded SmolLM2-135M (30 layers, d_mlp 1536). ROME and FT keep GPT-J's defaults (rewrite >= 0.5 on known
-# CounterFact facts at the middle layers, see tests); MEMIT's lambda is scaled down to 5000 (its keys are 1536-dim vs
-# GPT-J's 16384) so that a 5-layer edit at layers 10..14 reaches p(target) > 0.5 on most facts. App. A: GPT-J's
-# table, except Error Injection's FT bounds, re-tuned by the paper's rule (`locedit tune-ft`: the largest bound with
-# mean rewrite <= 0.99 at the default layer 5, first known CounterFact facts). Measured: FT-1 (20 facts)
-# 1e-4 -> 0.002, 1e-3 -> 0.056, 3e-3 -> 0.544, 1e-2 -> 0.905 (no bound reaches 0.99; 1e-2 is effectively unconstrained
-# at lr 5e-4 x 25 steps); FT-5 (10 facts) 1e-4 -> 0.023, 1e-3 -> 0.966, 3e-3 -> 0.991. The other problems keep
-# GPT-J's bounds (not re-tuned; `locedit tune-ft --problem ...`).
+# The embedded SmolLM2-135M (30 layers, d_mlp 1536). MEMIT's lambda is scaled down to 5000 (its keys are 1536-dim vs
+# GPT-J's 16384) so that a 5-layer edit at layers 10..14 reaches p(target) > 0.5 on most facts. App. A: GPT-J's table
+# as the base, except Error Injection's FT bounds (an earlier bound-only tuning by the same rule: FT-1 1e-2, FT-5
+# 1e-3); what `locedit tune` measured for this model (docs/TUNING.md) is the tuned table data/tuned/smollm2.json,
+# applied on top per (problem, method).
 SMOLLM2 = ModelProfile(
     family="smollm2",
     matches=("smollm2",),
@@ -145,7 +172,49 @@ GEMMA3 = ModelProfile(
     prepend_bos=True,
 )
 
-PROFILES: Mapping[str, ModelProfile] = _frozen({p.family: p for p in (SMOLLM2, GPT_J, GPT2_XL, GEMMA3)})
+def read_tuned_table(path: str | Path) -> dict[str, Any]:
+    """A tuned table (JSON written by :func:`locedit.tuning.write_tuned_table`), checked:
+    ``{"format": 1, "family", "entries": [{"problem", "method", "overrides": {field: value}, ...provenance}],
+    "edit_layer": {"layer": int, ...provenance} | null}``.
+
+    Raises:
+        TunedTableError: another format version or a malformed entry (names the file and the entry).
+    """
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise TunedTableError(f"{path}: not a readable tuned table ({e})") from e
+    if not isinstance(table, dict) or table.get("format") != TUNED_FORMAT:
+        raise TunedTableError(f"{path}: tuned-table format {table.get('format') if isinstance(table, dict) else None!r}"
+                              f", expected {TUNED_FORMAT}")
+    for i, e in enumerate(table.get("entries", [])):
+        if not (isinstance(e, dict) and isinstance(e.get("problem"), str) and isinstance(e.get("method"), str)
+                and isinstance(e.get("overrides"), dict)):
+            raise TunedTableError(f"{path}: entry {i} needs a problem, a method and an overrides object")
+    layer = table.get("edit_layer")
+    if layer is not None and not (isinstance(layer, dict) and isinstance(layer.get("layer"), int)):
+        raise TunedTableError(f"{path}: edit_layer must be null or an object with an int layer")
+    return table
+
+
+def with_tuned_table(profile: ModelProfile, table: Mapping[str, Any] | None) -> ModelProfile:
+    """``profile`` with a tuned table's overrides and edit layer (unchanged for None)."""
+    if table is None:
+        return profile
+    tuned = {(e["problem"], e["method"]): _frozen(dict(e["overrides"])) for e in table.get("entries", [])}
+    layer = table.get("edit_layer")
+    return replace(profile, tuned=_frozen(tuned), tuned_edit_layer=None if layer is None else int(layer["layer"]))
+
+
+def _shipped(profile: ModelProfile) -> ModelProfile:
+    path = TUNED_DIR / f"{profile.family}.json"
+    return with_tuned_table(profile, read_tuned_table(path) if path.exists() else None)
+
+
+PROFILES: Mapping[str, ModelProfile] = _frozen(
+    {p.family: _shipped(p) for p in (SMOLLM2, GPT_J, GPT2_XL, GEMMA3)}
+)
 
 FALLBACK_PROFILE = replace(GPT_J, family="unknown", matches=(), default_edit_layer=None)
 

@@ -1,0 +1,707 @@
+"""Editors tuned for the model they edit, by Hase et al.'s rule (App. A), and the layer to edit.
+
+The paper tuned each edit method × problem on GPT-J "to have high rewrite scores while not trading off too aggressively
+against paraphrase and neighborhood scores ... rewrite scores no higher than 99 %", on the first 100 CounterFact points
+at the default layer, over the KL weight ∈ {0.0625, 0.9, 1} (ROME, MEMIT) and the L∞ bound ∈ {1e-4, 5e-5, 2e-5, 1e-5}
+(FT). Those values do not transfer to a 135M model (FT's bounds leave it unchanged; ROME's Fact Forcing learning rate
+leaves v* short of its target). :func:`tune` applies the same rule to any model and records how it got there.
+
+**The rule implemented** (:func:`choose_setting`, :class:`TuningRule`): a grid point is *admissible* when its mean
+rewrite score over the tuning facts is ≤ ``ceiling`` (0.99) and its mean neighborhood score is within
+``neighborhood_tolerance`` (0.05) of the best mean neighborhood score on the grid (the paper's "not trading off too
+aggressively", made explicit; paraphrase is reported, not constrained: it moves with the rewrite). The chosen point is
+the admissible one with the highest mean rewrite (ties: the earlier grid point). If none is admissible the point with
+the lowest mean rewrite is returned, flagged ``within_rule=False``. **Widening**: when the chosen point's mean rewrite is
+below ``reach`` (0.9; ROME reaches 0.99 at GPT-J's default layer and > 0.96 at every layer but the last, Hase et al.
+§4), the search is widened to the optimizer budget (:data:`BUDGET_GRIDS`: v*/z learning rate, then steps; FT's steps),
+one field at a time in that order — each crossed with the paper's grid, the fields already searched fixed at the chosen
+point — until the chosen point reaches ``reach``; the rule is applied to the whole table each time (``widened=True``).
+
+Rewrite score: (p* − p)/(1 − p) for maximizing problems, max(0, (p − p*)/p) for Fact Erasure (Hase et al. §3.3), as
+:func:`problems.run.run_edit` reports it. Every outcome is journalled (one JSON line per fact × grid point,
+:class:`locedit.journal.Journal`): a killed run resumes without recomputing a finished edit and reaches the same table.
+
+:func:`sweep_layers` answers "which layer should I edit on this model?": per-layer mean rewrite with 95 % intervals over
+facts, the best layer, the layers a paired test does not distinguish from it (Holm-adjusted), and where the same facts'
+causal traces peak.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from transformer_lens import HookedTransformer
+
+from locedit.editors.hparams import FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from locedit.editors.methods import EDIT_METHODS, resolve_method
+from locedit.problems.facts import Fact
+from locedit.problems.filters import first_passing
+from locedit.problems.variants import problem_hparams, resolve_problem
+
+__all__ = [
+    "BUDGET_GRIDS",
+    "FT_METHODS",
+    "PAPER_GRIDS",
+    "LayerSweep",
+    "TuningConfigMismatch",
+    "TuningResult",
+    "TuningRule",
+    "budget_axes",
+    "choose_setting",
+    "evaluate",
+    "first_known",
+    "grid_points",
+    "sweep_layers",
+    "tune",
+    "write_tuned_table",
+]
+
+FT_METHODS: tuple[str, ...] = tuple(n for n, e in EDIT_METHODS.items() if e.hparams is FTHyperParams)
+"""The edit methods with an L∞ bound to tune (constrained finetuning)."""
+
+PAPER_GRIDS: Mapping[type, Mapping[str, tuple]] = {
+    ROMEHyperParams: {"kl_factor": (0.0625, 0.9, 1.0)},
+    MEMITHyperParams: {"kl_factor": (0.0625, 0.9, 1.0)},
+    # the paper's {1e-5, 2e-5, 5e-5, 1e-4}, extended upward by half-decades: a 135M model's W_out entries need
+    # larger moves (SmolLM2's FT-1 rewrite at 1e-4 is 0.002); with Adam at lr 5e-4 × 25 steps no entry moves more than
+    # ~1.3e-2, so 1e-2 is effectively unconstrained
+    FTHyperParams: {"norm_constraint": (1e-5, 2e-5, 5e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
+}
+"""Per hyper-parameter class, the paper's App. A grid (the field searched first)."""
+
+BUDGET_GRIDS: Mapping[type, Mapping[str, tuple]] = {
+    ROMEHyperParams: {"v_lr": (0.05, 0.5), "v_num_grad_steps": (25, 50)},
+    MEMITHyperParams: {"v_lr": (0.05, 0.5), "v_num_grad_steps": (25, 50)},
+    FTHyperParams: {"num_steps": (25, 50, 100)},
+}
+"""Per hyper-parameter class, the optimizer budget searched when the paper's grid does not reach ``reach`` (the base
+value of each field is always included)."""
+
+MONOTONE_FIELDS = frozenset({"norm_constraint"})
+"""Grid fields along which the rewrite score grows (scanned upward; a scan stops after its first mean above the
+ceiling, as larger values only edit more)."""
+
+
+class TuningConfigMismatch(ValueError):
+    """A tuning directory holds a run with another request (model, facts, layer, grids or rule)."""
+
+
+@dataclass(frozen=True)
+class TuningRule:
+    """Hase et al.'s App. A rule, made explicit (module docstring).
+
+    Attributes:
+        ceiling: the highest admissible mean rewrite score (0.99: "no higher than 99 %").
+        neighborhood_tolerance: admissible points keep their mean neighborhood score within this of the grid's best.
+        reach: widen to the optimizer budget when the chosen mean rewrite is below this.
+    """
+
+    ceiling: float = 0.99
+    neighborhood_tolerance: float = 0.05
+    reach: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ceiling <= 1:
+            raise ValueError(f"ceiling must be in (0, 1], got {self.ceiling}")
+        if not 0 <= self.neighborhood_tolerance <= 1:
+            raise ValueError(f"neighborhood_tolerance must be in [0, 1], got {self.neighborhood_tolerance}")
+        if not 0 <= self.reach <= self.ceiling:
+            raise ValueError(f"reach must be in [0, ceiling], got {self.reach}")
+
+
+def choose_setting(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> tuple[int, bool]:
+    """The rule on a measured grid: ``(row index of the chosen point, within_rule)``.
+
+    ``table``: one row per grid point in grid order, with ``rewrite_mean`` and ``neighborhood_mean``. Admissible:
+    rewrite ≤ ceiling and neighborhood ≥ max(neighborhood) − tolerance; chosen: the admissible row with the highest
+    rewrite (first on ties); none admissible: the row with the lowest rewrite, ``within_rule=False``.
+
+    Raises:
+        ValueError: an empty table or a missing column.
+    """
+    missing = {"rewrite_mean", "neighborhood_mean"} - set(table.columns)
+    if table.height == 0 or missing:
+        raise ValueError(f"need a non-empty grid with rewrite_mean and neighborhood_mean (missing {sorted(missing)})")
+    rewrite = table["rewrite_mean"].to_list()
+    neighborhood = table["neighborhood_mean"].to_list()
+    best_nb = max((x for x in neighborhood if not math.isnan(x)), default=math.nan)
+    admissible = [
+        i for i, (r, nb) in enumerate(zip(rewrite, neighborhood))
+        if not math.isnan(r) and r <= rule.ceiling
+        and (math.isnan(best_nb) or (not math.isnan(nb) and nb >= best_nb - rule.neighborhood_tolerance))
+    ]
+    if admissible:
+        return max(admissible, key=lambda i: (rewrite[i], -i)), True
+    finite = [i for i, r in enumerate(rewrite) if not math.isnan(r)]
+    if not finite:
+        return 0, False
+    return min(finite, key=lambda i: (rewrite[i], i)), False
+
+
+def first_known(model: HookedTransformer, facts: Sequence[Fact], n: int, skip: int = 0) -> list[Fact]:
+    """Known facts in dataset order (the paper's "first 100 points"), after the first ``skip`` known ones (so that a
+    tuning sample can be disjoint from a study's first known facts): :func:`problems.filters.first_passing` with
+    the cached :func:`problems.filters.known_mask`."""
+    return first_passing(model, facts, n + skip)[skip:]
+
+
+def grid_points(method: str, base, grids: Mapping[str, Sequence] | None = None,
+                extra: Mapping[str, Sequence] | None = None) -> list[dict[str, Any]]:
+    """The grid points of ``method`` in scan order: the paper's grid (``grids`` replaces it), crossed with ``extra``
+    axes (field → values; optimizer-budget fields while widening). Monotone fields scan upward; the extra axes vary
+    slowest (so a monotone scan can stop early within each combination)."""
+    cls = resolve_method(method, aliases=False).hparams
+    primary = dict(PAPER_GRIDS[cls] if grids is None else grids)
+    if not primary:
+        raise ValueError(f"{method}: an empty tuning grid")
+    axes = {**primary, **dict(extra or {})}
+    for f, values in axes.items():
+        if not hasattr(base, f) or not values:
+            raise ValueError(f"{method}: {f!r} is not a hyper-parameter of {cls.__name__} or has no values")
+        if f in MONOTONE_FIELDS:
+            axes[f] = tuple(sorted(values))
+    order = [f for f in axes if f not in primary] + list(primary)
+    return [dict(zip(order, combo)) for combo in itertools.product(*(axes[f] for f in order))]
+
+
+def budget_axes(method: str, base, budget: Mapping[str, Sequence] | None = None) -> dict[str, tuple]:
+    """The optimizer-budget fields searched while widening, in search order, each with its base value included
+    (:data:`BUDGET_GRIDS` unless ``budget`` replaces it)."""
+    cls = resolve_method(method, aliases=False).hparams
+    out = {}
+    for f, values in (BUDGET_GRIDS[cls] if budget is None else budget).items():
+        if not hasattr(base, f):
+            raise ValueError(f"{method}: {f!r} is not a hyper-parameter of {cls.__name__}")
+        out[f] = tuple(sorted({*values, getattr(base, f)}))
+    return out
+
+
+def _point_label(point: Mapping[str, Any]) -> str:
+    return json.dumps({k: point[k] for k in sorted(point)}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    """One method × problem tuned by :func:`tune`.
+
+    Attributes:
+        problem, method, layer: what was tuned, at which (centre) layer.
+        rule: the :class:`TuningRule` applied.
+        chosen: the chosen grid point (field → value), the overrides the tuned profile stores.
+        within_rule: False when no grid point was admissible (then ``chosen`` is the lowest-rewrite point).
+        widened: the optimizer budget was searched because the paper's grid stayed below ``rule.reach``.
+        table: one row per measured grid point (scan order): ``point`` (JSON), the grid fields, ``n``,
+            ``rewrite_mean``, ``rewrite_sd``, ``paraphrase_mean``, ``neighborhood_mean``, ``p_post_mean``,
+            ``opt_p_target_mean``, ``opt_steps_mean``, ``edit_seconds_mean``, ``stage`` ("paper" / "budget:<field>"),
+            ``chosen``.
+        fact_ids: the tuning facts.
+    """
+
+    problem: str
+    method: str
+    layer: int
+    rule: TuningRule
+    chosen: dict[str, Any]
+    within_rule: bool
+    widened: bool
+    table: pl.DataFrame
+    fact_ids: tuple[str, ...]
+
+    @property
+    def chosen_row(self) -> dict[str, Any]:
+        return self.table.filter(pl.col("chosen")).row(0, named=True)
+
+    def entry(self, model_name: str, date: str | None = None) -> dict[str, Any]:
+        """This result as a tuned-table entry (:func:`tracer.profiles.read_tuned_table`), with its provenance."""
+        from locedit import __version__
+
+        row = self.chosen_row
+        return {
+            "problem": self.problem, "method": self.method, "overrides": dict(self.chosen),
+            "within_rule": self.within_rule, "widened": self.widened,
+            "rewrite_mean": row["rewrite_mean"], "neighborhood_mean": row["neighborhood_mean"],
+            "paraphrase_mean": row["paraphrase_mean"],
+            "provenance": {
+                "model": model_name, "layer": self.layer, "facts": list(self.fact_ids), "rule": asdict(self.rule),
+                "date": date or _dt.date.today().isoformat(), "locedit": __version__,
+                "table": self.table.drop("chosen").to_dicts(),
+            },
+        }
+
+
+def _summarise(rows: list[dict[str, Any]], point: dict[str, Any], stage: str) -> dict[str, Any]:
+    def mean(col):
+        xs = [r[col] for r in rows if r.get(col) is not None and not math.isnan(r[col])]
+        return sum(xs) / len(xs) if xs else math.nan
+
+    rw = [r["rewrite_score"] for r in rows]
+    m = mean("rewrite_score")
+    sd = math.sqrt(sum((x - m) ** 2 for x in rw) / (len(rw) - 1)) if len(rw) > 1 else math.nan
+    return {"point": _point_label(point), **{k: float(v) for k, v in point.items()}, "n": len(rows),
+            "rewrite_mean": m, "rewrite_sd": sd, "paraphrase_mean": mean("paraphrase_score"),
+            "neighborhood_mean": mean("neighborhood_score"), "p_post_mean": mean("p_rewrite_post"),
+            "opt_p_target_mean": mean("opt_p_target"), "opt_steps_mean": mean("opt_steps"),
+            "rewrite_heldout_noise_mean": mean("rewrite_score_heldout_noise"),
+            "edit_seconds_mean": mean("edit_seconds"), "stage": stage}
+
+
+class _Runner:
+    """Runs (and journals) edits for :func:`tune` / :func:`sweep_layers`: a fact's pre-edit scores per problem and
+    its v* optimisations are computed once and shared by every grid point and method that can use them."""
+
+    def __init__(self, model, facts, journal, methods: Sequence[str], layers: Sequence[int], noise,
+                 covariance_tokens: int | None, progress, edit_samples: int | None = None):
+        from locedit.editors.methods import lowest_edited_layers, target_groups
+
+        self.model, self.facts, self.journal, self.noise = model, list(facts), journal, noise
+        n = model.cfg.n_layers
+        self.checkpoints = lowest_edited_layers(methods, n, layers)
+        self._groups = target_groups(methods, n, layers)
+        self.n_tokens, self.progress, self.edit_samples = covariance_tokens, progress, edit_samples
+        self.records: dict[str, dict[str, Any]] = {}
+        self._pre: dict[tuple[str, str], Any] = {}
+        self._memo: dict[str, Any] = {}
+        if journal is not None:
+            from locedit.journal import read_journal
+
+            for r in read_journal(journal.path):
+                self.records[r["key"]] = r
+
+    def outcome(self, fact: Fact, problem: str, method: str, layer: int, hp, point: Mapping[str, Any]) -> dict:
+        from locedit.editors import key_second_moment
+        from locedit.editors.targets import TargetMemo
+        from locedit.problems.run import pre_edit, run_edit
+
+        key = f"{method}|{problem}|L{layer}|{_point_label(point)}|{fact.id}"
+        if key in self.records:
+            return self.records[key]
+        if (fact.id, problem) not in self._pre:
+            self._pre[(fact.id, problem)] = pre_edit(self.model, fact, problem, self.noise, essence=False,
+                                                     checkpoint_layers=self.checkpoints,
+                                                     edit_samples=self.edit_samples)
+        memo = self._memo.setdefault(fact.id, TargetMemo(self._groups))
+        n = self.n_tokens
+        out = run_edit(self.model, fact, problem, method, layer, hparams=hp, noise=self.noise, essence=False,
+                       pre=self._pre[(fact.id, problem)], targets=memo, edit_samples=self.edit_samples,
+                       covariance=lambda m, lay: key_second_moment(m, lay, n_tokens=n, progress=False))
+        rec = {"key": key, "point": _point_label(point), **out.as_row()}
+        if self.journal is not None:
+            self.journal.append(rec)
+        self.records[key] = rec
+        return rec
+
+
+def _check_request(directory: Path, request: dict[str, Any], bases: Mapping[str, str] | None = None) -> None:
+    """Refuse a directory whose journal was written for other edits. ``request``: what determines every journalled
+    row besides its key (model, facts, layer(s), noise, ...) — it must equal the stored one; ``bases``: per
+    "problem|method" the base hyper-parameters the grid points apply to — equal where both have the entry, new
+    entries are added (a later run may tune more methods or problems, widen, or change the rule and grids in the same
+    directory: those choose which rows run, not what a row holds)."""
+    from locedit.tracer.atomic import write_atomic
+
+    path = directory / "request.json"
+    bases = dict(bases or {})
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_bases = old.pop("bases", {})
+        diff = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+        diff += sorted(f"base hyper-parameters of {k}" for k in set(old_bases) & set(bases) if old_bases[k] != bases[k])
+        if diff:
+            raise TuningConfigMismatch(f"{directory} holds a tuning run with another {', '.join(diff)}; use a new "
+                                       f"directory (or the same request to resume)")
+        if set(bases) <= set(old_bases):
+            return
+        bases = {**old_bases, **bases}
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({**request, **({"bases": bases} if bases else {})}, indent=1, sort_keys=True) + "\n")
+
+
+def tune(
+    model: HookedTransformer,
+    facts: Sequence[Fact],
+    problems: Sequence[str],
+    methods: Sequence[str],
+    layer: int,
+    *,
+    rule: TuningRule = TuningRule(),
+    grids: Mapping[str, Mapping[str, Sequence]] | None = None,
+    budget: Mapping[str, Mapping[str, Sequence]] | None = None,
+    widen: bool = True,
+    directory: str | Path | None = None,
+    noise=None,
+    covariance_tokens: int | None = None,
+    edit_samples: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[TuningResult]:
+    """Tune every ``method`` × ``problem`` at ``layer`` over ``facts`` by the rule (module docstring).
+
+    Args:
+        facts: the tuning facts (the paper: the first 100 known; :func:`first_known`).
+        problems, methods: names from ``problems.PROBLEMS`` and ``editors.EDIT_METHODS``.
+        layer: the (centre) edit layer (the paper: the model's default).
+        grids, budget: per method, replacements for :data:`PAPER_GRIDS` / :data:`BUDGET_GRIDS` (field → values).
+        widen: search the optimizer budget when the paper's grid stays below ``rule.reach``.
+        directory: journal and request here (resumable; a different request there raises
+            :class:`TuningConfigMismatch`); None: nothing written.
+        noise: the subject noise of Fact Forcing / Tracing Reversal (``problems.default_noise``'s default: scale 3).
+        covariance_tokens: WikiText tokens of the key second moment (default: the editors').
+        edit_samples: Fact Forcing's edit optimises over the first ``edit_samples`` noise draws (the study's
+            ``forcing_edit_samples``, a cost knob; default all); tune with the value the study will use.
+        progress: called with one line per measured grid point.
+
+    Every other hyper-parameter is the problem's un-tuned base (``problem_hparams(..., tuned=False)``: the editors'
+    defaults for the model with the paper's App. A overrides). Essence is not scored (not part of the rule).
+
+    Raises:
+        ValueError: unknown problem or method, no facts, a grid field the method does not have.
+    """
+    from locedit.problems.variants import default_noise
+
+    if not facts:
+        raise ValueError("no facts to tune on")
+    for p in problems:
+        resolve_problem(p)
+    methods = [resolve_method(m, aliases=False).name for m in methods]
+    order = {"rome": 0, "r-rome": 1}  # r-ROME right after ROME: it reuses ROME's v* per grid point
+    methods = sorted(dict.fromkeys(methods), key=lambda m: order.get(m, 2))
+    journal = None
+    if directory is not None:
+        from locedit.journal import Journal
+
+        directory = Path(directory)
+        _check_request(directory, {
+            "model": model.cfg.model_name, "facts": [f.id for f in facts], "layer": int(layer),
+            "covariance_tokens": covariance_tokens, "noise": None if noise is None else repr(noise),
+            "edit_samples": edit_samples,
+        }, {f"{p}|{m}": repr(problem_hparams(p, m, model, tuned=False)) for p in problems for m in methods})
+        journal = Journal(directory / "tune.jsonl")
+    runner = _Runner(model, facts, journal, methods, [layer], default_noise(model, noise), covariance_tokens,
+                     progress, edit_samples)
+    results = []
+    for problem in problems:
+        for method in methods:
+            base = problem_hparams(problem, method, model, tuned=False)
+            mine = None if grids is None else grids.get(method)
+            table = _scan(runner, problem, method, layer, base, grid_points(method, base, mine), "paper", rule)
+            idx, within = choose_setting(table, rule)
+            widened = False
+            if widen and table["rewrite_mean"][idx] < rule.reach:
+                # one budget field at a time (search order), crossed with the paper's grid, the fields already
+                # searched fixed at the chosen point's values; stop once the chosen point reaches ``reach``
+                widened, fixed = True, {}
+                for f, values in budget_axes(method, base, None if budget is None else budget.get(method)).items():
+                    seen = {_effective(base, json.loads(p)) for p in table["point"]}
+                    points = grid_points(method, base, mine, {**{k: (v,) for k, v in fixed.items()}, f: values})
+                    more = _scan(runner, problem, method, layer, base,
+                                 [p for p in points if _effective(base, p) not in seen], f"budget:{f}", rule)
+                    if more.height:
+                        table = pl.concat([table, more], how="diagonal_relaxed")
+                    table = table.with_columns(pl.col(c).fill_null(float(getattr(base, c)))
+                                               for c in (*fixed, f) if c in table.columns)
+                    idx, within = choose_setting(table, rule)
+                    fixed[f] = _typed(base, f, table[f][idx]) if f in table.columns else getattr(base, f)
+                    if table["rewrite_mean"][idx] >= rule.reach:
+                        break
+            table = table.with_columns(pl.Series("chosen", [i == idx for i in range(table.height)]))
+            chosen = json.loads(table["point"][idx])
+            chosen = {k: _typed(base, k, v) for k, v in chosen.items()}
+            results.append(TuningResult(problem, method, int(layer), rule, chosen, within, widened, table,
+                                        tuple(f.id for f in facts)))
+            if progress is not None:
+                flag = "" if within else " (no admissible point: the lowest rewrite)"
+                progress(f"{problem} {method} L{layer}: chosen {chosen}{flag}{' [budget widened]' if widened else ''}")
+    return results
+
+
+def _effective(base, point: Mapping[str, Any]):
+    """The hyper-parameters a grid point runs with (two labels, one setting: the same)."""
+    return replace(base, **{k: _typed(base, k, v) for k, v in point.items()})
+
+
+def _typed(base, name: str, value):
+    """A grid value with its dataclass field's type (JSON reads 25.0 back for an int step count)."""
+    return type(getattr(base, name))(value)
+
+
+def _scan(runner: _Runner, problem, method, layer, base, points, stage, rule) -> pl.DataFrame:
+    rows = []
+    stopped: set[str] = set()  # budget combinations whose monotone scan went above the ceiling
+    for point in points:
+        budget_key = _point_label({k: v for k, v in point.items() if k not in MONOTONE_FIELDS})
+        if budget_key in stopped:
+            continue
+        hp = _effective(base, point)
+        recs = [runner.outcome(f, problem, method, layer, hp, point) for f in runner.facts]
+        row = _summarise(recs, point, stage)
+        rows.append(row)
+        if runner.progress is not None:
+            runner.progress(f"{problem} {method} L{layer} {row['point']}: rewrite {row['rewrite_mean']:.3f} "
+                            f"(sd {row['rewrite_sd']:.3f}, n {row['n']}), paraphrase {row['paraphrase_mean']:.3f}, "
+                            f"neighborhood {row['neighborhood_mean']:.3f}, p(target) at the end of the optimisation "
+                            f"{row['opt_p_target_mean']:.3f}, {row['edit_seconds_mean']:.1f} s/edit")
+        if set(point) & MONOTONE_FIELDS and row["rewrite_mean"] > rule.ceiling:
+            stopped.add(budget_key)
+    return pl.DataFrame(rows)
+
+
+def evaluate(
+    model: HookedTransformer,
+    facts: Sequence[Fact],
+    problems: Sequence[str],
+    methods: Sequence[str],
+    layer: int,
+    *,
+    directory: str | Path | None = None,
+    noise=None,
+    covariance_tokens: int | None = None,
+    edit_samples: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> pl.DataFrame:
+    """The model's current hyper-parameters (``problem_hparams``: tuned where its profile has a tuned table) on
+    ``facts`` — held-out facts, not the tuning sample — at ``layer``: one row per problem × method with ``n``,
+    ``rewrite_mean`` and its 95 % t-interval over facts (``ci_low``, ``ci_high``), ``paraphrase_mean``,
+    ``neighborhood_mean``, ``opt_p_target_mean``, ``edit_seconds_mean``, ``tuned`` (whether a tuned entry was used)
+    ``rewrite_heldout_noise_mean`` (Fact Forcing with ``edit_samples``: on the draws the edit did not see) and
+    ``hparams`` (repr). ``directory``: journal here (resumable)."""
+    from scipy import stats as st
+
+    from locedit.problems.variants import default_noise
+    from locedit.tracer.profiles import profile_for
+
+    if not facts:
+        raise ValueError("no facts to evaluate on")
+    methods = sorted(dict.fromkeys(resolve_method(m, aliases=False).name for m in methods),
+                     key=lambda m: {"rome": 0, "r-rome": 1}.get(m, 2))
+    for p in problems:
+        resolve_problem(p)
+    hps = {(p, m): problem_hparams(p, m, model) for p in problems for m in methods}
+    journal = None
+    if directory is not None:
+        from locedit.journal import Journal
+
+        directory = Path(directory)
+        _check_request(directory, {"model": model.cfg.model_name, "facts": [f.id for f in facts], "layer": int(layer),
+                                   "problems": list(problems), "methods": methods,
+                                   "hparams": {f"{p}|{m}": repr(h) for (p, m), h in hps.items()},
+                                   "covariance_tokens": covariance_tokens, "edit_samples": edit_samples,
+                                   "noise": None if noise is None else repr(noise)})
+        journal = Journal(directory / "evaluate.jsonl")
+    runner = _Runner(model, facts, journal, methods, [layer], default_noise(model, noise), covariance_tokens, progress,
+                     edit_samples)
+    tuned = profile_for(model).tuned
+    rows = []
+    for problem in problems:
+        for method in methods:
+            recs = [runner.outcome(f, problem, method, layer, hps[(problem, method)], {"evaluate": 1})
+                    for f in runner.facts]
+            row = _summarise(recs, {}, "held-out")
+            n, sd = row["n"], row["rewrite_sd"]
+            half = st.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+            rows.append({"problem": problem, "method": method, "layer": int(layer), "n": n,
+                         "rewrite_mean": row["rewrite_mean"], "ci_low": row["rewrite_mean"] - half,
+                         "ci_high": row["rewrite_mean"] + half, "paraphrase_mean": row["paraphrase_mean"],
+                         "neighborhood_mean": row["neighborhood_mean"], "opt_p_target_mean": row["opt_p_target_mean"],
+                         "rewrite_heldout_noise_mean": row["rewrite_heldout_noise_mean"],
+                         "edit_seconds_mean": row["edit_seconds_mean"], "tuned": (problem, method) in tuned,
+                         "hparams": repr(hps[(problem, method)])})
+            if progress is not None:
+                r = rows[-1]
+                progress(f"held-out {problem} {method} L{layer}: rewrite {r['rewrite_mean']:.3f} "
+                         f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n {n}), neighborhood {r['neighborhood_mean']:.3f}")
+    return pl.DataFrame(rows)
+
+
+def write_tuned_table(path: str | Path, model_name: str, family: str, results: Sequence[TuningResult] = (),
+                      edit_layer: LayerSweep | None = None, date: str | None = None) -> dict[str, Any]:
+    """Merge ``results`` (and a layer sweep's choice) into the tuned table at ``path`` (created if absent): an entry
+    per (problem, method) replaces an earlier one; written atomically. Returns the table written.
+
+    The profile of ``family`` reads ``tracer/data/tuned/<family>.json`` (:func:`tracer.profiles.read_tuned_table`).
+    """
+    from locedit.tracer.atomic import write_atomic
+    from locedit.tracer.profiles import TUNED_FORMAT, read_tuned_table
+
+    path = Path(path)
+    table = read_tuned_table(path) if path.exists() else {"format": TUNED_FORMAT, "family": family,
+                                                            "entries": [], "edit_layer": None}
+    if table.get("family") != family:
+        raise ValueError(f"{path} is the tuned table of {table.get('family')!r}, not {family!r}")
+    new = {(r.problem, r.method): r.entry(model_name, date) for r in results}
+    kept = [e for e in table["entries"] if (e["problem"], e["method"]) not in new]
+    table["entries"] = sorted(kept + list(new.values()), key=lambda e: (e["problem"], e["method"]))
+    if edit_layer is not None:
+        table["edit_layer"] = edit_layer.entry(model_name, date)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(table, indent=1, sort_keys=True, default=_nan_safe) + "\n")
+    return table
+
+
+def _nan_safe(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+@dataclass(frozen=True)
+class LayerSweep:
+    """Result of :func:`sweep_layers`.
+
+    Attributes:
+        problem, method: what was swept.
+        table: one row per layer: ``layer, n, rewrite_mean, ci_low, ci_high`` (95 % t-interval over facts),
+            ``paraphrase_mean, neighborhood_mean``, ``diff_vs_best`` (mean paired difference to the best layer),
+            ``p_vs_best`` / ``p_vs_best_holm`` (paired t-test against the best layer, Holm-adjusted over layers),
+            ``indistinguishable`` (Holm p ≥ 0.05 or the best layer itself), ``trace_peaks`` (facts whose causal trace
+            peaks at this layer).
+        best_layer: the layer with the highest mean rewrite.
+        fact_ids: the facts.
+        hparams: per problem × method, the hyper-parameters used (repr).
+    """
+
+    problem: str
+    method: str
+    table: pl.DataFrame
+    best_layer: int
+    fact_ids: tuple[str, ...]
+    hparams: str = ""
+    peak_kind: str = "mlp"
+
+    @property
+    def indistinguishable(self) -> list[int]:
+        return self.table.filter(pl.col("indistinguishable"))["layer"].to_list()
+
+    def entry(self, model_name: str, date: str | None = None) -> dict[str, Any]:
+        from locedit import __version__
+
+        return {"layer": int(self.best_layer), "problem": self.problem, "method": self.method,
+                "indistinguishable": self.indistinguishable,
+                "provenance": {"model": model_name, "facts": list(self.fact_ids), "hparams": self.hparams,
+                               "date": date or _dt.date.today().isoformat(), "locedit": __version__,
+                               "table": self.table.to_dicts()}}
+
+
+def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.05) -> tuple[pl.DataFrame, int]:
+    """Per-layer summary of a sweep's outcomes (``fact_id, layer, rewrite_score, paraphrase_score,
+    neighborhood_score``): means with 95 % t-intervals over facts, the best layer (highest mean rewrite), paired
+    t-tests of every layer against it on the facts both have, Holm-adjusted (statsmodels), and the count of
+    ``peaks`` (one tracing peak layer per fact) at each layer. Returns ``(table, best_layer)``."""
+    from scipy import stats as st
+    from statsmodels.stats.multitest import multipletests
+
+    agg = rows.group_by("layer").agg(
+        pl.len().alias("n"), pl.col("rewrite_score").mean().alias("rewrite_mean"),
+        pl.col("rewrite_score").std().alias("rewrite_sd"),
+        pl.col("paraphrase_score").mean().alias("paraphrase_mean"),
+        pl.col("neighborhood_score").mean().alias("neighborhood_mean"),
+    ).sort("layer")
+    half = [st.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 and sd is not None else math.nan
+            for n, sd in zip(agg["n"], agg["rewrite_sd"])]
+    agg = agg.with_columns((pl.col("rewrite_mean") - pl.Series(half)).alias("ci_low"),
+                           (pl.col("rewrite_mean") + pl.Series(half)).alias("ci_high"))
+    best = int(agg.sort(["rewrite_mean", "layer"], descending=[True, False])["layer"][0])
+    wide = rows.pivot(on="layer", index="fact_id", values="rewrite_score")
+    diffs, ps = [], []
+    for layer in agg["layer"]:
+        pair = wide.select(pl.col(str(layer)).alias("this"), pl.col(str(best)).alias("best")).drop_nulls()
+        d = (pair["this"] - pair["best"]).to_numpy()
+        diffs.append(float(d.mean()) if len(d) else math.nan)
+        if layer == best or len(d) < 2 or float(d.std()) == 0.0:
+            ps.append(1.0 if layer == best else (math.nan if len(d) < 2 else (1.0 if d.mean() == 0 else 0.0)))
+        else:
+            ps.append(float(st.ttest_1samp(d, 0.0).pvalue))
+    finite = [i for i, p in enumerate(ps) if not math.isnan(p)]
+    holm = [math.nan] * len(ps)
+    if finite:
+        adj = multipletests([ps[i] for i in finite], alpha=alpha, method="holm")[1]
+        for i, a in zip(finite, adj):
+            holm[i] = float(a)
+    counts = {layer: 0 for layer in agg["layer"]}
+    for p in peaks:
+        counts[p] = counts.get(p, 0) + 1
+    agg = agg.with_columns(
+        pl.Series("diff_vs_best", diffs), pl.Series("p_vs_best", ps), pl.Series("p_vs_best_holm", holm),
+        pl.Series("indistinguishable", [lay == best or (not math.isnan(h) and h >= alpha)
+                                        for lay, h in zip(agg["layer"], holm)]),
+        pl.Series("trace_peaks", [counts[lay] for lay in agg["layer"]]),
+    )
+    return agg, best
+
+
+def sweep_layers(
+    model: HookedTransformer,
+    facts: Sequence[Fact],
+    problem: str,
+    method: str,
+    layers: Sequence[int],
+    *,
+    hparams=None,
+    directory: str | Path | None = None,
+    noise=None,
+    covariance_tokens: int | None = None,
+    peaks: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> LayerSweep:
+    """Edit every fact at every layer with ``method`` for ``problem`` and summarise by layer (:func:`layer_table`).
+
+    ``hparams``: default the model's (tuned) ``problem_hparams``. A fact's v* at all layers is one lockstep batch.
+    ``peaks``: also trace each fact (Causal Tracing of ``hook_mlp_out`` windows, the study's default noise) and count
+    where its fractional effect peaks. ``directory``: journal here (resumable).
+    """
+    from locedit.problems.variants import default_noise
+
+    if not facts:
+        raise ValueError("no facts to sweep")
+    layers = sorted(set(int(x) for x in layers))
+    if len(layers) < 2:
+        raise ValueError(f"a layer sweep needs at least two layers, got {layers}")
+    method = resolve_method(method, aliases=False).name
+    resolve_problem(problem)
+    hp = problem_hparams(problem, method, model) if hparams is None else hparams
+    journal = None
+    if directory is not None:
+        from locedit.journal import Journal
+
+        directory = Path(directory)
+        _check_request(directory, {"model": model.cfg.model_name, "facts": [f.id for f in facts], "layers": layers,
+                                   "problem": problem, "method": method, "hparams": repr(hp),
+                                   "covariance_tokens": covariance_tokens})
+        journal = Journal(directory / "sweep.jsonl")
+    snoise = default_noise(model, noise)
+    runner = _Runner(model, facts, journal, [method], layers, snoise, covariance_tokens, progress)
+    recs = []
+    for i, fact in enumerate(facts):
+        for layer in layers:
+            recs.append(runner.outcome(fact, problem, method, layer, hp, {"sweep": 1}))
+        if progress is not None:
+            progress(f"fact {i + 1}/{len(facts)} {fact.id}: rewrite by layer "
+                     + " ".join(f"{r['rewrite_score']:.2f}" for r in recs[-len(layers):]))
+    peak_layers = []
+    if peaks:
+        peak_layers = [_trace_peak(model, f, snoise, journal, runner.records) for f in facts]
+    rows = pl.DataFrame([{k: r[k] for k in ("fact_id", "layer", "rewrite_score", "paraphrase_score",
+                                            "neighborhood_score")} for r in recs])
+    table, best = layer_table(rows, peak_layers)
+    return LayerSweep(problem, method, table, best, tuple(f.id for f in facts), repr(hp))
+
+
+def _trace_peak(model, fact: Fact, noise, journal, records) -> int:
+    """The layer where ``fact``'s Causal Tracing (MLP windows) fractional effect peaks (journalled)."""
+    from locedit.tracer.tracing import trace
+
+    key = f"trace|{fact.id}"
+    if key in records:
+        return int(records[key]["peak_layer"])
+    res = trace(model, fact.prompt, fact.subject, fact.o_true, kind="mlp", noise=noise)
+    rec = {"key": key, "fact_id": fact.id, "peak_layer": int(res.peak_layer())}
+    if journal is not None:
+        journal.append(rec)
+    records[key] = rec
+    return rec["peak_layer"]
