@@ -184,6 +184,19 @@ def budget_axes(method: str, base, budget: Mapping[str, Sequence] | None = None)
     return out
 
 
+def _t_half_width(sd: float, n: int) -> float:
+    """Half-width of the 95 % t-interval of a mean of ``n`` values with standard deviation ``sd`` (NaN for n < 2)."""
+    from scipy import stats as st
+
+    return float(st.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 and sd is not None else math.nan
+
+
+def _in_run_order(methods: Sequence[str]) -> list[str]:
+    """Method names, deduplicated, with r-ROME right after ROME (it reuses ROME's v* per setting)."""
+    names = dict.fromkeys(resolve_method(m, aliases=False).name for m in methods)
+    return sorted(names, key=lambda m: {"rome": 0, "r-rome": 1}.get(m, 2))
+
+
 def _point_label(point: Mapping[str, Any]) -> str:
     return json.dumps({k: point[k] for k in sorted(point)}, sort_keys=True)
 
@@ -369,9 +382,7 @@ def tune(
         raise ValueError("no facts to tune on")
     for p in problems:
         resolve_problem(p)
-    methods = [resolve_method(m, aliases=False).name for m in methods]
-    order = {"rome": 0, "r-rome": 1}  # r-ROME right after ROME: it reuses ROME's v* per grid point
-    methods = sorted(dict.fromkeys(methods), key=lambda m: order.get(m, 2))
+    methods = _in_run_order(methods)
     journal = None
     if directory is not None:
         from locedit.journal import Journal
@@ -471,15 +482,12 @@ def evaluate(
     ``neighborhood_mean``, ``opt_p_target_mean``, ``edit_seconds_mean``, ``tuned`` (whether a tuned entry was used)
     ``rewrite_heldout_noise_mean`` (Fact Forcing with ``edit_samples``: on the draws the edit did not see) and
     ``hparams`` (repr). ``directory``: journal here (resumable)."""
-    from scipy import stats as st
-
     from locedit.problems.variants import default_noise
     from locedit.tracer.profiles import profile_for
 
     if not facts:
         raise ValueError("no facts to evaluate on")
-    methods = sorted(dict.fromkeys(resolve_method(m, aliases=False).name for m in methods),
-                     key=lambda m: {"rome": 0, "r-rome": 1}.get(m, 2))
+    methods = _in_run_order(methods)
     for p in problems:
         resolve_problem(p)
     hps = {(p, m): problem_hparams(p, m, model) for p in problems for m in methods}
@@ -504,7 +512,7 @@ def evaluate(
                     for f in runner.facts]
             row = _summarise(recs, {}, "held-out")
             n, sd = row["n"], row["rewrite_sd"]
-            half = st.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+            half = _t_half_width(sd, n)
             rows.append({"problem": problem, "method": method, "layer": int(layer), "n": n,
                          "rewrite_mean": row["rewrite_mean"], "ci_low": row["rewrite_mean"] - half,
                          "ci_high": row["rewrite_mean"] + half, "paraphrase_mean": row["paraphrase_mean"],
@@ -602,8 +610,7 @@ def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.
         pl.col("paraphrase_score").mean().alias("paraphrase_mean"),
         pl.col("neighborhood_score").mean().alias("neighborhood_mean"),
     ).sort("layer")
-    half = [st.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 and sd is not None else math.nan
-            for n, sd in zip(agg["n"], agg["rewrite_sd"])]
+    half = [_t_half_width(sd, n) for n, sd in zip(agg["n"], agg["rewrite_sd"])]
     agg = agg.with_columns((pl.col("rewrite_mean") - pl.Series(half)).alias("ci_low"),
                            (pl.col("rewrite_mean") + pl.Series(half)).alias("ci_high"))
     best = int(agg.sort(["rewrite_mean", "layer"], descending=[True, False])["layer"][0])
