@@ -99,9 +99,10 @@ def apply(
             (:data:`editors.tokens.EDIT_TOKENS`) or an int offset from the last subject token. Constrained finetuning
             has no key position (:meth:`EditMethod.edit_token` gives None): it descends the NLL through the whole
             prompt.
-        targets: ROME / r-ROME / MEMIT: an :class:`editors.targets.TargetMemo` shared by edits of the same request
+        targets: an :class:`editors.targets.TargetMemo` shared by edits of the same request
             on the same unedited model (a study's edits of one fact): the v*/z optimisation is taken from it or
-            computed there together with its layer group; ignored by FT. None (default): computed for this edit.
+            computed there together with its layer group (FT: the finetuning, with the memo group's other layer
+            sets, :func:`editors.finetune.optimize_ft`). None (default): computed for this edit.
 
     Raises:
         ValueError: unknown method/objective/token rule; ROME with ≠ 1 layer. LayerOutOfRangeError,

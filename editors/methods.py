@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Literal, get_args
 
@@ -54,6 +55,8 @@ class EditMethod:
             edits (ROME, r-ROME: v* at ``hook_mlp_out``; MEMIT: z at ``hook_resid_post``), or None (FT). Methods with
             the same hook and hyper-parameters share that optimisation, and a study optimises a fact's layers
             together (:class:`editors.targets.TargetMemo`).
+        lockstep_weights: the method optimises the weights themselves (FT): a study finetunes a fact at all of its
+            layer sets together (:func:`editors.finetune.optimize_ft`), each set its own memo item.
     """
 
     name: str
@@ -66,6 +69,17 @@ class EditMethod:
     uses_token: bool = True
     key_statistics: bool = True
     target_hook: str | None = None
+    lockstep_weights: bool = False
+
+    @property
+    def memo_group(self) -> str | None:
+        """The :class:`editors.targets.TargetMemo` group of this method's optimisations: its target hook (shared by
+        ROME and r-ROME), its own name for a weight-optimising method (FT-1, FT-5), None when nothing is shared."""
+        return self.target_hook if self.target_hook is not None else self.name if self.lockstep_weights else None
+
+    def memo_item(self, layers) -> int | tuple[int, ...] | None:
+        """What identifies an edit of ``layers`` within its memo group: the target layer, or the layer set (FT)."""
+        return self.target_layer(layers) if self.target_hook is not None else tuple(sorted(layers))
 
     def edit_token(self, token: object) -> str | int | None:
         """The one decision of where this method edits: ``token`` as a canonical rule
@@ -90,16 +104,17 @@ def _r_rome(model, request, layers, hp, objective, noise, **kwargs):
     return execute_rome(model, request, layers[0], hp, objective, noise, consistent_keys=True, **kwargs)
 
 
-def _ft(model, request, layers, hp, objective, noise, *, covariance=None, fast=True, token=None, targets=None):
-    # no key statistics, no token (EditMethod.edit_token gives None: uses_token=False), no target vector
-    return execute_ft(model, request, layers, hp, objective, noise, fast=fast)
+def _ft(group, model, request, layers, hp, objective, noise, *, covariance=None, fast=True, token=None, targets=None):
+    # no key statistics, no token (EditMethod.edit_token gives None: uses_token=False); a study's finetunings of one
+    # request at all of its layer sets run in lockstep through the memo (group: the method's memo group)
+    return execute_ft(model, request, layers, hp, objective, noise, fast=fast, targets=targets, group=group)
 
 
 EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
-    "ft-1": EditMethod("ft-1", "FT (1 layer)", _ft, FTHyperParams, window=1, weights=("W_out", "b_out"),
-                       uses_token=False, key_statistics=False),
-    "ft-5": EditMethod("ft-5", "FT (5 layers)", _ft, FTHyperParams, window=5, weights=("W_out", "b_out"),
-                       uses_token=False, key_statistics=False),
+    "ft-1": EditMethod("ft-1", "FT (1 layer)", partial(_ft, "ft-1"), FTHyperParams, window=1,
+                       weights=("W_out", "b_out"), uses_token=False, key_statistics=False, lockstep_weights=True),
+    "ft-5": EditMethod("ft-5", "FT (5 layers)", partial(_ft, "ft-5"), FTHyperParams, window=5,
+                       weights=("W_out", "b_out"), uses_token=False, key_statistics=False, lockstep_weights=True),
     "rome": EditMethod("rome", "ROME (1 layer)", _rome, ROMEHyperParams, window=1, single_layer=True,
                        target_hook="hook_mlp_out"),
     "memit": EditMethod("memit", "MEMIT (5 layers)", execute_memit, MEMITHyperParams, window=5,
@@ -151,17 +166,17 @@ def method_layers(method: str, n_layers: int, layer: int) -> tuple[int, ...]:
     return tuple(window_layers(layer, entry.window, n_layers))
 
 
-def target_groups(methods, n_layers: int, layers) -> dict[str, tuple[int, ...]]:
-    """Per target hook of ``methods`` (:attr:`EditMethod.target_hook`), the layers of that vector their edits at
-    (centre) ``layers`` optimise: a fact's optimisations at all of them run as one batch
-    (:class:`editors.targets.TargetMemo`)."""
-    out: dict[str, set[int]] = {}
+def target_groups(methods, n_layers: int, layers) -> dict[str, tuple]:
+    """Per memo group of ``methods`` (:attr:`EditMethod.memo_group`: a target hook, or FT-1 / FT-5), the items their
+    edits at (centre) ``layers`` optimise (:meth:`EditMethod.memo_item`: layers of the target vector, or FT's layer
+    sets): a fact's optimisations of one group run as one lockstep batch (:class:`editors.targets.TargetMemo`)."""
+    out: dict[str, set] = {}
     for m in methods:
         entry = resolve_method(m, aliases=False)
-        if entry.target_hook is not None:
-            out.setdefault(entry.target_hook, set()).update(
-                entry.target_layer(method_layers(m, n_layers, layer)) for layer in layers)
-    return {hook: tuple(sorted(v)) for hook, v in out.items()}
+        if entry.memo_group is not None:
+            out.setdefault(entry.memo_group, set()).update(
+                entry.memo_item(method_layers(m, n_layers, layer)) for layer in layers)
+    return {group: tuple(sorted(v)) for group, v in out.items()}
 
 
 def lowest_edited_layers(methods, n_layers: int, layers) -> tuple[int, ...]:

@@ -1,16 +1,18 @@
 """What ROME, r-ROME and MEMIT read from the *unedited* model, computed once and shared by many edits.
 
-A study edits each fact at several layers, with ROME and r-ROME, under several problems. Per (request, objective,
+A study edits each fact at several layers, with ROME, r-ROME, MEMIT and FT, under several problems. Per (request, objective,
 noise, token, optimisation hyper-parameters) two things are the same for all of those edits:
 
 * the v*/z optimisation at a layer: ROME and r-ROME optimise the very same v* (they differ only in the update solve,
   :mod:`editors.rome`), so the second one reuses the first's;
 * the optimisations of the *other* layers the study will edit: they are independent, so they run together as one
-  lockstep batch (:func:`editors.vstar.optimize_targets`), with one pass over the unedited batch for all of them.
+  lockstep batch (:func:`editors.vstar.optimize_targets`), with one pass over the unedited batch for all of them;
+  likewise FT-1's and FT-5's finetunings of a fact at all of its layer sets (:func:`editors.finetune.optimize_ft`).
 
 :class:`TargetMemo` holds those results for one fact. Asked for a layer it has not computed, it computes the whole
-*group* of layers its owner declared for that target vector (``groups``: ``{"hook_mlp_out": ROME's layers,
-"hook_resid_post": MEMIT's z layers}``) in one batch, so the group — hence every float of the results — depends on
+*group* of layers its owner declared for that memo group (``groups``: ``{"hook_mlp_out": ROME's layers,
+"hook_resid_post": MEMIT's z layers, "ft-1": FT-1's layer sets, ...}``, :func:`editors.methods.target_groups`) in one
+batch, so the group — hence every float of the results — depends on
 the plan only, never on which units a resumed run still has to do. It is valid for the model it first saw: a memo
 asked while the weights differ (an edit is active) computes that request alone and keeps nothing.
 """
@@ -56,12 +58,14 @@ def _noise_key(noise: GaussianNoise | None) -> tuple | None:
     return (noise.sigma, noise.samples, noise.seed, noise.of, values)
 
 
-def target_key(v_hook: str, request, objective: str, noise: GaussianNoise | None, token, fast: bool, hp) -> TargetKey:
-    """The memo key of an edit's target vector (``hp``: ROME or MEMIT hyper-parameters; only the fields the
-    optimisation reads count, so ROME and r-ROME under the same problem share one key)."""
+def target_key(v_hook: str, request, objective: str, noise: GaussianNoise | None, token, fast: bool, hp,
+               fields: tuple[str, ...] = OPTIMISATION_FIELDS) -> TargetKey:
+    """The memo key of an edit's optimisation (``v_hook``: its memo group, :attr:`EditMethod.memo_group`; ``hp``: its
+    hyper-parameters, of which ``fields`` count: for ROME / MEMIT only those the v*/z optimisation reads, so ROME and
+    r-ROME under the same problem share one key; FT passes all of its fields)."""
     return TargetKey(v_hook=v_hook, template=request.template, subject=request.subject, target=request.target,
                      objective=objective, noise=_noise_key(noise), token=token, fast=fast,
-                     hparams=tuple(getattr(hp, f) for f in OPTIMISATION_FIELDS))
+                     hparams=tuple(getattr(hp, f) for f in fields))
 
 
 @torch.no_grad()
@@ -75,16 +79,18 @@ class TargetMemo:
     """Per-fact store of the unedited model's target optimisations (module docstring).
 
     Args:
-        groups: per target hook (``"hook_mlp_out"``: ROME / r-ROME's v*; ``"hook_resid_post"``: MEMIT's z at the
-            window's last layer) the layers computed together when any one of them is first asked for. A layer
-            outside its hook's group is computed alone.
+        groups: per memo group (``"hook_mlp_out"``: ROME / r-ROME's v*; ``"hook_resid_post"``: MEMIT's z at the
+            window's last layer; ``"ft-1"`` / ``"ft-5"``: the layer *sets* finetuned) the items (layers, or layer
+            tuples for FT) computed together when any one of them is first asked for. An item outside its group is
+            computed alone.
 
     Attributes:
         computed: layers optimised so far; ``reused``: requests answered from the store.
     """
 
     def __init__(self, groups: Mapping[str, Sequence[int]] | None = None):
-        self.groups = {hook: tuple(sorted({int(x) for x in layers})) for hook, layers in (groups or {}).items()}
+        self.groups = {hook: tuple(sorted({tuple(int(y) for y in x) if isinstance(x, tuple) else int(x) for x in items}))
+                       for hook, items in (groups or {}).items()}
         self._store: dict[tuple[TargetKey, int], Any] = {}
         self._stamp: tuple[float, ...] | None = None
         self.computed = 0

@@ -256,10 +256,10 @@ class StudyPlan:
         return tuple(sorted(out))
 
     @property
-    def target_groups(self) -> dict[str, tuple[int, ...]]:
-        """Per target hook of the study's methods (:attr:`editors.methods.EditMethod.target_hook`), the layers of
-        that vector its edits optimise: a fact's optimisations at all of them run as one batch
-        (:class:`editors.targets.TargetMemo`)."""
+    def target_groups(self) -> dict[str, tuple]:
+        """Per memo group of the study's methods (:attr:`editors.methods.EditMethod.memo_group`: a target hook, or
+        FT-1 / FT-5), the target layers or layer sets its edits optimise: a fact's optimisations of one group run
+        as one batch (:class:`editors.targets.TargetMemo`)."""
         return target_groups(self.config.editing.methods, self.n_layers, self.layers)
 
     @property

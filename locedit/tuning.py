@@ -268,16 +268,22 @@ def _summarise(rows: list[dict[str, Any]], point: dict[str, Any], stage: str) ->
 
 class _Runner:
     """Runs (and journals) edits for :func:`tune` / :func:`sweep_layers`: a fact's pre-edit scores per problem and
-    its v* optimisations are computed once and shared by every grid point and method that can use them."""
+    its v* optimisations are computed once and shared by every grid point and method that can use them, and the key
+    statistics of every layer the edits read are computed in one corpus pass before the first edit that needs them
+    (as a study's :func:`locedit.study.key_statistics`; not one pass per layer as each is first reached)."""
 
     def __init__(self, model, facts, journal, methods: Sequence[str], layers: Sequence[int], noise,
                  covariance_tokens: int | None, progress, edit_samples: int | None = None):
-        from locedit.editors.methods import lowest_edited_layers, target_groups
+        from locedit.editors.methods import lowest_edited_layers, method_layers, resolve_method, target_groups
 
         self.model, self.facts, self.journal, self.noise = model, list(facts), journal, noise
         n = model.cfg.n_layers
         self.checkpoints = lowest_edited_layers(methods, n, layers)
         self._groups = target_groups(methods, n, layers)
+        self.key_methods = {m for m in methods if resolve_method(m, aliases=False).key_statistics}
+        self.key_layers = tuple(sorted({x for m in self.key_methods for layer in layers
+                                        for x in method_layers(m, n, layer)}))
+        self._statistics_ready = False
         self.n_tokens, self.progress, self.edit_samples = covariance_tokens, progress, edit_samples
         self.records: dict[str, dict[str, Any]] = {}
         self._pre: dict[tuple[str, str], Any] = {}
@@ -302,6 +308,11 @@ class _Runner:
                                                      edit_samples=self.edit_samples)
         memo = self._memo.setdefault(fact.id, TargetMemo(self._groups))
         n = self.n_tokens
+        if method in self.key_methods and not self._statistics_ready:
+            from locedit.editors import key_second_moments
+
+            key_second_moments(self.model, self.key_layers, n_tokens=n, progress=False)  # cached on disk
+            self._statistics_ready = True
         out = run_edit(self.model, fact, problem, method, layer, hparams=hp, noise=self.noise, essence=False,
                        pre=self._pre[(fact.id, problem)], targets=memo, edit_samples=self.edit_samples,
                        covariance=lambda m, lay: key_second_moment(m, lay, n_tokens=n, progress=False))
