@@ -187,6 +187,8 @@ def _plan(rd: RunDir, config: StudyConfig, prov: dict[str, Any], tracing: list[d
     hparams = {(p, m): hparams_from_json(EDIT_METHODS[m].hparams, hp[f"{p}|{m}"])
                for p in config.editing.problems for m in config.editing.methods}
     layers = tuple(config.editing.layers or default_edit_layers(n_layers, config.model))
+    if config.editing.layers is None:  # the default depends on the profile at the time (e.g. a later layer sweep)
+        assumed.append(f"layers={list(layers)} (today's default edit layers for the model; the run recorded none)")
     plan = StudyPlan(config, pm.get("name", config.model), n_layers, noise, layers, hparams, method_tokens(config),
                      int(n_cov), tuple(rd.fact_ids() or []))
     return plan, tuple(assumed)

@@ -10,7 +10,7 @@ import torch
 # subprocesses started by the tests inherit it.
 os.environ.setdefault("LOCEDIT_COVARIANCE_TOKENS", "10240")
 
-# Under pytest-xdist (`-n 2`, one worker per core; not yet measured on the whole suite, so not README's command) each
+# Under pytest-xdist (`-n 2`, one worker per core: README's test command) each
 # worker computes with one thread: two workers that each spin two OpenMP threads on two cores slow each other down
 # several-fold. Notebook kernels and subprocesses inherit the setting. The model caches are safe to fill from two
 # workers (atomic renames, checked files).

@@ -103,7 +103,10 @@ def test_profiles_and_the_fallback():
     assert default_hparams("memit", "some-new-model") == MEMITHyperParams()  # reference values
     assert default_hparams("memit", "smollm2").mom2_update_weight == 5000.0
     assert default_hparams("ft-1", "gpt2-xl").norm_constraint == 1e-3
-    assert profile_for("smollm2").edit_layer(30) == 5 and profile_for("gpt-j").edit_layer(28) == 5
+    assert profile_for("gpt-j").edit_layer(28) == 5
+    # SmolLM2's default edit layer is the layer sweep's choice (`locedit tune --layers`, tracer/data/tuned/smollm2.json),
+    # not GPT-J's 5 of 28 scaled (which the profile alone would give)
+    assert profile_for("smollm2").edit_layer(30) == 15 and profile_for("smollm2").default_edit_layer is None
 
 
 def test_a_bare_float_means_the_same_noise_everywhere(model):
