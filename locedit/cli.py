@@ -217,6 +217,9 @@ def cmd_tune(args) -> int:
                                   "trace_peaks"))
         say(f"best layer {sw.best_layer}; not distinguishable from it (paired t, Holm, alpha 0.05): "
             f"{sw.indistinguishable}")
+        if sw.peak_layers:
+            say(f"tracing peaks of the {len(sw.peak_layers)} facts (MLP, window 5), swept layers or not: "
+                f"{sorted(sw.peak_layers)}")
         if args.install:
             write_tuned_table(installed, model.cfg.model_name, profile.family, edit_layer=sw)
             say(f"default edit layer {sw.best_layer} written to {installed}")

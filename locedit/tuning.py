@@ -583,6 +583,7 @@ class LayerSweep:
         best_layer: the layer with the highest mean rewrite.
         fact_ids: the facts.
         hparams: per problem × method, the hyper-parameters used (repr).
+        peak_layers: each fact's tracing peak layer, in fact order (swept or not; empty without peaks).
     """
 
     problem: str
@@ -592,6 +593,7 @@ class LayerSweep:
     fact_ids: tuple[str, ...]
     hparams: str = ""
     peak_kind: str = "mlp"
+    peak_layers: tuple[int, ...] = ()
 
     @property
     def indistinguishable(self) -> list[int]:
@@ -603,6 +605,7 @@ class LayerSweep:
         return {"layer": int(self.best_layer), "problem": self.problem, "method": self.method,
                 "indistinguishable": self.indistinguishable,
                 "provenance": {"model": model_name, "facts": list(self.fact_ids), "hparams": self.hparams,
+                               "peak_layers": list(self.peak_layers),
                                "date": date or _dt.date.today().isoformat(), "locedit": __version__,
                                "table": self.table.to_dicts()}}
 
@@ -635,8 +638,9 @@ def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.
             ps.append(1.0 if layer == best else (math.nan if len(d) < 2 else (1.0 if d.mean() == 0 else 0.0)))
         else:
             ps.append(float(st.ttest_1samp(d, 0.0).pvalue))
-    finite = [i for i, p in enumerate(ps) if not math.isnan(p)]
-    holm = [math.nan] * len(ps)
+    # the family: every other layer against the best (the best's own "p = 1" is no test and stays out of it)
+    finite = [i for i, (p, lay) in enumerate(zip(ps, agg["layer"])) if not math.isnan(p) and lay != best]
+    holm = [1.0 if lay == best else math.nan for lay in agg["layer"]]
     if finite:
         adj = multipletests([ps[i] for i in finite], alpha=alpha, method="holm")[1]
         for i, a in zip(finite, adj):
@@ -707,7 +711,8 @@ def sweep_layers(
     rows = pl.DataFrame([{k: r[k] for k in ("fact_id", "layer", "rewrite_score", "paraphrase_score",
                                             "neighborhood_score")} for r in recs])
     table, best = layer_table(rows, peak_layers)
-    return LayerSweep(problem, method, table, best, tuple(f.id for f in facts), repr(hp))
+    return LayerSweep(problem, method, table, best, tuple(f.id for f in facts), repr(hp),
+                      peak_layers=tuple(int(x) for x in peak_layers))
 
 
 def _trace_peak(model, fact: Fact, noise, journal, records) -> int:
