@@ -77,6 +77,25 @@ class FTOutcome:
     noise_samples: int
 
 
+def _ft_loss(prompt_lp: Float[Tensor, " prompts"], m: int, objective: str) -> Tensor:
+    """The module docstring's loss from per-prompt log p(o | prompt): mean per-token NLL (maximize) or p (minimize)."""
+    return (-prompt_lp / m).mean() if objective == "maximize" else prompt_lp.exp().mean()
+
+
+def _ft_result(model: HookedTransformer, names: list[str], old: Mapping[str, Tensor], layers: list[int],
+               hp: FTHyperParams, objective: str, t0: float, outcome: FTOutcome) -> EditResult:
+    """The :class:`EditResult` of a finetuning whose final weights the model now holds (``old``: before it)."""
+    deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
+    return EditResult(
+        method="ft", layers=tuple(layers), deltas=deltas, losses=outcome.losses,
+        seconds=time.perf_counter() - t0, objective=objective,
+        info={"steps": len(outcome.losses), "norm_constraint": hp.norm_constraint,
+              "noise_samples": outcome.noise_samples},
+        convergence=Convergence(final_loss=outcome.losses[-1], steps=len(outcome.losses), p_target=outcome.p_target,
+                                bound_share=outcome.bound_share),
+    )
+
+
 def optimize_ft(
     model: HookedTransformer,
     request: EditRequest,
@@ -152,7 +171,7 @@ def optimize_ft(
                 total, stepping = 0.0, []
                 for g, lg in zip(order, logits):
                     prompt_lp, _ = target_loss_terms(lg, batch, m)
-                    loss = (-prompt_lp / m).mean() if objective == "maximize" else prompt_lp.exp().mean()
+                    loss = _ft_loss(prompt_lp, m, objective)
                     losses[g].append(loss.item())
                     p_target[g] = float(prompt_lp.detach().exp().mean())
                     if losses[g][-1] < hp.skip_loss:
@@ -223,15 +242,7 @@ def execute_ft(
         with torch.no_grad():
             for n in names:
                 parameter(model, n).copy_(outcome.params[n])
-        deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
-        return EditResult(
-            method="ft", layers=tuple(layers), deltas=deltas, losses=outcome.losses,
-            seconds=time.perf_counter() - t0, objective=objective,
-            info={"steps": len(outcome.losses), "norm_constraint": hp.norm_constraint,
-                  "noise_samples": outcome.noise_samples},
-            convergence=Convergence(final_loss=outcome.losses[-1], steps=len(outcome.losses),
-                                    p_target=outcome.p_target, bound_share=outcome.bound_share),
-        )
+        return _ft_result(model, names, old, layers, hp, objective, t0, outcome)
     tgt = target_tokens(model, request.target).to(model.cfg.device)
     m = int(tgt.shape[0])
     batch = build_batch(model, [request.text], request.subject, [tgt], noise)
@@ -248,7 +259,7 @@ def execute_ft(
         for _ in range(hp.num_steps):
             final = run_from(model, resid, start) if fast else run_plain(model, batch)
             prompt_lp, _ = target_loss_terms(scored_logits(model, final, batch), batch, m)
-            loss = (-prompt_lp / m).mean() if objective == "maximize" else prompt_lp.exp().mean()
+            loss = _ft_loss(prompt_lp, m, objective)
             losses.append(loss.item())
             p_target = float(prompt_lp.detach().exp().mean())
             if losses[-1] < hp.skip_loss:
@@ -262,11 +273,6 @@ def execute_ft(
         for p in params:  # leave no gradients behind on the model
             p.grad = None
         at_bound = sum(int(((p == lo) | (p == hi)).sum()) for p, (lo, hi) in zip(params, bounds))
-    deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
-    return EditResult(
-        method="ft", layers=tuple(layers), deltas=deltas, losses=tuple(losses),
-        seconds=time.perf_counter() - t0, objective=objective,
-        info={"steps": len(losses), "norm_constraint": hp.norm_constraint, "noise_samples": batch.reps},
-        convergence=Convergence(final_loss=losses[-1], steps=len(losses), p_target=p_target,
-                                bound_share=at_bound / sum(p.numel() for p in params)),
-    )
+    outcome = FTOutcome(params={}, losses=tuple(losses), p_target=p_target,
+                        bound_share=at_bound / sum(p.numel() for p in params), noise_samples=batch.reps)
+    return _ft_result(model, names, old, layers, hp, objective, t0, outcome)
