@@ -1,5 +1,5 @@
 """The ``locedit`` command line: ``trace``, ``run``, ``report``, ``pack``, ``migrate``, ``findings``, ``summary``,
-``tune``, ``info``."""
+``tune``, ``tuning-doc``, ``info``."""
 
 from __future__ import annotations
 
@@ -149,6 +149,17 @@ def cmd_findings(args) -> int:
         print(f"{args.doc}: {'up to date' if fresh else 'out of date'} with {args.run_dir}")
         return 0 if fresh else 1
     print(f"{args.doc}: {'unchanged' if fresh else 'tables regenerated'} from {args.run_dir}")
+    return 0
+
+
+def cmd_tuning_doc(args) -> int:
+    from locedit.tuning_doc import write_tuning_doc
+
+    fresh = write_tuning_doc(args.doc, check=args.check)
+    if args.check:
+        print(f"{args.doc}: {'up to date' if fresh else 'out of date'} with the shipped tuned tables")
+        return 0 if fresh else 1
+    print(f"{args.doc}: {'unchanged' if fresh else 'tables regenerated'} from the shipped tuned tables")
     return 0
 
 
@@ -359,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--doc", default="docs/FINDINGS.md")
     fd.add_argument("--check", action="store_true", help="write nothing; exit 1 if the document is out of date")
     fd.set_defaults(func=cmd_findings)
+
+    td = sub.add_parser("tuning-doc", help="regenerate docs/TUNING.md's tables from the shipped tuned tables "
+                        "(tracer/data/tuned/, what `locedit tune --install` wrote)")
+    td.add_argument("--doc", default="docs/TUNING.md")
+    td.add_argument("--check", action="store_true", help="write nothing; exit 1 if the document is out of date")
+    td.set_defaults(func=cmd_tuning_doc)
 
     sm = sub.add_parser("summary", help="mean scores, probabilities and seconds per problem × method × layer")
     sm.add_argument("run_dirs", nargs="+")

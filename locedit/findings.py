@@ -50,7 +50,8 @@ __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findi
 
 FINDINGS_BLOCKS = ("status", "primary", "headline", "table1", "table3", "facts", "table2", "table7", "fig4", "fig7", "agreement",
                    "localization", "reber", "tokens", "cost")
-_BLOCK = re.compile(r"(<!-- findings:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /findings:(?P=name) -->)", re.S)
+def _block_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {prefix}:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /{prefix}:(?P=name) -->)", re.S)
 _N_BOOT = 1000
 
 
@@ -432,13 +433,14 @@ def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, 
     }
 
 
-def update_document(text: str, blocks: dict[str, str]) -> str:
-    """``text`` with the body of each ``<!-- findings:NAME -->`` block replaced by ``blocks[NAME]`` (a block the
+def update_document(text: str, blocks: dict[str, str], prefix: str = "findings") -> str:
+    """``text`` with the body of each ``<!-- PREFIX:NAME -->`` block replaced by ``blocks[NAME]`` (a block the
     text has but ``blocks`` lacks is a ``ValueError``)."""
-    unknown = sorted({m["name"] for m in _BLOCK.finditer(text)} - set(blocks))
+    pattern = _block_pattern(prefix)
+    unknown = sorted({m["name"] for m in pattern.finditer(text)} - set(blocks))
     if unknown:
-        raise ValueError(f"unknown findings block(s) {unknown}; known: {list(blocks)}")
-    return _BLOCK.sub(lambda m: m.group(1) + blocks[m["name"]].rstrip("\n") + "\n" + m.group(4), text)
+        raise ValueError(f"unknown {prefix} block(s) {unknown}; known: {list(blocks)}")
+    return pattern.sub(lambda m: m.group(1) + blocks[m["name"]].rstrip("\n") + "\n" + m.group(4), text)
 
 
 def write_findings(run_dir: str | Path, doc: str | Path, *, check: bool = False, n_boot: int = _N_BOOT) -> bool:

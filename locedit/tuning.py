@@ -32,6 +32,7 @@ import datetime as _dt
 import itertools
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "TuningConfigMismatch",
     "TuningResult",
     "TuningRule",
+    "admissible_rows",
     "budget_axes",
     "choose_setting",
     "evaluate",
@@ -117,6 +119,26 @@ class TuningRule:
             raise ValueError(f"reach must be in [0, ceiling], got {self.reach}")
 
 
+def admissible_rows(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> list[int]:
+    """The row indices of ``table`` (one row per grid point, with ``rewrite_mean`` and ``neighborhood_mean``) that
+    ``rule`` admits: rewrite ≤ ceiling and neighborhood ≥ max(neighborhood over the table) − tolerance.
+
+    Raises:
+        ValueError: an empty table or a missing column.
+    """
+    missing = {"rewrite_mean", "neighborhood_mean"} - set(table.columns)
+    if table.height == 0 or missing:
+        raise ValueError(f"need a non-empty grid with rewrite_mean and neighborhood_mean (missing {sorted(missing)})")
+    rewrite = table["rewrite_mean"].to_list()
+    neighborhood = table["neighborhood_mean"].to_list()
+    best_nb = max((x for x in neighborhood if x is not None and not math.isnan(x)), default=math.nan)
+    return [
+        i for i, (r, nb) in enumerate(zip(rewrite, neighborhood))
+        if r is not None and not math.isnan(r) and r <= rule.ceiling
+        and (math.isnan(best_nb) or (nb is not None and not math.isnan(nb) and nb >= best_nb - rule.neighborhood_tolerance))
+    ]
+
+
 def choose_setting(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> tuple[int, bool]:
     """The rule on a measured grid: ``(row index of the chosen point, within_rule)``.
 
@@ -127,17 +149,8 @@ def choose_setting(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> tupl
     Raises:
         ValueError: an empty table or a missing column.
     """
-    missing = {"rewrite_mean", "neighborhood_mean"} - set(table.columns)
-    if table.height == 0 or missing:
-        raise ValueError(f"need a non-empty grid with rewrite_mean and neighborhood_mean (missing {sorted(missing)})")
+    admissible = admissible_rows(table, rule)
     rewrite = table["rewrite_mean"].to_list()
-    neighborhood = table["neighborhood_mean"].to_list()
-    best_nb = max((x for x in neighborhood if not math.isnan(x)), default=math.nan)
-    admissible = [
-        i for i, (r, nb) in enumerate(zip(rewrite, neighborhood))
-        if not math.isnan(r) and r <= rule.ceiling
-        and (math.isnan(best_nb) or (not math.isnan(nb) and nb >= best_nb - rule.neighborhood_tolerance))
-    ]
     if admissible:
         return max(admissible, key=lambda i: (rewrite[i], -i)), True
     finite = [i for i, r in enumerate(rewrite) if not math.isnan(r)]
@@ -293,6 +306,19 @@ class _Runner:
 
             for r in read_journal(journal.path):
                 self.records[r["key"]] = r
+
+    def journaled_point(self, problem: str, method: str, layer: int, base, point: Mapping[str, Any]) -> dict:
+        """``point`` under the label an earlier run journalled the same setting with, else with its values typed as
+        ``base``'s fields: two labels of one setting (a base value written out, ``50`` vs ``50.0``, a grid searched
+        in another order) must not run an edit twice."""
+        want = _effective(base, point)
+        prefix = f"{method}|{problem}|L{layer}|"
+        labels = Counter(rec["point"] for key, rec in self.records.items() if key.startswith(prefix))
+        for label, _ in labels.most_common():  # the label with the most journalled facts first
+            old = json.loads(label)
+            if all(hasattr(base, k) for k in old) and _effective(base, old) == want:
+                return old
+        return {k: _typed(base, k, v) for k, v in point.items()}
 
     def outcome(self, fact: Fact, problem: str, method: str, layer: int, hp, point: Mapping[str, Any]) -> dict:
         from locedit.editors import key_second_moment
@@ -460,6 +486,7 @@ def _scan(runner: _Runner, problem, method, layer, base, points, stage, rule) ->
         budget_key = _point_label({k: v for k, v in point.items() if k not in MONOTONE_FIELDS})
         if budget_key in stopped:
             continue
+        point = runner.journaled_point(problem, method, layer, base, point)
         hp = _effective(base, point)
         recs = [runner.outcome(f, problem, method, layer, hp, point) for f in runner.facts]
         row = _summarise(recs, point, stage)

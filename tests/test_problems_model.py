@@ -54,14 +54,19 @@ def test_problem_hparams_follow_appendix_a():
     gptj = "EleutherAI/gpt-j-6B"
     assert problem_hparams("error_injection", "ft-1", gptj).norm_constraint == 1e-4
     assert problem_hparams("error_injection", "ft-5", gptj).norm_constraint == 2e-5
-    # the embedded model's Error Injection FT bounds, re-tuned by the paper's rule (locedit.tuning)
-    assert problem_hparams("error_injection", "ft-1", "SmolLM2-135M-Instruct").norm_constraint == 1e-2
-    assert problem_hparams("error_injection", "ft-5").norm_constraint == 1e-3
+    # the embedded model's base (what a tuning run starts from): GPT-J's table with an earlier Error Injection FT
+    # bound-only tuning; the tuned table (checked above, whatever it holds) goes on top
+    assert problem_hparams("error_injection", "ft-1", "SmolLM2-135M-Instruct", tuned=False).norm_constraint == 1e-2
+    assert problem_hparams("error_injection", "ft-5", tuned=False).norm_constraint == 1e-3
     assert problem_hparams("error_injection", "ft-1", "gpt2-xl").norm_constraint == 1e-3
-    assert problem_hparams("tracing_reversal", "ft-1").norm_constraint == 1e-5
-    ff = problem_hparams("fact_forcing", "ft-1")
+    assert problem_hparams("tracing_reversal", "ft-1", tuned=False).norm_constraint == 1e-5
+    ff = problem_hparams("fact_forcing", "ft-1", tuned=False)
     assert ff.num_steps == 50 and ff.norm_constraint == 1e-4
-    assert problem_hparams("fact_forcing", "rome").v_num_grad_steps == 25
+    assert problem_hparams("fact_forcing", "rome", tuned=False).v_num_grad_steps == 25
+    # an entry the tuned table does not hold keeps the base
+    untuned = [(p, m) for p in ("tracing_reversal", "fact_amplification") for m in ("rome", "ft-1")
+               if (p, m) not in profile_for("smollm2-135m").tuned]
+    assert all(problem_hparams(p, m) == problem_hparams(p, m, tuned=False) for p, m in untuned)
     assert problem_hparams("fact_amplification", "rome").kl_factor == 0.0625  # default
 
 

@@ -114,6 +114,11 @@ def test_tune_on_a_tiny_model_picks_the_hand_computed_point_and_resumes(tiny_set
     again, = tune(m, facts, [problem], ["rome"], layer, rule=rule, grids={"rome": {"kl_factor": grid}}, directory=d,
                   covariance_tokens=n_tok)
     assert calls == [] and again.table.equals(res.table) and again.chosen == res.chosen
+    # the same settings under other labels (ints for floats, a base value written out) are the journalled edits
+    relabelled, = tune(m, facts, [problem], ["rome"], layer, rule=rule, directory=d, covariance_tokens=n_tok,
+                       grids={"rome": {"kl_factor": tuple(int(k) if k == int(k) else k for k in grid),
+                                       "v_num_grad_steps": (base.v_num_grad_steps,)}})
+    assert calls == [] and relabelled.table["rewrite_mean"].to_list() == got
     # another rule in the same directory re-decides from the same rows (the rule chooses, it does not change a row)
     loose, = tune(m, facts, [problem], ["rome"], layer, rule=replace(rule, ceiling=1.0),
                   grids={"rome": {"kl_factor": grid}}, directory=d, covariance_tokens=n_tok)

@@ -153,7 +153,7 @@ GPT2_XL = ModelProfile(
 SMOLLM2 = ModelProfile(
     family="smollm2",
     matches=("smollm2",),
-    default_edit_layer=None,  # the paper's layer 5 of 28 scaled: 5 of 30 (where FT's bounds were tuned)
+    default_edit_layer=None,  # the tuned table's "edit_layer" (15, `locedit tune --layers`) applies
     editor_hparams=_frozen({"memit": {"mom2_update_weight": 5000.0}}),
     problem_hparams=_frozen({
         **_APP_A_GPTJ,
