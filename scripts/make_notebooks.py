@@ -156,14 +156,14 @@ The pooled regressions above treat a fact's edits as independent and mix facts t
 that trace strongly. `stats.added_effect` asks the paper's question within facts: fact and layer fixed effects, a
 null that permutes whole tracing curves across facts, a BCa cluster-bootstrap interval, the smallest effect the
 design detects, and an equivalence verdict (see its docstring). Here on the 48 facts × 6 layers of ROME edits shipped
-in `studies/reference/` (read from its journals; nothing is written)."""),
+in `studies/reference-v1/` (read from its journals; nothing is written)."""),
         ("code", """from pathlib import Path
 import locedit
 from locedit.report import own_token_edits
 from locedit.rundir import RunDir, collect_tables
 from locedit.stats import added_effect, localization_frames
 
-reference = collect_tables(RunDir(Path(locedit.__file__).resolve().parent.parent / "studies" / "reference"))
+reference = collect_tables(RunDir(Path(locedit.__file__).resolve().parent.parent / "studies" / "reference-v1"))
 frames = localization_frames(own_token_edits(reference["edits"]), reference["tracing"])
 for loc in ("noise", "flip"):
     for problem in ("error_injection", "fact_forcing"):

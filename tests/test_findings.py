@@ -35,5 +35,5 @@ def test_findings_document_is_generated_from_the_shipped_reference_study():
     doc = ROOT / "docs" / "FINDINGS.md"
     text = doc.read_text()
     assert all(f"<!-- findings:{name} -->" in text for name in FINDINGS_BLOCKS)
-    assert write_findings(ROOT / "studies" / "reference", doc, check=True), (
-        "docs/FINDINGS.md is out of date with studies/reference: run `locedit findings studies/reference`")
+    assert write_findings(ROOT / "studies" / "reference-v1", doc, check=True), (
+        "docs/FINDINGS.md is out of date with studies/reference-v1: run `locedit findings studies/reference-v1`")

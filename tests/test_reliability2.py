@@ -109,7 +109,7 @@ def test_concurrent_packs_lose_nothing(tmp_path):
 
 # 3 ------------------------------------------------------------------------------------------ damaged .jsonl.gz
 def test_a_truncated_compressed_journal_keeps_its_intact_records_and_resumes(tmp_path, capsys):
-    run = _copy("reference", tmp_path / "ref")
+    run = _copy("reference-v1", tmp_path / "ref")
     gz = run / "journal" / "edits.shard-0-of-1.jsonl.gz"
     whole = len(gzip.decompress(gz.read_bytes()).splitlines())
     gz.write_bytes(gz.read_bytes()[:-200])  # the probe: 200 bytes off the end
@@ -140,7 +140,7 @@ def test_a_full_disk_never_truncates_a_document(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(OSError, match="No space"):
-        write_findings(STUDIES / "reference", doc, n_boot=20)
+        write_findings(STUDIES / "reference-v1", doc, n_boot=20)
     monkeypatch.undo()
     assert doc.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["FINDINGS.md"]  # no temporary left
