@@ -43,6 +43,7 @@ from locedit.stats.paper import (
     PAPER_TABLE3,
     PAPER_TABLE7_ROME,
 )
+from locedit.stats.added_effect import pooled_partial_r2
 from locedit.stats.tables import format_num, format_p, method_label, problem_label, sort_paper_order
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 
@@ -169,23 +170,29 @@ def _headline_block(loc: pl.DataFrame) -> str:
             paper = PAPER_TABLE3.get(tuple(_labels(r))) if name == "noise" else None
             rows.append([name, *_labels(r), str(r["n_facts"]), str(r["n"]), format_num(r["r2_layer"]),
                          format_num(r["r2_trace"]), format_num(r["r2_both"]), format_num(r["r2_diff"]),
+                         format_num(pooled_partial_r2(r["r2_diff"], r["r2_layer"])),
                          format_num(r["r2_diff_adj"]), _ci(r["ci_low"], r["ci_high"]), format_p(r["p"]),
-                         "—" if paper is None else f"{paper.layer:.3f} / {paper.trace:.3f} / {paper.diff:.3f}"])
+                         "—" if paper is None else f"{paper.layer:.3f} / {paper.trace:.3f} / {paper.diff:.3f} / "
+                                                   f"{pooled_partial_r2(paper.diff, paper.layer):.3f}"])
     return _md(["localization", "problem", "method", "facts", "edits", "R² layer", "R² trace", "R² both", "ΔR²",
-                "adj. ΔR²", "adj. ΔR² 95% CI", "F-test p", "paper layer / trace / ΔR²"], rows, right_from=3)
+                "ΔR² / (1 − R² layer)", "adj. ΔR²", "adj. ΔR² 95% CI", "F-test p",
+                "paper layer / trace / ΔR² / ΔR² ÷ (1 − layer)"], rows, right_from=3)
 
 
 def _table3_block(loc: pl.DataFrame) -> str:
     rows = []
     for r in _loc_rows(loc, "all", "noise"):
         p = PAPER_TABLE3.get(tuple(_labels(r)))
-        paper = ["—"] * 5 if p is None else [f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}", p.p]
+        paper = ["—"] * 6 if p is None else [f"{p.layer:.3f}", f"{p.trace:.3f}", f"{p.both:.3f}", f"{p.diff:.3f}",
+                                             f"{pooled_partial_r2(p.diff, p.layer):.3f}", p.p]
         rows.append([*_labels(r), format_num(r["r2_layer"]), format_num(r["r2_trace"]), format_num(r["r2_both"]),
-                     format_num(r["r2_diff"]), format_p(r["p"]), str(r["n_facts"]), *paper])
+                     format_num(r["r2_diff"]), format_num(pooled_partial_r2(r["r2_diff"], r["r2_layer"])),
+                     format_p(r["p"]), str(r["n_facts"]), *paper])
     if not rows:
         return "No finished edits yet.\n"
-    return _md(["Editing Problem", "Method", "Layer", "Trace", "Both", "Diff", "p-value", "facts",
-                "paper Layer", "paper Trace", "paper Both", "paper Diff", "paper p"], rows, right_from=2)
+    return _md(["Editing Problem", "Method", "Layer", "Trace", "Both", "Diff", "Diff / (1 − Layer)", "p-value",
+                "facts", "paper Layer", "paper Trace", "paper Both", "paper Diff", "paper Diff / (1 − Layer)",
+                "paper p"], rows, right_from=2)
 
 
 def _table1_block(loc: pl.DataFrame) -> str:

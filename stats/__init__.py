@@ -21,6 +21,7 @@ from locedit.stats.added_effect import (
     added_effect,
     minimum_detectable_effect,
     paired_added_effect,
+    pooled_partial_r2,
 )
 from locedit.stats.collapse import (
     COLLAPSES,
@@ -115,6 +116,7 @@ __all__ = [
     "MixedCheck",
     "PairedAddedEffect",
     "paired_added_effect",
+    "pooled_partial_r2",
     "UnsuitableFrameError",
     "added_effect",
     "minimum_detectable_effect",

@@ -125,7 +125,10 @@ def table1(
 
 
 def r2_table(results: pl.DataFrame, metric: str = "rewrite_score") -> pl.DataFrame:
-    """Tables 3–6: Editing Problem | Method | Layer | Trace | Both | Diff | p-value (R² values, F-test p)."""
+    """Tables 3–6: Editing Problem | Method | Layer | Trace | Both | Diff | Diff / (1 − Layer) | p-value (R² values,
+    the added effect as a share of what the layer leaves (:func:`stats.added_effect.pooled_partial_r2`), F-test p)."""
+    from locedit.stats.added_effect import pooled_partial_r2
+
     sub = _pick(results, metric)
     return pl.DataFrame(
         {
@@ -135,8 +138,10 @@ def r2_table(results: pl.DataFrame, metric: str = "rewrite_score") -> pl.DataFra
             "Trace": sub["r2_trace"],
             "Both": sub["r2_both"],
             "Diff": sub["r2_diff"],
+            "Diff / (1 − Layer)": [pooled_partial_r2(d, lay) for d, lay in zip(sub["r2_diff"], sub["r2_layer"])],
             "p-value": sub["p"],
-        }
+        },
+        schema_overrides={"Diff / (1 − Layer)": pl.Float64},
     )
 
 

@@ -403,16 +403,17 @@ def test_table1_and_r2_table_layout(paper_results):
     md1 = to_markdown(t1)
     assert "| ROME | 0.947 | 0.016 | 0.948 |" in md1
     t3 = r2_table(paper_results, "rewrite_score")
-    assert t3.columns == ["Editing Problem", "Method", "Layer", "Trace", "Both", "Diff", "p-value"]
+    assert t3.columns == ["Editing Problem", "Method", "Layer", "Trace", "Both", "Diff", "Diff / (1 − Layer)",
+                          "p-value"]
     # paper order: problems, then FT-1, FT-5, ROME, MEMIT
     assert t3["Method"].to_list() == ["FT (1 layer)", "ROME (1 layer)", "MEMIT (5 layers)", "FT (5 layers)"]
     md = to_markdown(t3, blank_repeats=("Editing Problem",))
-    assert "| Error Injection | FT (1 layer) | 0.756 | 0.062 | 0.758 | 0.002 | <1e-4 |" in md
-    assert "|  | ROME (1 layer) | 0.947 | 0.016 | 0.948 | 0.001 | <1e-4 |" in md
-    assert "|  | MEMIT (5 layers) | 0.677 | 0.024 | 0.678 | 0.001 | 0.199 |" in md
-    assert "| Fact Forcing | FT (5 layers) | 0.634 | 0.100 | 0.666 | 0.032 | <1e-4 |" in md
+    assert "| Error Injection | FT (1 layer) | 0.756 | 0.062 | 0.758 | 0.002 | 0.008 | <1e-4 |" in md
+    assert "|  | ROME (1 layer) | 0.947 | 0.016 | 0.948 | 0.001 | 0.019 | <1e-4 |" in md
+    assert "|  | MEMIT (5 layers) | 0.677 | 0.024 | 0.678 | 0.001 | 0.003 | 0.199 |" in md
+    assert "| Fact Forcing | FT (5 layers) | 0.634 | 0.100 | 0.666 | 0.032 | 0.087 | <1e-4 |" in md
     md4 = to_markdown(r2_table(paper_results, "paraphrase_score"))
-    assert "0.024 | n/a |" in md4
+    assert "0.024 | 0.033 | n/a |" in md4  # Diff / (1 − Layer) = 0.024 / (1 − 0.279)
 
 
 def test_error_table_and_paper_tables(paper_results):
