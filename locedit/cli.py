@@ -144,11 +144,12 @@ def cmd_migrate(args) -> int:
 def cmd_findings(args) -> int:
     from locedit.findings import write_findings
 
-    fresh = write_findings(args.run_dir, args.doc, check=args.check)
+    fresh = write_findings(args.run_dir, args.doc, companions=args.companions, check=args.check)
+    runs = " + ".join([args.run_dir, *args.companions])
     if args.check:
-        print(f"{args.doc}: {'up to date' if fresh else 'out of date'} with {args.run_dir}")
+        print(f"{args.doc}: {'up to date' if fresh else 'out of date'} with {runs}")
         return 0 if fresh else 1
-    print(f"{args.doc}: {'unchanged' if fresh else 'tables regenerated'} from {args.run_dir}")
+    print(f"{args.doc}: {'unchanged' if fresh else 'tables regenerated'} from {runs}")
     return 0
 
 
@@ -366,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.set_defaults(func=cmd_migrate)
 
     fd = sub.add_parser("findings", help="regenerate a findings document's tables (docs/FINDINGS.md) from a run dir")
-    fd.add_argument("run_dir")
+    fd.add_argument("run_dir", help="the study whose pre-registered analysis the document reports")
+    fd.add_argument("companions", nargs="*", help="companion runs of the same design (other edit methods, a dense "
+                    "layer sweep...: same model, data, localization and noise) merged into the tables")
     fd.add_argument("--doc", default="docs/FINDINGS.md")
     fd.add_argument("--check", action="store_true", help="write nothing; exit 1 if the document is out of date")
     fd.set_defaults(func=cmd_findings)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from dataclasses import dataclass
@@ -80,28 +81,39 @@ def _labels(r) -> list[str]:
 
 @dataclass(frozen=True)
 class _Stages:
-    """Units per stage in the study's design, measured seconds of the finished ones per stage, torch threads."""
+    """Units per stage in the study's design, measured seconds of the finished ones per stage, torch threads per
+    stage (companion studies may have run with different thread counts)."""
 
     total: dict[str, int]
     seconds: dict[str, list[float]]
-    threads: int
+    threads: dict[str, int]
+
+    def thread_label(self) -> str:
+        counts = sorted(set(self.threads.values())) or [1]
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
-def _stages(run_dir: RunDir) -> _Stages:
-    """Units per stage of the run's recorded plan, and the measured seconds of the finished ones."""
+def _stages(*run_dirs: RunDir) -> _Stages:
+    """Units per stage of each run's recorded plan, and the measured seconds of the finished ones; with several
+    (companion) runs each stage is named after its study."""
     from locedit.plan import StudyPlan, parse_key
 
-    prov = run_dir.provenance()
-    if "plan" not in prov:
-        raise ValueError(f"{run_dir.path}/provenance.json records no plan: the run never started a unit")
-    plan = StudyPlan.from_json(prov["plan"], run_dir.config(), run_dir.fact_ids() or [])
     total: dict[str, int] = defaultdict(int)
-    for unit in plan.units():
-        total[unit.stage] += 1
     secs: dict[str, list[float]] = defaultdict(list)
-    for rec in run_dir.records("tracing") + run_dir.records("edits"):
-        secs[parse_key(rec["key"]).stage].append(float(rec.get("seconds", float("nan"))))
-    return _Stages(dict(total), dict(secs), int(prov.get("threads", 1)))
+    threads: dict[str, int] = {}
+    for run_dir in run_dirs:
+        prov = run_dir.provenance()
+        if "plan" not in prov:
+            raise ValueError(f"{run_dir.path}/provenance.json records no plan: the run never started a unit")
+        config = run_dir.config()
+        prefix = f"{config.name}: " if len(run_dirs) > 1 else ""
+        plan = StudyPlan.from_json(prov["plan"], config, run_dir.fact_ids() or [])
+        for unit in plan.units():
+            total[prefix + unit.stage] += 1
+            threads[prefix + unit.stage] = int(prov.get("threads", 1))
+        for rec in run_dir.records("tracing") + run_dir.records("edits"):
+            secs[prefix + parse_key(rec["key"]).stage].append(float(rec.get("seconds", float("nan"))))
+    return _Stages(dict(total), dict(secs), threads)
 
 
 def _primary_block(run_dir: RunDir, tables: dict[str, pl.DataFrame], edits: pl.DataFrame) -> str:
@@ -125,11 +137,12 @@ def _status_block(st: _Stages, n_facts: int, tables: dict[str, pl.DataFrame]) ->
     edits = tables["edits"]
     n_traced = tables["tracing"]["fact_id"].n_unique() if tables["tracing"].height else 0
     n_edited = edits["fact_id"].n_unique() if edits.height else 0
-    wall = sum(s for v in st.seconds.values() for s in v if math.isfinite(s))
+    wall = {k: sum(s for s in v if math.isfinite(s)) for k, v in st.seconds.items()}
+    cpu = sum(w * st.threads.get(k, 1) for k, w in wall.items())
     return (f"{n_facts} facts selected; {n_traced} localized, {n_edited} edited. Units finished: "
             f"{sum(len(v) for v in st.seconds.values())} of {sum(st.total.values())}; their own times sum to "
-            f"{wall / 3600:.2f} h of wall-clock on {st.threads} torch thread(s) ({wall * st.threads / 3600:.2f} "
-            "CPU-hours).\n\n" + _md(["stage", "units done", "state"], rows, right_from=1))
+            f"{sum(wall.values()) / 3600:.2f} h of wall-clock on {st.thread_label()} torch thread(s) "
+            f"({cpu / 3600:.2f} CPU-hours).\n\n" + _md(["stage", "units done", "state"], rows, right_from=1))
 
 
 def _cost_block(st: _Stages) -> str:
@@ -143,7 +156,7 @@ def _cost_block(st: _Stages) -> str:
         rows.append([stage, str(len(v)), format_num(mean, 1), str(n), "n/a" if not v else f"{remaining / 3600:.1f}"])
     return (_md(["stage", "units timed", "mean s / unit", "units in design", "hours left at that rate"], rows)
             + f"\nStages not started have no measured rate; the measured ones leave ≈ {left / 3600:.1f} h of "
-              f"wall-clock ({st.threads} threads).\n")
+              f"wall-clock ({st.thread_label()} threads).\n")
 
 
 # ---------------------------------------------------------------- regressions
@@ -407,20 +420,23 @@ def _tokens_block(tables: dict[str, pl.DataFrame]) -> str:
     return "\n".join(out)
 
 
-def findings_blocks(run_dir: str | Path, *, n_boot: int = _N_BOOT) -> dict[str, str]:
-    """Every generated block of ``docs/FINDINGS.md`` (Markdown) from ``run_dir``'s journals."""
+def findings_blocks(run_dir: str | Path, *companions: str | Path, n_boot: int = _N_BOOT) -> dict[str, str]:
+    """Every generated block of ``docs/FINDINGS.md`` (Markdown) from ``run_dir``'s journals, with those of its
+    ``companions`` (:func:`locedit.rundir.companion_conflicts`: other runs of the same design) merged in; the
+    pre-registered analysis is ``run_dir``'s."""
     from locedit.report import own_token_edits
     from locedit.stats import localization_frames, localization_table
 
     run_dir = RunDir(run_dir).require()
-    tables = collect_tables(run_dir)
+    others = [RunDir(d).require() for d in companions]
+    tables = collect_tables(run_dir, *others)
     trace = tables["tracing"]
     edits = own_token_edits(tables["edits"])  # the paper's analysis: each method at its own token
     paired = edits.height > 0 and trace.height > 0
     loc = localization_table(edits, trace, collapses=("max",), n_boot=n_boot) if paired else pl.DataFrame()
     frames = localization_frames(edits, trace) if paired else {}
-    n_facts = len(run_dir.fact_ids() or [])
-    stages = _stages(run_dir)
+    n_facts = len({f for d in (run_dir, *others) for f in d.fact_ids() or []})
+    stages = _stages(run_dir, *others)
     return {
         "status": _status_block(stages, n_facts, tables),
         "primary": _primary_block(run_dir, tables, edits),
@@ -450,14 +466,15 @@ def update_document(text: str, blocks: dict[str, str], prefix: str = "findings")
     return pattern.sub(lambda m: m.group(1) + blocks[m["name"]].rstrip("\n") + "\n" + m.group(4), text)
 
 
-def write_findings(run_dir: str | Path, doc: str | Path, *, check: bool = False, n_boot: int = _N_BOOT) -> bool:
-    """Regenerate ``doc``'s blocks from ``run_dir``; with ``check`` write nothing. Returns whether ``doc`` was
-    already up to date."""
+def write_findings(run_dir: str | Path, doc: str | Path, *, companions: Sequence[str | Path] = (),
+                   check: bool = False, n_boot: int = _N_BOOT) -> bool:
+    """Regenerate ``doc``'s blocks from ``run_dir`` (and its ``companions``); with ``check`` write nothing. Returns
+    whether ``doc`` was already up to date."""
     doc = Path(doc)
     if not doc.is_file():
         raise FileNotFoundError(f"no findings document {doc}")
     text = doc.read_text()
-    new = update_document(text, findings_blocks(run_dir, n_boot=n_boot))
+    new = update_document(text, findings_blocks(run_dir, *companions, n_boot=n_boot))
     if not check and new != text:
         write_atomic(doc, new)  # a full disk leaves the old document, never half of the new one
     return new == text

@@ -117,6 +117,11 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     an = study_analysis(tables)
     md: dict[str, str] = {}
     figs = {}
+    names = [d.config().name for d in dirs]
+    if len(set(names)) > 1:  # companion studies (rundir.companion_conflicts): say what was merged, and whose plan leads
+        runs = ", ".join(f"{n} ({d.path})" for n, d in zip(names, dirs))
+        md["Studies merged"] = (f"The tables below merge the companion runs {runs} (the union of their units); the "
+                                f"pre-registered analysis is {names[0]}'s.")
     if edits.height and trace.height:  # the pre-registered analysis leads; the paper's pooled tables follow
         from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
 

@@ -57,6 +57,7 @@ __all__ = [
     "StudyLockedError",
     "TABLES",
     "collect_tables",
+    "companion_conflicts",
     "fact_digests",
 ]
 
@@ -376,7 +377,8 @@ class RunDir:
 
 def collect_tables(*run_dirs: RunDir | str | Path) -> dict[str, pl.DataFrame]:
     """Merge the journals of one or more run directories (all shards) into the study tables (nothing is written).
-    Several directories must hold one study (the same config and plan: shards or copies of one run), else
+    Several directories must hold one study (the same config and plan: shards or copies of one run) or companion
+    studies (:func:`companion_conflicts`: the union of their units, first record per key in the order given), else
     :class:`IncompatibleRunDirsError`."""
     dirs = [d if isinstance(d, RunDir) else RunDir(d) for d in run_dirs]
     for d in dirs:
@@ -403,23 +405,55 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
                   if a.get(s, {}).get(k) != b.get(s, {}).get(k))
 
 
+def _identity(d: RunDir) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A run directory's config (TOML layout) and the plan entries that fix what its units compute."""
+    if not d.config_path.exists():
+        return None
+    plan = d.provenance().get("plan", {})
+    return d.config().to_dict(), {k: plan.get(k) for k in ("noise", "hparams", "tokens", "model",
+                                                           "covariance_tokens")}
+
+
+def companion_conflicts(a: RunDir, b: RunDir) -> list[str]:
+    """Why two run directories of *different* studies cannot be read as companions ([] when they can).
+
+    Companion studies split one design over several runs (e.g. the reference study and its other edit methods, or
+    a dense layer sweep of its first facts): their units may differ, but a unit key must mean the same computation in
+    each, so they share the model, the dataset and filter, the resolved noise and every localization setting a
+    tracing key does not name (which localizations, kinds and windows run may differ); and
+    where both edit the same problem × method (or method), the same resolved hyper-parameters and token rules, and
+    the same key-statistics tokens. Their tables are then the union of their journals (first record per key)."""
+    ia, ib = _identity(a), _identity(b)
+    if ia is None or ib is None:
+        return ["config.json"]
+    (ca, pa), (cb, pb) = ia, ib
+    out = [f"{sec}.{k}" for sec, keys in (("study", ("model",)), ("data", ("dataset", "filter")))
+           for k in keys if ca.get(sec, {}).get(k) != cb.get(sec, {}).get(k)]
+    # which localizations, kinds and windows are in a unit's key: companions may run different ones
+    keyed = ("methods", "kinds", "windows")
+    out += config_differences({"localization": {k: v for k, v in ca.get("localization", {}).items() if k not in keyed}},
+                              {"localization": {k: v for k, v in cb.get("localization", {}).items() if k not in keyed}})
+    out += [f"plan.{k}" for k in ("model", "noise") if pa.get(k) != pb.get(k)]
+    for k in ("hparams", "tokens"):
+        x, y = pa.get(k) or {}, pb.get(k) or {}
+        out += [f"plan.{k}[{m}]" for m in sorted(set(x) & set(y)) if x[m] != y[m]]
+    if pa.get("hparams") and pb.get("hparams") and pa.get("covariance_tokens") != pb.get("covariance_tokens"):
+        out.append("plan.covariance_tokens")
+    return sorted(out)
+
+
 def _check_compatible(dirs: Sequence[RunDir]) -> None:
+    """Several run directories read together hold one study (shards or copies: the same config and plan) or
+    companion studies (:func:`companion_conflicts`); anything else is refused, naming what differs."""
     if len(dirs) < 2:
         return
-
-    def identity(d: RunDir):
-        if not d.config_path.exists():
-            return None
-        plan = d.provenance().get("plan", {})
-        return d.config().to_dict(), {k: plan.get(k) for k in ("noise", "hparams", "tokens", "model")}
-
-    first = identity(dirs[0])
+    first = _identity(dirs[0])
     for d in dirs[1:]:
-        other = identity(d)
-        if other != first:
-            a, b = first or ({}, {}), other or ({}, {})
-            diff = config_differences(a[0], b[0]) + sorted(
-                f"plan.{k}" for k in set(a[1]) | set(b[1]) if a[1].get(k) != b[1].get(k))
+        if _identity(d) == first:
+            continue
+        diff = companion_conflicts(dirs[0], d)
+        if diff:
             raise IncompatibleRunDirsError(
-                f"{dirs[0].path} and {d.path} hold different studies (differences in: {diff or ['config.json']}); "
-                "give run directories of one study (its shards) together, or report each on its own")
+                f"{dirs[0].path} and {d.path} hold different studies that are not companions (differences in: "
+                f"{diff}); give run directories of one study (its shards), or companion studies (same model, data, "
+                "localization and noise; equal settings for what both edit), or report each on its own")

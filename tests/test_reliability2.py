@@ -176,9 +176,44 @@ def test_summary_of_two_different_studies_is_refused(tmp_path, capsys):
     for argv in (["summary", str(a), str(b)], ["summary", str(b), str(a)], ["report", str(a), str(b)]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "hold different studies" in err[0] and "localization.noise_scale_rule" in err[0]
+        assert len(err) == 1 and "not companions" in err[0] and "localization.noise_scale_rule" in err[0]
     c = _copy("reber", tmp_path / "c")  # two copies of one study are fine
     assert main(["summary", str(a), str(c)]) == 0
+
+
+def test_companion_studies_are_read_as_one_design_and_conflicting_ones_refused(tiny, tmp_path, monkeypatch):
+    from locedit.findings import _stages
+    from locedit.rundir import IncompatibleRunDirsError, companion_conflicts
+    from locedit.study import run_study
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    data = _custom_dataset(tmp_path / "facts.json")
+
+    def run(name, problems, steps=1):
+        config = parse_config({"study": {"name": name}, "data": {"dataset": str(data), "filter": "none", "sample": 2},
+                               "localization": {"kinds": []},
+                               "editing": {"problems": problems, "methods": ["ft-1"], "layers": [1], "essence": False},
+                               "hparams": {"ft-1": {"num_steps": steps}}})
+        assert run_study(config, tmp_path / name, model=tiny, progress=False).done == 2 * len(problems)
+        return RunDir(tmp_path / name)
+
+    main_run = run("main", ["error_injection"])
+    other = run("other", ["error_injection", "fact_forcing"])  # the same EI edits, plus FF: a companion
+    clash = run("clash", ["fact_forcing"], steps=2)  # FF with other hyper-parameters than `other`'s
+    assert companion_conflicts(main_run, other) == [] and companion_conflicts(main_run, clash) == []
+    assert companion_conflicts(other, clash) == ["plan.hparams[fact_forcing|ft-1]"]
+    merged = collect_tables(main_run, other)["edits"]
+    alone = [collect_tables(d)["edits"] for d in (main_run, other)]
+    # the union of the units, one row per key (the shared EI keys once, from the first run given)
+    assert sorted(merged["key"].to_list()) == sorted(set(alone[0]["key"].to_list()) | set(alone[1]["key"].to_list()))
+    assert merged.height == 4
+    assert main(["report", str(main_run.path), str(other.path), "--out", str(tmp_path / "r.html")]) == 0
+    assert "the pre-registered analysis is main" in (tmp_path / "r.html").read_text()
+    with pytest.raises(IncompatibleRunDirsError, match=r"not companions.*hparams\[fact_forcing\|ft-1\]"):
+        collect_tables(other, clash)
+    # each study's stages keep their names, prefixed by the study
+    st = _stages(main_run, other)
+    assert st.total == {"main: edits: ft-1": 2, "other: edits: ft-1": 4} and st.thread_label().isdigit()
 
 
 # 7 ------------------------------------------------------------------------------------------ symlinks
