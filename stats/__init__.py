@@ -92,6 +92,7 @@ from locedit.stats.tokens import (
 from locedit.stats.report import frame_to_html, markdown_to_html, report_html, write_report
 from locedit.stats.tables import (
     CONVERGENCE_COLUMNS,
+    REACHED_P_TARGET,
     METHOD_LABELS,
     METHOD_ORDER,
     METRIC_LABELS,
@@ -107,6 +108,7 @@ from locedit.stats.tables import (
     problem_label,
     r2_table,
     score_summary,
+    with_reached,
     table1,
     to_markdown,
 )
@@ -191,7 +193,9 @@ __all__ = [
     "problem_label",
     "r2_table",
     "score_summary",
+    "with_reached",
     "CONVERGENCE_COLUMNS",
+    "REACHED_P_TARGET",
     "regression_table",
     "report_html",
     "results_frame",

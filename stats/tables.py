@@ -38,7 +38,9 @@ __all__ = [
     "to_markdown",
     "paper_tables",
     "score_summary",
+    "with_reached",
     "CONVERGENCE_COLUMNS",
+    "REACHED_P_TARGET",
     "sort_paper_order",
 ]
 
@@ -236,11 +238,25 @@ SUMMARY_COLUMNS = (
     "rewrite_score", "paraphrase_score", "neighborhood_score", "overall_score", "essence_score",
     "p_rewrite_pre", "p_rewrite_post", "edit_seconds",
 )
-CONVERGENCE_COLUMNS = ("opt_steps", "opt_final_loss", "opt_p_target", "opt_delta_ratio", "opt_clamped",
-                       "opt_bound_share")
-"""The edits table's record of how each edit's optimisation ended (``problems.run.EditOutcome``): their means per
-group are the report's convergence panel (mean of ``opt_clamped`` = share of edits whose ‖δ‖ ended at the clamp
+REACHED_P_TARGET = 0.9
+"""An edit's optimisation *reached its target* when the mean p(target) over its own optimisation prompts ended at or
+above this (ROME's early stop, NLL < 0.05, is p ≈ 0.95; 0.9 leaves room for the last step's noise)."""
+
+CONVERGENCE_COLUMNS = ("opt_reached", "opt_steps", "opt_final_loss", "opt_p_target", "opt_delta_ratio",
+                       "opt_clamped", "opt_bound_share")
+"""The edits table's record of how each edit's optimisation ended (``problems.run.EditOutcome``), plus
+``opt_reached`` (:func:`with_reached`): their means per group are the report's convergence panel (mean of
+``opt_reached`` = share of edits that reached their target; of ``opt_clamped`` = share whose ‖δ‖ ended at the clamp
 bound; of ``opt_bound_share`` = mean share of FT entries at the L∞ bound)."""
+
+
+def with_reached(edits: pl.DataFrame, threshold: float = REACHED_P_TARGET) -> pl.DataFrame:
+    """``edits`` with ``opt_reached`` = 1.0 when the optimisation's final mean p(target) ≥ ``threshold``, 0.0 below,
+    null where the edit recorded none (studies run before convergence was recorded have no ``opt_p_target``)."""
+    if "opt_p_target" not in edits.columns:
+        return edits
+    p = pl.col("opt_p_target").cast(pl.Float64).fill_nan(None)
+    return edits.with_columns((p >= threshold).cast(pl.Float64).alias("opt_reached"))
 
 
 def score_summary(

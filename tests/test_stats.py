@@ -582,3 +582,14 @@ def test_concentrated_top_is_the_ten_percent_with_the_sharpest_peak():
     tied = pl.DataFrame([{"fact_id": f"t{i}", "kind": "mlp", "window": 5, "layer": lay, "effect": 1.0 if lay == 0 else 0.0}
                          for i in range(5) for lay in range(3)])
     assert concentrated_facts(tied)["concentrated_top"].all()  # all tie at the cut
+
+
+def test_convergence_panel_share_that_reached_the_target():
+    edits = pl.DataFrame({"problem": ["error_injection"] * 5, "method": ["rome"] * 5, "layer": [0, 0, 0, 1, 1],
+                          "opt_p_target": [0.95, 0.5, 0.9, float("nan"), None]})
+    got = stats.with_reached(edits)
+    assert got["opt_reached"].to_list() == [1.0, 0.0, 1.0, None, None]  # NaN / missing: no record, not "failed"
+    panel = stats.score_summary(got, columns=stats.CONVERGENCE_COLUMNS)
+    assert panel["opt_reached"].to_list() == [pytest.approx(2 / 3), None]
+    assert panel["n"].to_list() == [3, 2]
+    assert stats.with_reached(edits.drop("opt_p_target")).columns == ["problem", "method", "layer"]
