@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="locedit", description="Does localization inform editing?")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of this command (default: torch's, one per core); e.g. 1 each for two "
+                        "jobs sharing 2 cores (recorded in a study's provenance.json)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("trace", help="trace one fact and write its heatmap (HTML)")
@@ -433,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     from locedit.tracer.models import ModelUnavailableError
 
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except KeyboardInterrupt:
         if args.debug:

@@ -223,3 +223,17 @@ def test_concurrent_writers_of_one_file_never_collide(tmp_path):
         list(pool.map(lambda t: write_atomic(tmp_path / "config.json", t), texts * 4))
     assert (tmp_path / "config.json").read_text() in texts
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_threads_option_sets_torch_threads_and_refuses_zero(capsys):
+    from locedit.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "info"]) == 0
+        assert "threads: 1" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+    assert main(["--threads", "0", "info"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads must be >= 1" in err[0]
