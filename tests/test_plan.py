@@ -321,3 +321,13 @@ def test_every_entry_point_gives_the_same_sigma(model, tmp_path, monkeypatch, ca
     sigmas["default study"] = resolve_plan(parse_config({}), model, ["cf:0"]).noise.sigma
     assert sigmas["trace()"] == pytest.approx(0.3500, abs=5e-5)
     assert all(s == pytest.approx(sigmas["trace()"], rel=1e-9, abs=5e-5) for s in sigmas.values()), sigmas
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for pattern in
+                                        ("configs/*.toml", "studies/*.toml", "studies/next/*.toml")
+                                        for p in ROOT.glob(pattern)))
+def test_every_shipped_config_parses(path):
+    from locedit.config import load_config
+
+    config = load_config(ROOT / path)  # a shipped config that does not parse is a ConfigError here, not at its run
+    assert config.name and config.model, path
