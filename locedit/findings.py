@@ -50,11 +50,14 @@ from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
 
-FINDINGS_BLOCKS = ("status", "primary", "headline", "table1", "table3", "facts", "table2", "table7", "fig4", "fig7", "agreement",
-                   "localization", "reber", "tokens", "cost")
-def _block_pattern(prefix: str) -> re.Pattern:
-    return re.compile(rf"(<!-- {prefix}:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /{prefix}:(?P=name) -->)", re.S)
+FINDINGS_BLOCKS = ("status", "primary", "headline", "table1", "table3", "facts", "table2", "table7", "fig4", "fig7",
+                   "where_edited", "agreement", "localization", "reber", "tokens", "cost")
 _N_BOOT = 1000
+
+
+def _block_pattern(prefix: str) -> re.Pattern:
+    """A generated block of a document: ``<!-- PREFIX:NAME -->`` … ``<!-- /PREFIX:NAME -->``."""
+    return re.compile(rf"(<!-- {prefix}:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /{prefix}:(?P=name) -->)", re.S)
 
 
 def _ci(lo, hi, digits: int = 3) -> str:
@@ -335,6 +338,27 @@ def _localization_block(loc: pl.DataFrame) -> str:
                 "adj. ΔR² 95% CI", "F-test p"], rows, right_from=4)
 
 
+def _where_edited_block(frames: dict[str, pl.DataFrame]) -> str:
+    """Is a fact best edited where it traces? (:func:`locedit.stats.edit_layer_agreement`: each fact's tracing
+    curve over the edited layers against its rewrite-score curve, same fact vs other-fact pairs.)"""
+    from locedit.stats import edit_layer_agreement
+
+    t = edit_layer_agreement(frames)
+    if t.height == 0:
+        return "No fact has been edited at enough layers yet.\n"
+    rows = [[r["localization"], problem_label(r["problem"]), method_label(r["method"]), str(r["n_layers"]),
+             str(r["n_facts"]), format_num(r["median_r"], 2), format_num(r["cross_median_r"], 2), format_p(r["p_r"]),
+             format_num(r["close_share"], 2), format_num(r["cross_close_share"], 2), format_p(r["p_close"])]
+            for r in sort_paper_order(t).iter_rows(named=True)]
+    return (_md(["localization", "problem", "method", "edit layers", "facts", "median per-fact r (tracing vs rewrite)",
+                 "other-fact pairs", "p (same > other)", "share best-edit layer ≤ 2 layers from peak",
+                 "other-fact pairs", "p (same > other)"], rows, right_from=3)
+            + "\nPer fact: Pearson r between the tracing effect and the rewrite score over the edited layers, and whether"
+              " the best-editing layer is within 2 layers of the peak tracing layer; other-fact pairs pair one fact's"
+              " tracing with another fact's edits (the layer profile all facts share). p: facts permuted (999),"
+              " one-sided.\n")
+
+
 def _agreement_block(trace: pl.DataFrame) -> str:
     """Where each method localizes, on every localized fact (no edits needed): the per-layer effect curve (max over
     tokens, window 5), its peak layer, the concentrated share, and each method's agreement with noise."""
@@ -449,6 +473,7 @@ def findings_blocks(run_dir: str | Path, *companions: str | Path, n_boot: int = 
         "fig4": _fig4_block(frames),
         "fig7": _fig7_block(edits),
         "agreement": _agreement_block(trace),
+        "where_edited": _where_edited_block(frames),
         "localization": _localization_block(loc),
         "reber": _reber_block(edits, trace, n_boot),
         "tokens": _tokens_block(tables),

@@ -94,6 +94,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         CONVERGENCE_COLUMNS,
         REACHED_P_TARGET,
         correlation_table,
+        edit_layer_agreement,
         fig_peak_layers,
         fig_r2_bars,
         fig_score_vs_trace,
@@ -157,6 +158,10 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
             md["Localization methods compared: Reber's question (paired bootstrap over facts)"] = caveat + "\n".join(
                 f"- {d.sentence}" for d in loc["paired"])
         figs["Localization methods compared: ΔR² with 95% intervals"] = fig_localization_r2(loc["table"])
+        where = edit_layer_agreement(loc["frames"])
+        if where.height:
+            md["Is a fact best edited where it traces? (per-fact tracing vs rewrite curves over the edited layers, "
+               "same fact vs other-fact pairs; p: facts permuted)"] = to_markdown(where, p_columns=("p_r", "p_close"))
         for (problem, method), _ in next(iter(loc["frames"].values())).group_by(["problem", "method"],
                                                                                  maintain_order=True):
             figs[f"Fig. 15 analog by localization method ({problem}, {method})"] = fig_localization_correlations(

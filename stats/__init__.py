@@ -69,6 +69,7 @@ from locedit.stats.regressions import (
 from locedit.stats.localization import (
     Agreement,
     agreement,
+    edit_layer_agreement,
     LocalizationComparison,
     PairedDifference,
     delta_r2,
@@ -149,6 +150,7 @@ __all__ = [
     "fig_scores_by_token_layer",
     "Agreement",
     "agreement",
+    "edit_layer_agreement",
     "fig_localization_correlations",
     "fig_localization_r2",
     "select_localization",

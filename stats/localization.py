@@ -26,6 +26,7 @@ __all__ = [
     "Agreement",
     "LocalizationComparison",
     "agreement",
+    "edit_layer_agreement",
     "PairedDifference",
     "delta_r2",
     "localization_frames",
@@ -277,10 +278,11 @@ class Agreement:
 
 
 def agreement(curves_a: dict[str, np.ndarray], curves_b: dict[str, np.ndarray], *, within: int = 2,
-              n_permutations: int = 999, seed: int = 0) -> Agreement:
+              n_permutations: int = 999, seed: int = 0, layers: Sequence[int] | None = None) -> Agreement:
     """Agreement of two methods' per-layer effect curves (``{fact_id: [L]}``) on the same fact, beside the
-    cross-fact baseline (:class:`Agreement`). Facts whose curves are not finite at every layer, or are constant, are
-    left out. NaN fields (``n_facts`` < 2) when there is nothing to compare."""
+    cross-fact baseline (:class:`Agreement`). ``layers``: the layer of each curve position (default 0, 1, ...: every
+    layer), so that "peaks ≤ ``within`` apart" counts layers, not positions. Facts whose curves are not finite at
+    every layer, or are constant, are left out. NaN fields (``n_facts`` < 2) when there is nothing to compare."""
     facts = sorted(f for f in set(curves_a) & set(curves_b)
                    if np.isfinite(curves_a[f]).all() and np.isfinite(curves_b[f]).all()
                    and np.ptp(curves_a[f]) > 0 and np.ptp(curves_b[f]) > 0 and len(curves_a[f]) == len(curves_b[f]))
@@ -295,7 +297,10 @@ def agreement(curves_a: dict[str, np.ndarray], curves_b: dict[str, np.ndarray], 
         return X / np.linalg.norm(X, axis=1, keepdims=True)
 
     R = z(A) @ z(B).T  # R[i, j] = Pearson r of A's curve of fact i and B's curve of fact j
-    pa, pb = A.argmax(axis=1), B.argmax(axis=1)
+    at = np.arange(A.shape[1]) if layers is None else np.asarray(layers)
+    if len(at) != A.shape[1]:
+        raise ValueError(f"layers has {len(at)} entries for curves of {A.shape[1]} layers")
+    pa, pb = at[A.argmax(axis=1)], at[B.argmax(axis=1)]
     C = (np.abs(pa[:, None] - pb[None, :]) <= within).astype(float)
     off = ~np.eye(n, dtype=bool)
     same_r, same_c = np.diag(R), np.diag(C)
@@ -307,3 +312,40 @@ def agreement(curves_a: dict[str, np.ndarray], curves_b: dict[str, np.ndarray], 
     p_c = float((1 + np.sum(null_c >= same_c.mean() - 1e-12)) / (1 + n_permutations))
     return Agreement(n, float(np.median(same_r)), float(np.percentile(same_r, 25)), float(np.percentile(same_r, 75)),
                      float(same_c.mean()), float(np.median(R[off])), float(C[off].mean()), p_r, p_c, n_permutations)
+
+
+def edit_layer_agreement(frames: dict[str, pl.DataFrame], *, metric: str = "rewrite_score", within: int = 2,
+                         n_permutations: int = 999, seed: int = 0, min_layers: int = 5) -> pl.DataFrame:
+    """Is a fact best edited where it traces? Per localization × problem × edit method (``frames``: the analysis
+    frames of :func:`localization_frames`), each fact's curve of the tracing effect over the edited layers against
+    its curve of ``metric`` over the same layers, by :func:`agreement`: per-fact Pearson r of the two curves and the
+    share of facts whose best-editing layer is ≤ ``within`` layers from their peak tracing layer, each beside the
+    same quantity over *other-fact* pairs (fact i's tracing, fact j's edits: what the layer profile all facts share
+    gives on its own) with a one-sided permutation p (facts permuted). Only facts edited at every one of the
+    group's layers (at least ``min_layers`` of them) count.
+
+    Returns one row per group: localization, problem, method, n_layers, n_facts, median_r, cross_median_r, p_r,
+    close_share, cross_close_share, p_close."""
+    rows = []
+    for loc, frame in frames.items():
+        if frame.height == 0:
+            continue
+        for (problem, method), sub in frame.group_by(["problem", "method"], maintain_order=True):
+            layers = sorted(sub["layer"].unique().to_list())
+            if len(layers) < min_layers:
+                continue
+            tr, sc = {}, {}
+            for (fid,), fact in sub.sort("layer").group_by(["fact_id"], maintain_order=True):
+                if fact["layer"].to_list() != layers:
+                    continue
+                tr[fid] = fact["trace"].cast(pl.Float64).fill_null(_NAN).to_numpy()
+                sc[fid] = fact[metric].cast(pl.Float64).fill_null(_NAN).to_numpy()
+            a = agreement(tr, sc, within=within, n_permutations=n_permutations, seed=seed, layers=layers)
+            rows.append({"localization": loc, "problem": problem, "method": method, "n_layers": len(layers),
+                         "n_facts": a.n_facts, "median_r": a.median_r, "cross_median_r": a.cross_median_r,
+                         "p_r": a.p_r, "close_share": a.close_share, "cross_close_share": a.cross_close_share,
+                         "p_close": a.p_close})
+    return pl.DataFrame(rows, schema={"localization": pl.String, "problem": pl.String, "method": pl.String,
+                                      "n_layers": pl.Int64, "n_facts": pl.Int64, "median_r": pl.Float64,
+                                      "cross_median_r": pl.Float64, "p_r": pl.Float64, "close_share": pl.Float64,
+                                      "cross_close_share": pl.Float64, "p_close": pl.Float64})

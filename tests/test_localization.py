@@ -189,3 +189,40 @@ def test_agreement_separates_fact_specific_from_shared_profiles():
     g2 = agreement(a2, b2)
     assert g2.median_r > 0.9 and abs(g2.median_r - g2.cross_median_r) < 0.05 and g2.p_r > 0.05
     assert agreement({"x": np.ones(L)}, {"x": np.ones(L)}).n_facts == 0
+
+
+def test_is_a_fact_best_edited_where_it_traces():
+    """edit_layer_agreement on analysis frames: edit-success curves that peak at each fact's own tracing peak agree
+    beyond other-fact pairs; curves unrelated to the fact's tracing do not; peaks are compared in layers, not
+    positions (layers 0, 4, 8, ...: adjacent positions are 4 layers apart); facts missing a layer are left out."""
+    import numpy as np
+
+    from locedit.stats import agreement, edit_layer_agreement
+
+    rng = np.random.default_rng(1)
+    layers = [0, 4, 8, 12, 16, 20, 24, 29]
+    n = 40
+    peaks = rng.integers(0, len(layers), size=n)
+    bump = lambda c: np.exp(-0.5 * ((np.arange(len(layers)) - c) / 1.0) ** 2)  # noqa: E731
+
+    def frame(score_of):
+        rows = [{"fact_id": f"f{i}", "problem": "error_injection", "method": "rome", "layer": lay,
+                 "trace": float(bump(peaks[i])[k] + 0.05 * rng.normal()), "rewrite_score": float(score_of(i)[k])}
+                for i in range(n) for k, lay in enumerate(layers)]
+        return pl.DataFrame(rows)
+
+    planted = frame(lambda i: bump(peaks[i]) + 0.05 * rng.normal(size=len(layers)))
+    unrelated = frame(lambda i: rng.normal(size=len(layers)))
+    short = planted.filter(~((pl.col("fact_id") == "f0") & (pl.col("layer") == 29)))  # f0 lacks a layer
+    t = edit_layer_agreement({"noise": planted, "flip": unrelated, "zero": short}, n_permutations=199)
+    got = {r["localization"]: r for r in t.iter_rows(named=True)}
+    assert got["noise"]["n_facts"] == n and got["noise"]["n_layers"] == len(layers)
+    assert got["noise"]["median_r"] > 0.8 and got["noise"]["p_r"] == pytest.approx(1 / 200)
+    assert got["noise"]["close_share"] == 1.0 and got["noise"]["p_close"] == pytest.approx(1 / 200)
+    assert got["flip"]["p_r"] > 0.01 and abs(got["flip"]["median_r"]) < 0.3
+    assert got["zero"]["n_facts"] == n - 1
+    # "within 2 layers" counts layers: peaks at adjacent positions of layers (0, 4) are 4 layers apart
+    one = {"x": np.array([1.0, 0.0, 0.0]), "y": np.array([0.0, 1.0, 0.0])}
+    two = {"x": np.array([0.0, 1.0, 0.0]), "y": np.array([1.0, 0.0, 0.0])}
+    assert agreement(one, two, layers=[0, 4, 8]).close_share == 0.0
+    assert agreement(one, two).close_share == 1.0
