@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--grid", type=_parse_grid, action="append", default=None,
                     help="replace the paper's grid of a field, e.g. kl_factor=0.0625,0.9,1 (repeatable)")
     tf.add_argument("--budget", type=_parse_grid, action="append", default=None,
-                    help="replace the optimizer-budget search (searched in the order given), e.g. v_lr=0.05,0.5")
+                    help="search these optimizer-budget fields instead of the defaults (jointly: every "
+                         "combination), e.g. v_lr=0.05,0.5 (repeatable: one per field)")
     tf.add_argument("--ceiling", type=float, default=0.99, help="highest admissible mean rewrite (the paper: 0.99)")
     tf.add_argument("--tolerance", type=float, default=0.05,
                     help="admissible points keep mean neighborhood within this of the grid's best")

@@ -13,9 +13,11 @@ aggressively", made explicit; paraphrase is reported, not constrained: it moves 
 the admissible one with the highest mean rewrite (ties: the earlier grid point). If none is admissible the point with
 the lowest mean rewrite is returned, flagged ``within_rule=False``. **Widening**: when the chosen point's mean rewrite is
 below ``reach`` (0.9; ROME reaches 0.99 at GPT-J's default layer and > 0.96 at every layer but the last, Hase et al.
-§4), the search is widened to the optimizer budget (:data:`BUDGET_GRIDS`: v*/z learning rate, then steps; FT's steps),
-one field at a time in that order — each crossed with the paper's grid, the fields already searched fixed at the chosen
-point — until the chosen point reaches ``reach``; the rule is applied to the whole table each time (``widened=True``).
+§4), the search is widened to the optimizer budget (:data:`BUDGET_GRIDS`: v*/z learning rate and steps; FT's steps):
+every combination of the budget fields, each with its base value, crossed with the paper grid's monotone fields (FT's
+L∞ bound, scanned upward) and at the paper stage's chosen value of the others (the KL weight); the rule is then applied
+to the whole table (``widened=True``). (Until 2026-12-03 the budget was searched one field at a time, learning rate
+first, and could miss a better combination: the SmolLM2 entries tuned then say so in their ``stage`` column.)
 
 Rewrite score: (p* − p)/(1 − p) for maximizing problems, max(0, (p − p*)/p) for Fact Erasure (Hase et al. §3.3), as
 :func:`problems.run.run_edit` reports it. Every outcome is journalled (one JSON line per fact × grid point,
@@ -80,8 +82,8 @@ PAPER_GRIDS: Mapping[type, Mapping[str, tuple]] = {
 """Per hyper-parameter class, the paper's App. A grid (the field searched first)."""
 
 BUDGET_GRIDS: Mapping[type, Mapping[str, tuple]] = {
-    ROMEHyperParams: {"v_lr": (0.05, 0.5), "v_num_grad_steps": (25, 50)},
-    MEMITHyperParams: {"v_lr": (0.05, 0.5), "v_num_grad_steps": (25, 50)},
+    ROMEHyperParams: {"v_lr": (0.05, 0.1, 0.2, 0.5), "v_num_grad_steps": (25, 50)},
+    MEMITHyperParams: {"v_lr": (0.05, 0.1, 0.2, 0.5), "v_num_grad_steps": (25, 50)},
     FTHyperParams: {"num_steps": (25, 50, 100)},
 }
 """Per hyper-parameter class, the optimizer budget searched when the paper's grid does not reach ``reach`` (the base
@@ -442,22 +444,24 @@ def tune(
             idx, within = choose_setting(table, rule)
             widened = False
             if widen and table["rewrite_mean"][idx] < rule.reach:
-                # one budget field at a time (search order), crossed with the paper's grid, the fields already
-                # searched fixed at the chosen point's values; stop once the chosen point reaches ``reach``
-                widened, fixed = True, {}
-                for f, values in budget_axes(method, base, None if budget is None else budget.get(method)).items():
-                    seen = {_effective(base, json.loads(p)) for p in table["point"]}
-                    points = grid_points(method, base, mine, {**{k: (v,) for k, v in fixed.items()}, f: values})
-                    more = _scan(runner, problem, method, layer, base,
-                                 [p for p in points if _effective(base, p) not in seen], f"budget:{f}", rule)
-                    if more.height:
-                        table = pl.concat([table, more], how="diagonal_relaxed")
-                    table = table.with_columns(pl.col(c).fill_null(float(getattr(base, c)))
-                                               for c in (*fixed, f) if c in table.columns)
-                    idx, within = choose_setting(table, rule)
-                    fixed[f] = _typed(base, f, table[f][idx]) if f in table.columns else getattr(base, f)
-                    if table["rewrite_mean"][idx] >= rule.reach:
-                        break
+                # every combination of the budget fields (each with its base value), crossed with the paper grid's
+                # monotone fields (FT's bound: more budget moves where the ceiling falls) and at the paper stage's
+                # chosen value of the others (the KL weight: its effect is what that stage measured)
+                widened = True
+                axes = budget_axes(method, base, None if budget is None else budget.get(method))
+                primary = dict(PAPER_GRIDS[resolve_method(method, aliases=False).hparams] if mine is None else mine)
+                chosen_paper = json.loads(table["point"][idx])
+                grid = {f: (values if f in MONOTONE_FIELDS else (chosen_paper.get(f, getattr(base, f)),))
+                        for f, values in primary.items()}
+                seen = {_effective(base, json.loads(p)) for p in table["point"]}
+                points = grid_points(method, base, grid, axes)
+                more = _scan(runner, problem, method, layer, base,
+                             [p for p in points if _effective(base, p) not in seen], "budget:" + "×".join(axes), rule)
+                if more.height:
+                    table = pl.concat([table, more], how="diagonal_relaxed")
+                table = table.with_columns(pl.col(c).fill_null(float(getattr(base, c)))
+                                           for c in axes if c in table.columns)
+                idx, within = choose_setting(table, rule)
             table = table.with_columns(pl.Series("chosen", [i == idx for i in range(table.height)]))
             chosen = json.loads(table["point"][idx])
             chosen = {k: _typed(base, k, v) for k, v in chosen.items()}

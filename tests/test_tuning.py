@@ -56,9 +56,9 @@ def test_grid_points_paper_grid_then_budget():
     base = problem_hparams("fact_forcing", "rome", "gpt-j", tuned=False)  # v_lr 0.05, 25 steps (App. A)
     assert grid_points("rome", base) == [{"kl_factor": k} for k in (0.0625, 0.9, 1.0)]
     axes = budget_axes("rome", base)
-    assert axes == {"v_lr": (0.05, 0.5), "v_num_grad_steps": (25, 50)}  # learning rate first, base values included
+    assert axes == {"v_lr": (0.05, 0.1, 0.2, 0.5), "v_num_grad_steps": (25, 50)}  # base values included
     wide = grid_points("rome", base, None, {"v_lr": axes["v_lr"]})
-    assert wide[:2] == [{"v_lr": 0.05, "kl_factor": 0.0625}, {"v_lr": 0.05, "kl_factor": 0.9}] and len(wide) == 6
+    assert wide[:2] == [{"v_lr": 0.05, "kl_factor": 0.0625}, {"v_lr": 0.05, "kl_factor": 0.9}] and len(wide) == 12
     ei = problem_hparams("error_injection", "ft-1", "gpt-j", tuned=False)
     ft = grid_points("ft-1", ei, {"norm_constraint": (1e-3, 1e-5)}, {"num_steps": budget_axes("ft-1", ei)["num_steps"]})
     assert ft[:2] == [{"num_steps": 25, "norm_constraint": 1e-5}, {"num_steps": 25, "norm_constraint": 1e-3}]
@@ -67,6 +67,48 @@ def test_grid_points_paper_grid_then_budget():
         grid_points("rome", base, {"norm_constraint": (1e-4,)})
     with pytest.raises(ValueError, match="not a hyper-parameter"):
         budget_axes("ft-1", ei, {"v_lr": (0.5,)})
+
+
+def test_the_budget_is_searched_jointly_at_the_paper_stages_kl(monkeypatch):
+    """Widening scans every (learning rate, steps) combination at the KL weight the paper stage chose, and the rule
+    picks the best admissible one over the whole table: here 50 steps at the base learning rate, a combination a
+    learning-rate-first search never reaches (it fixes lr 0.1 at 25 steps, whose 50-step version is inadmissible)."""
+    import locedit.tuning as tuning
+
+    base = problem_hparams("fact_forcing", "rome", "gpt-j", tuned=False)  # v_lr 0.05, 25 steps
+
+    def outcome(hp):  # rewrite and the neighborhood damage both grow with lr and steps (ROME's Fact Forcing, L15)
+        rewrite = min(0.95, 0.1 + hp.v_lr + 0.004 * (hp.v_num_grad_steps - 25) - 0.01 * hp.kl_factor)
+        return {"rewrite_score": rewrite, "paraphrase_score": rewrite,
+                "neighborhood_score": 1.0 - 0.02 * hp.v_lr * hp.v_num_grad_steps}
+
+    from types import SimpleNamespace
+
+    facts = [SimpleNamespace(id="f1"), SimpleNamespace(id="f2")]
+
+    class FakeRunner:
+        def __init__(self, *a, **k):
+            self.facts, self.progress, self.scanned = facts, None, []
+
+        def journaled_point(self, problem, method, layer, base_, point):
+            return dict(point)
+
+        def outcome(self, fact, problem, method, layer, hp, point):
+            self.scanned.append(tuple(sorted(point.items())))
+            return outcome(hp)
+
+    runners = []
+    monkeypatch.setattr(tuning, "_Runner", lambda *a, **k: runners.append(FakeRunner()) or runners[-1])
+    monkeypatch.setattr(tuning, "problem_hparams", lambda p, meth, mod, tuned=True: base)
+    monkeypatch.setattr("locedit.problems.variants.default_noise", lambda model, noise=None: None)
+    res, = tuning.tune(None, facts, ["fact_forcing"], ["rome"], 5)
+    t = res.table
+    assert res.widened and t.filter(pl.col("stage") == "paper").height == 3
+    budget = t.filter(pl.col("stage") == "budget:v_lr×v_num_grad_steps")
+    # 4 rates × 2 step counts at the paper stage's KL (0.0625: the highest rewrite there), less the paper point
+    assert budget.height == 7 and set(budget["kl_factor"].to_list()) == {0.0625}
+    assert res.chosen == {"kl_factor": 0.0625, "v_lr": 0.05, "v_num_grad_steps": 50}, res.chosen
+    assert res.table.filter(pl.col("chosen"))["rewrite_mean"].item() == pytest.approx(0.2493750)
 
 
 @pytest.fixture()
