@@ -36,7 +36,7 @@ import polars as pl
 from locedit.tracer.atomic import atomic_path, write_atomic
 
 __all__ = ["JOURNAL_NAME", "Journal", "QUARANTINE", "SymlinkWriteError", "compress_journal", "journal_files",
-           "read_journal", "read_journals", "refuse_symlink", "repair_compressed", "scan_journal",
+           "json_default", "read_journal", "read_journals", "refuse_symlink", "repair_compressed", "scan_journal",
            "write_gzip", "write_parquet_atomic"]
 
 QUARANTINE = "quarantine.jsonl"
@@ -128,7 +128,7 @@ class Journal:
         self.quarantined = len(bad)
         if bad:
             _quarantine(self.path, bad)
-            write_atomic(self.path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+            write_atomic(self.path, "".join(json.dumps(r, default=json_default) + "\n" for r in records))
         self.keys: set[str] = {r["key"] for r in records}
 
     def append(self, record: dict[str, Any]) -> None:
@@ -136,7 +136,7 @@ class Journal:
         key = record["key"]
         if key in self.keys:
             return
-        line = json.dumps(record, default=_json_default) + "\n"
+        line = json.dumps(record, default=json_default) + "\n"
         with open(refuse_symlink(self.path), "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -144,7 +144,9 @@ class Journal:
         self.keys.add(key)
 
 
-def _json_default(o: Any):
+def json_default(o: Any):
+    """``json.dumps(default=...)`` for locedit's records: numpy / torch values via ``tolist``, tuples and sets as
+    lists; anything else is a ``TypeError``."""
     if hasattr(o, "tolist"):
         return o.tolist()
     if isinstance(o, tuple | set | frozenset):
@@ -201,7 +203,7 @@ def compress_journal(plain: str | Path, remove_plain: bool = False) -> Path:
 
 
 def _write_compressed(packed: Path, records: list[dict[str, Any]]) -> None:
-    write_gzip(packed, "".join(json.dumps(r, default=_json_default) + "\n" for r in records).encode())
+    write_gzip(packed, "".join(json.dumps(r, default=json_default) + "\n" for r in records).encode())
 
 
 def write_gzip(path: str | Path, data: bytes) -> None:

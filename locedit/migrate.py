@@ -32,7 +32,7 @@ from locedit.config import StudyConfig, default_edit_layers, parse_config
 from locedit.editors.covariance import DEFAULT_N_TOKENS
 from locedit.editors.methods import EDIT_METHODS
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
-from locedit.journal import _json_default, scan_journal, write_gzip
+from locedit.journal import json_default, scan_journal, write_gzip
 from locedit.plan import SCHEMA_VERSION, StudyPlan, hparams_from_json, method_tokens, parse_key
 from locedit.rundir import RunDir, StudyLockedError
 from locedit.tracer.atomic import write_atomic
@@ -94,7 +94,7 @@ def _rewrite_journal(path: Path) -> tuple[int, int, list[dict[str, Any]]]:
             if new != rec["key"]:
                 n_new += 1
                 rec = {**rec, "key": new}
-                line = json.dumps(rec, default=_json_default).encode()
+                line = json.dumps(rec, default=json_default).encode()
             recs.append(rec)
         out.append(line)
     data = b"\n".join(out)

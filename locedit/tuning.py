@@ -576,6 +576,7 @@ def write_tuned_table(path: str | Path, model_name: str, family: str, results: S
 
     The profile of ``family`` reads ``tracer/data/tuned/<family>.json`` (:func:`tracer.profiles.read_tuned_table`).
     """
+    from locedit.journal import json_default
     from locedit.tracer.atomic import write_atomic
     from locedit.tracer.profiles import TUNED_FORMAT, read_tuned_table
 
@@ -590,14 +591,8 @@ def write_tuned_table(path: str | Path, model_name: str, family: str, results: S
     if edit_layer is not None:
         table["edit_layer"] = edit_layer.entry(model_name, date)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(table, indent=1, sort_keys=True, default=_nan_safe) + "\n")
+    write_atomic(path, json.dumps(table, indent=1, sort_keys=True, default=json_default) + "\n")
     return table
-
-
-def _nan_safe(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 @dataclass(frozen=True)
