@@ -45,7 +45,8 @@ from locedit.stats.paper import (
     PAPER_TABLE7_ROME,
 )
 from locedit.stats.added_effect import pooled_partial_r2
-from locedit.stats.tables import format_num, format_p, method_label, problem_label, sort_paper_order
+from locedit.stats.tables import (format_num, format_p, mean_half_width, method_label, problem_label,
+                                  sort_paper_order)
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
 
 __all__ = ["FINDINGS_BLOCKS", "findings_blocks", "update_document", "write_findings"]
@@ -312,8 +313,7 @@ def _fig7_block(edits: pl.DataFrame) -> str:
         x = v.cast(pl.Float64).fill_nan(None).drop_nulls().to_numpy()
         if len(x) < 2:
             return format_num(float(x[0]) if len(x) else None)
-        half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
-        return f"{x.mean():.3f} ± {half:.3f}"
+        return f"{x.mean():.3f} ± {mean_half_width(float(x.std(ddof=1)), len(x)):.3f}"
 
     rows = []
     for r, sub in _groups(edits):

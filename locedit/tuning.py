@@ -48,6 +48,7 @@ from locedit.editors.methods import EDIT_METHODS, resolve_method
 from locedit.problems.facts import Fact
 from locedit.problems.filters import first_passing
 from locedit.problems.variants import problem_hparams, resolve_problem
+from locedit.stats.tables import mean_half_width
 
 __all__ = [
     "BUDGET_GRIDS",
@@ -197,13 +198,6 @@ def budget_axes(method: str, base, budget: Mapping[str, Sequence] | None = None)
             raise ValueError(f"{method}: {f!r} is not a hyper-parameter of {cls.__name__}")
         out[f] = tuple(sorted({*values, getattr(base, f)}))
     return out
-
-
-def _t_half_width(sd: float, n: int) -> float:
-    """Half-width of the 95 % t-interval of a mean of ``n`` values with standard deviation ``sd`` (NaN for n < 2)."""
-    from scipy import stats as st
-
-    return float(st.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 and sd is not None else math.nan
 
 
 def _in_run_order(methods: Sequence[str]) -> list[str]:
@@ -554,7 +548,7 @@ def evaluate(
                     for f in runner.facts]
             row = _summarise(recs, {}, "held-out")
             n, sd = row["n"], row["rewrite_sd"]
-            half = _t_half_width(sd, n)
+            half = mean_half_width(sd, n)
             rows.append({"problem": problem, "method": method, "layer": int(layer), "n": n,
                          "rewrite_mean": row["rewrite_mean"], "ci_low": row["rewrite_mean"] - half,
                          "ci_high": row["rewrite_mean"] + half, "paraphrase_mean": row["paraphrase_mean"],
@@ -650,7 +644,7 @@ def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.
         pl.col("paraphrase_score").mean().alias("paraphrase_mean"),
         pl.col("neighborhood_score").mean().alias("neighborhood_mean"),
     ).sort("layer")
-    half = [_t_half_width(sd, n) for n, sd in zip(agg["n"], agg["rewrite_sd"])]
+    half = [mean_half_width(sd, n) for n, sd in zip(agg["n"], agg["rewrite_sd"])]
     agg = agg.with_columns((pl.col("rewrite_mean") - pl.Series(half)).alias("ci_low"),
                            (pl.col("rewrite_mean") + pl.Series(half)).alias("ci_high"))
     best = int(agg.sort(["rewrite_mean", "layer"], descending=[True, False])["layer"][0])

@@ -24,7 +24,8 @@ from locedit.editors.methods import DEFAULT_METHOD
 from locedit.problems.variants import DEFAULT_PROBLEM
 from locedit.tracer.vocab import LOCALIZATIONS
 from locedit.editors.tokens import EDIT_TOKENS, token_label
-from locedit.stats.tables import METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, method_label, problem_label
+from locedit.stats.tables import (METHOD_ORDER, METRIC_LABELS, PROBLEM_ORDER, mean_half_width, method_label,
+                                  problem_label)
 from locedit.tracer.atomic import write_atomic
 
 __all__ = [
@@ -213,7 +214,8 @@ def _score_lines_by_layer(
     sub: pl.DataFrame, by: str, groups: Sequence[str], label, metrics: Sequence[str]
 ) -> go.Figure:
     """Mean score by edit layer, one line per value of ``by`` (in ``groups`` order, named by ``label``), one panel
-    per metric, error bars = 95% normal CI of the mean (Figs. 5 and 7)."""
+    per metric, error bars = the 95 % t-interval of the mean over facts (:func:`stats.tables.mean_half_width`;
+    Figs. 5 and 7)."""
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics])
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     for j, m in enumerate(metrics):
@@ -222,7 +224,7 @@ def _score_lines_by_layer(
                .sort("layer"))
         for k, g in enumerate(groups):
             a = agg.filter(pl.col(by) == g)
-            ci = [1.96 * (sd or 0.0) / math.sqrt(n) if n else 0.0 for sd, n in zip(a["sd"].to_list(), a["n"].to_list())]
+            ci = [0.0 if n < 2 else mean_half_width(sd or 0.0, n) for sd, n in zip(a["sd"].to_list(), a["n"].to_list())]
             fig.add_trace(go.Scatter(x=a["layer"].to_list(), y=a["mean"].to_list(), mode="lines+markers",
                                      error_y=dict(type="data", array=ci, visible=True), name=label(g),
                                      legendgroup=g, showlegend=j == 0,

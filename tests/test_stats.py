@@ -593,3 +593,10 @@ def test_convergence_panel_share_that_reached_the_target():
     assert panel["opt_reached"].to_list() == [pytest.approx(2 / 3), None]
     assert panel["n"].to_list() == [3, 2]
     assert stats.with_reached(edits.drop("opt_p_target")).columns == ["problem", "method", "layer"]
+
+
+def test_mean_half_width_is_the_t_interval():
+    x = np.random.default_rng(0).normal(size=12)
+    lo, hi = sps.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sps.sem(x))
+    assert stats.mean_half_width(float(x.std(ddof=1)), len(x)) == pytest.approx((hi - lo) / 2, rel=1e-12)
+    assert math.isnan(stats.mean_half_width(1.0, 1)) and math.isnan(stats.mean_half_width(None, 5))
