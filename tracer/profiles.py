@@ -172,6 +172,7 @@ GEMMA3 = ModelProfile(
     prepend_bos=True,
 )
 
+
 def read_tuned_table(path: str | Path) -> dict[str, Any]:
     """A tuned table (JSON written by :func:`locedit.tuning.write_tuned_table`), checked:
     ``{"format": 1, "family", "entries": [{"problem", "method", "overrides": {field: value}, ...provenance}],
