@@ -84,11 +84,9 @@ def _isnan(x) -> bool:
 def mean_half_width(sd: float | None, n: int, level: float = 0.95) -> float:
     """Half-width of the ``level`` t-interval of a mean of ``n`` values (facts) with sample standard deviation
     ``sd``: t_{(1+level)/2, n−1} · sd / √n (NaN for n < 2). Every "mean ± 95 %" over facts in locedit is this."""
-    import math
-
     from scipy import stats as sps
 
-    if n < 2 or sd is None or (isinstance(sd, float) and math.isnan(sd)):
+    if n < 2 or _isnan(sd):
         return float("nan")
     return float(sps.t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n))
 
