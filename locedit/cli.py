@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,10 @@ def cmd_run(args) -> int:
                             retry_failed=args.retry_failed)
     print(f"study {config.name!r}: {summary.done} units done, {summary.skipped} already done, "
           f"{summary.failed} failed, {summary.seconds:.0f} s -> {run_dir}")
+    if summary.stopped is not None:
+        print(f"locedit: stopped on {signal.Signals(summary.stopped).name} after a fact's last unit; rerun the same "
+              "command to resume", file=sys.stderr)
+        return 0
     if not args.no_report and args.shard == (0, 1) and summary.done + summary.skipped > 0:
         path = write_report(run_dir)
         print(f"report: {path}")

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,41 @@ class StudySummary:
     skipped: int
     failed: int
     seconds: float
+    stopped: int | None = None  # the signal that stopped the run at a fact boundary, or None (it ran to the end)
+
+
+class StopRequest:
+    """Whether a stop was asked for while a study runs (the first SIGTERM / SIGINT): see :func:`stop_on_signal`."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+
+@contextmanager
+def stop_on_signal(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopRequest]:
+    """Within the block, the first of ``signals`` only records a stop request (the study finishes the current
+    fact's units, so that its rows are those of an uninterrupted run, then returns); a second one raises
+    KeyboardInterrupt at once (finished units are journalled either way). Handlers are installed even where the
+    signal was ignored (a ``nohup cmd &`` job ignores SIGINT) and the previous ones restored on exit. Off the main
+    thread (where Python cannot install handlers) the request is never set."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum, frame) -> None:
+        if request.signal is not None:
+            raise KeyboardInterrupt
+        request.signal = signum
+        log.warning("%s: stopping after this fact's units (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handle) for s in signals}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------- data selection
@@ -244,18 +282,23 @@ def run_study(
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
         flusher = TableFlusher(rd, flush_seconds)
         memo: dict = {}
-        for unit in todo:
-            bar.set_postfix_str(unit.key())
-            out, rec = run_unit(model, by_id[unit.fact_id], unit, plan, dataset, memo)
-            journals[out].append(rec)
-            n_failed += out == "failures"
-            n_done += out != "failures"
-            bar.update(1)
-            flusher.maybe()
+        with stop_on_signal() as stop:
+            for k, unit in enumerate(todo):
+                bar.set_postfix_str(unit.key())
+                out, rec = run_unit(model, by_id[unit.fact_id], unit, plan, dataset, memo)
+                journals[out].append(rec)
+                n_failed += out == "failures"
+                n_done += out != "failures"
+                bar.update(1)
+                flusher.maybe()
+                if stop.signal is not None and (k + 1 == len(todo) or todo[k + 1].fact_id != unit.fact_id):
+                    log.warning("stopped after %d units (fact %s done); rerun to resume", n_done + n_failed,
+                                unit.fact_id)
+                    break
         bar.close()
         flusher.final()
         return StudySummary(str(rd.path), len({u.fact_id for u in units}), shard, n_done, len(units) - len(todo),
-                            n_failed, time.perf_counter() - start)
+                            n_failed, time.perf_counter() - start, stop.signal)
     finally:
         lock.release()
 

@@ -5,6 +5,8 @@ import errno
 import gzip
 import json
 import multiprocessing
+import os
+import signal
 import shutil
 import time
 from pathlib import Path
@@ -399,3 +401,54 @@ def test_a_target_without_its_leading_space_warns(tiny):
     with pytest.warns(UnspacedTargetWarning, match="give ' English'"):
         restore(tiny, apply(tiny, EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"), "rome",
                             [1], hparams=_hp(tiny, "rome"), covariance=EYE))
+
+
+# 7 ------------------------------------------------------------------------------------------ stop on a signal
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_uninterrupted_run(
+        tiny, tmp_path, monkeypatch, signum):
+    """`kill PID` (SIGTERM) or SIGINT -- which a `nohup ... &` job ignores unless handled -- during a fact's first unit:
+    its remaining units finish, the run returns with the signal recorded, and a resume writes exactly the rows of
+    a run nobody stopped. A second signal stops at once."""
+    import locedit.study as study
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    data = _custom_dataset(tmp_path / "facts.json")
+    config = parse_config({"data": {"dataset": str(data), "filter": "none", "sample": 2},
+                           "localization": {"kinds": []},
+                           "editing": {"problems": ["error_injection", "fact_forcing"], "methods": ["ft-1"],
+                                       "layers": [0, 1], "essence": False},
+                           "hparams": {"ft-1": {"num_steps": 1}}})
+    whole = study.run_study(config, tmp_path / "whole", model=tiny, progress=False)
+    assert (whole.done, whole.stopped) == (8, None)
+
+    real, calls = study.run_unit, []
+
+    def signalling(*args, **kw):
+        calls.append(args[2].key())
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)  # the handler only records it: this unit and the fact's others finish
+        return real(*args, **kw)
+
+    monkeypatch.setattr(study, "run_unit", signalling)
+    previous = signal.getsignal(signum)
+    first = study.run_study(config, tmp_path / "stopped", model=tiny, progress=False)
+    assert signal.getsignal(signum) == previous  # handlers restored
+    assert (first.done, first.stopped) == (4, signum)  # the first fact's 4 units, not the second fact's
+    assert len({k.split("|")[1] for k in calls}) == 1
+    monkeypatch.setattr(study, "run_unit", real)
+    rest = study.run_study(config, tmp_path / "stopped", model=tiny, progress=False)
+    assert (rest.done, rest.skipped, rest.stopped) == (4, 4, None)
+    a = collect_tables(tmp_path / "whole")["edits"].drop("seconds", "edit_seconds").sort("key")
+    b = collect_tables(tmp_path / "stopped")["edits"].drop("seconds", "edit_seconds").sort("key")
+    assert a.equals(b)
+
+    def twice(*args, **kw):  # a second signal: KeyboardInterrupt now, the finished units kept
+        os.kill(os.getpid(), signum)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(study, "run_unit", twice)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(config, tmp_path / "again", model=tiny, progress=False)
+    assert signal.getsignal(signum) == previous
+    assert len(RunDir(tmp_path / "again").finished_keys()) == 1
