@@ -205,6 +205,7 @@ def cmd_tune(args) -> int:
 
     from locedit.editors.methods import resolve_method
     from locedit.problems import load_dataset
+    from locedit.stopping import stop_on_signal
     from locedit.tuning import TuningRule, first_known, sweep_layers, tune, write_tuned_table
     from locedit.tracer import load_model, profile_for
     from locedit.tracer.profiles import TUNED_DIR
@@ -226,8 +227,9 @@ def cmd_tune(args) -> int:
         problem, method = args.problems[0], args.methods[0]
         say(f"layer sweep: {method} for {problem} at layers {args.layers} on {len(facts)} known facts of "
             f"{args.dataset} (after the first {args.skip}); journal {directory / 'sweep'}")
-        sw = sweep_layers(model, facts, problem, method, args.layers, directory=directory / "sweep", progress=say,
-                          peaks=not args.no_peaks)
+        with stop_on_signal("the running fact's layers") as stop:
+            sw = sweep_layers(model, facts, problem, method, args.layers, directory=directory / "sweep",
+                              progress=say, peaks=not args.no_peaks, stop=stop)
         with pl.Config(**shown):
             print(sw.table.select("layer", "n", "rewrite_mean", "ci_low", "ci_high", "paraphrase_mean",
                                   "neighborhood_mean", "diff_vs_best", "p_vs_best_holm", "indistinguishable",
@@ -246,8 +248,9 @@ def cmd_tune(args) -> int:
 
         say(f"held-out check: the {profile.family} profile's hyper-parameters for {', '.join(args.methods)} × "
             f"{', '.join(args.problems)} at layer {layer} on {len(facts)} known facts (after the first {args.skip})")
-        table = evaluate(model, facts, args.problems, args.methods, layer, directory=directory / "evaluate",
-                         edit_samples=args.edit_samples, progress=say)
+        with stop_on_signal("the running edit") as stop:
+            table = evaluate(model, facts, args.problems, args.methods, layer, directory=directory / "evaluate",
+                             edit_samples=args.edit_samples, progress=say, stop=stop)
         with pl.Config(**shown):
             print(table.drop("hparams"))
         return 0
@@ -266,8 +269,10 @@ def cmd_tune(args) -> int:
     rule = TuningRule(ceiling=args.ceiling, neighborhood_tolerance=args.tolerance, reach=args.reach)
     say(f"tuning {', '.join(args.methods)} for {', '.join(args.problems)} at layer {layer} on {len(facts)} known "
         f"facts of {args.dataset} (after the first {args.skip}): {rule}; journal {directory}")
-    results = tune(model, facts, args.problems, args.methods, layer, rule=rule, grids=grids, budget=budget,
-                   widen=not args.no_widen, directory=directory, edit_samples=args.edit_samples, progress=say)
+    with stop_on_signal("the running edit") as stop:
+        results = tune(model, facts, args.problems, args.methods, layer, rule=rule, grids=grids, budget=budget,
+                       widen=not args.no_widen, directory=directory, edit_samples=args.edit_samples, progress=say,
+                       stop=stop)
     for r in results:
         with pl.Config(**shown):
             print(f"\n{r.problem} × {r.method} at layer {r.layer}"
@@ -439,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     a missing file, a full disk, no permission) prints one line and exits 2; Ctrl-C prints one line and exits 130; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     from locedit.executor import RayUnavailableError
+    from locedit.stopping import RunStopped
     from locedit.tracer.models import ModelUnavailableError
 
     try:
@@ -449,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return args.func(args)
+    except RunStopped as e:  # a clean stop on request (SIGTERM / SIGINT at a boundary): not an error
+        print(f"locedit: {e}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise

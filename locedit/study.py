@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from locedit.config import StudyConfig, check_against_model
 from locedit.editors.methods import resolve_method
 from locedit.plan import EditUnit, StudyPlan, TraceUnit, Unit, resolve_plan
 from locedit.rundir import TABLES, RunDir, collect_tables, fact_digests
+from locedit.stopping import stop_on_signal
 
 __all__ = ["StudySummary", "TableFlusher", "collect_tables", "provenance", "run_study", "run_unit", "select_facts"]
 
@@ -47,40 +45,6 @@ class StudySummary:
     failed: int
     seconds: float
     stopped: int | None = None  # the signal that stopped the run at a fact boundary, or None (it ran to the end)
-
-
-class StopRequest:
-    """Whether a stop was asked for while a study runs (the first SIGTERM / SIGINT): see :func:`stop_on_signal`."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-
-@contextmanager
-def stop_on_signal(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopRequest]:
-    """Within the block, the first of ``signals`` only records a stop request (the study finishes the current
-    fact's units, so that its rows are those of an uninterrupted run, then returns); a second one raises
-    KeyboardInterrupt at once (finished units are journalled either way). Handlers are installed even where the
-    signal was ignored (a ``nohup cmd &`` job ignores SIGINT) and the previous ones restored on exit. Off the main
-    thread (where Python cannot install handlers) the request is never set."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handle(signum, frame) -> None:
-        if request.signal is not None:
-            raise KeyboardInterrupt
-        request.signal = signum
-        log.warning("%s: stopping after this fact's units (send it again to stop at once)",
-                    signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handle) for s in signals}
-    try:
-        yield request
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------- data selection

@@ -49,6 +49,7 @@ from locedit.problems.facts import Fact
 from locedit.problems.filters import first_passing
 from locedit.problems.variants import problem_hparams, resolve_problem
 from locedit.stats.tables import mean_half_width
+from locedit.stopping import StopRequest
 
 __all__ = [
     "BUDGET_GRIDS",
@@ -282,7 +283,8 @@ class _Runner:
     (as a study's :func:`locedit.study.key_statistics`; not one pass per layer as each is first reached)."""
 
     def __init__(self, model, facts, journal, methods: Sequence[str], layers: Sequence[int], noise,
-                 covariance_tokens: int | None, progress, edit_samples: int | None = None):
+                 covariance_tokens: int | None, progress, edit_samples: int | None = None,
+                 stop: StopRequest | None = None):
         from locedit.editors.methods import lowest_edited_layers, method_layers, resolve_method, target_groups
 
         self.model, self.facts, self.journal, self.noise = model, list(facts), journal, noise
@@ -294,6 +296,7 @@ class _Runner:
                                         for x in method_layers(m, n, layer)}))
         self._statistics_ready = False
         self.n_tokens, self.progress, self.edit_samples = covariance_tokens, progress, edit_samples
+        self.stop = stop  # checked after each new edit (a tune's or held-out check's clean boundary)
         self.records: dict[str, dict[str, Any]] = {}
         self._pre: dict[tuple[str, str], Any] = {}
         self._memo: dict[str, Any] = {}
@@ -342,6 +345,8 @@ class _Runner:
         if self.journal is not None:
             self.journal.append(rec)
         self.records[key] = rec
+        if self.stop is not None:
+            self.stop.raise_if_requested(f"after an edit ({key}, journalled)")
         return rec
 
 
@@ -386,6 +391,7 @@ def tune(
     covariance_tokens: int | None = None,
     edit_samples: int | None = None,
     progress: Callable[[str], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> list[TuningResult]:
     """Tune every ``method`` × ``problem`` at ``layer`` over ``facts`` by the rule (module docstring).
 
@@ -402,12 +408,14 @@ def tune(
         edit_samples: Fact Forcing's edit optimises over the first ``edit_samples`` noise draws (the study's
             ``forcing_edit_samples``, a cost knob; default all); tune with the value the study will use.
         progress: called with one line per measured grid point.
+        stop: a :func:`locedit.stopping.stop_on_signal` request, checked after each new edit.
 
     Every other hyper-parameter is the problem's un-tuned base (``problem_hparams(..., tuned=False)``: the editors'
     defaults for the model with the paper's App. A overrides). Essence is not scored (not part of the rule).
 
     Raises:
         ValueError: unknown problem or method, no facts, a grid field the method does not have.
+        RunStopped: ``stop`` was requested (every finished edit is journalled; the same call resumes).
     """
     from locedit.problems.variants import default_noise
 
@@ -428,7 +436,7 @@ def tune(
         }, {f"{p}|{m}": repr(problem_hparams(p, m, model, tuned=False)) for p in problems for m in methods})
         journal = Journal(directory / "tune.jsonl")
     runner = _Runner(model, facts, journal, methods, [layer], default_noise(model, noise), covariance_tokens,
-                     progress, edit_samples)
+                     progress, edit_samples, stop)
     results = []
     for problem in problems:
         for method in methods:
@@ -511,13 +519,15 @@ def evaluate(
     covariance_tokens: int | None = None,
     edit_samples: int | None = None,
     progress: Callable[[str], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> pl.DataFrame:
     """The model's current hyper-parameters (``problem_hparams``: tuned where its profile has a tuned table) on
     ``facts`` — held-out facts, not the tuning sample — at ``layer``: one row per problem × method with ``n``,
     ``rewrite_mean`` and its 95 % t-interval over facts (``ci_low``, ``ci_high``), ``paraphrase_mean``,
     ``neighborhood_mean``, ``opt_p_target_mean``, ``edit_seconds_mean``, ``tuned`` (whether a tuned entry was used)
     ``rewrite_heldout_noise_mean`` (Fact Forcing with ``edit_samples``: on the draws the edit did not see) and
-    ``hparams`` (repr). ``directory``: journal here (resumable)."""
+    ``hparams`` (repr). ``directory``: journal here (resumable). ``stop``: checked after each new edit
+    (:class:`locedit.stopping.RunStopped`)."""
     from locedit.problems.variants import default_noise
     from locedit.tracer.profiles import profile_for
 
@@ -539,7 +549,7 @@ def evaluate(
                                    "noise": None if noise is None else repr(noise)})
         journal = Journal(directory / "evaluate.jsonl")
     runner = _Runner(model, facts, journal, methods, [layer], default_noise(model, noise), covariance_tokens, progress,
-                     edit_samples)
+                     edit_samples, stop)
     tuned = profile_for(model).tuned
     rows = []
     for problem in problems:
@@ -690,12 +700,14 @@ def sweep_layers(
     covariance_tokens: int | None = None,
     peaks: bool = True,
     progress: Callable[[str], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> LayerSweep:
     """Edit every fact at every layer with ``method`` for ``problem`` and summarise by layer (:func:`layer_table`).
 
     ``hparams``: default the model's (tuned) ``problem_hparams``. A fact's v* at all layers is one lockstep batch.
     ``peaks``: also trace each fact (Causal Tracing of ``hook_mlp_out`` windows, the study's default noise) and count
-    where its fractional effect peaks. ``directory``: journal here (resumable).
+    where its fractional effect peaks. ``directory``: journal here (resumable). ``stop``: checked after each fact's
+    layers (a fact's lockstep v* batch is never cut in two; :class:`locedit.stopping.RunStopped`).
     """
     from locedit.problems.variants import default_noise
 
@@ -725,6 +737,8 @@ def sweep_layers(
         if progress is not None:
             progress(f"fact {i + 1}/{len(facts)} {fact.id}: rewrite by layer "
                      + " ".join(f"{r['rewrite_score']:.2f}" for r in recs[-len(layers):]))
+        if stop is not None and i + 1 < len(facts):
+            stop.raise_if_requested(f"after fact {fact.id}'s layers (journalled)")
     peak_layers = []
     if peaks:
         peak_layers = [_trace_peak(model, f, snoise, journal, runner.records) for f in facts]

@@ -4,6 +4,8 @@ new edit, the tuned table round-tripping into the profile exactly, the layer swe
 (slow) a real FT scan on the embedded model where a looser bound really edits more."""
 
 import math
+import os
+import signal
 from dataclasses import replace
 
 import polars as pl
@@ -291,3 +293,62 @@ def test_cli_tune_refuses_bad_requests_in_one_line(capsys):
     assert main(["tune", "--skip", "-1"]) == 2 and "--skip must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tune", "--grid", "kl_factor"])  # argparse: FIELD=V1,V2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_tune_and_sweep_at_a_clean_boundary_and_the_resume_equals_an_uninterrupted_run(
+        tiny_setup, tmp_path, monkeypatch, signum):
+    """`kill PID` during a tune's first edit: that edit is journalled, RunStopped is raised (the CLI: one line, exit
+    0), and the same call resumes to the table of a run nobody stopped. A layer sweep stops after the running fact's
+    layers (its lockstep batch is never cut in two)."""
+    import locedit.problems.run as run_mod
+    from locedit.journal import read_journal
+    from locedit.stopping import RunStopped, stop_on_signal
+    from locedit.tuning import sweep_layers
+
+    m, facts = tiny_setup
+    base = replace(problem_hparams("error_injection", "ft-1", m, tuned=False), num_steps=2)
+    monkeypatch.setattr("locedit.tuning.problem_hparams", lambda p, meth, mod, tuned=True: base)
+    kw = dict(grids={"ft-1": {"norm_constraint": (1e-3, 1e-2)}}, widen=False)
+    whole, = tune(m, facts, ["error_injection"], ["ft-1"], 1, directory=tmp_path / "whole", **kw)
+    real, calls = run_mod.run_edit, []
+
+    def signalling(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)  # recorded only: this edit finishes and is journalled
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "run_edit", signalling)
+    previous = signal.getsignal(signum)
+    with pytest.raises(RunStopped) as stopped, stop_on_signal("the running edit") as stop:
+        tune(m, facts, ["error_injection"], ["ft-1"], 1, directory=tmp_path / "cut", stop=stop, **kw)
+    assert stopped.value.signal == signum and signal.getsignal(signum) == previous
+    assert len(calls) == 1 and len(list(read_journal(tmp_path / "cut" / "tune.jsonl"))) == 1
+    rest, = tune(m, facts, ["error_injection"], ["ft-1"], 1, directory=tmp_path / "cut", **kw)
+    assert len(calls) == 1 + 2 * len(facts) - 1  # only the edits not journalled ran
+    cols = [c for c in whole.table.columns if "seconds" not in c]
+    assert rest.table.select(cols).equals(whole.table.select(cols)) and rest.chosen == whole.chosen
+
+    sw_kw = dict(hparams=base, peaks=False)
+    ref = sweep_layers(m, facts, "error_injection", "ft-1", [0, 1], directory=tmp_path / "sw-whole", **sw_kw)
+    calls.clear()  # the next edit signals again
+    with pytest.raises(RunStopped), stop_on_signal("the running fact's layers") as stop:
+        sweep_layers(m, facts, "error_injection", "ft-1", [0, 1], directory=tmp_path / "sw-cut", stop=stop, **sw_kw)
+    journalled = list(read_journal(tmp_path / "sw-cut" / "sweep.jsonl"))
+    assert sorted(r["layer"] for r in journalled) == [0, 1] and {r["fact_id"] for r in journalled} == {facts[0].id}
+    again = sweep_layers(m, facts, "error_injection", "ft-1", [0, 1], directory=tmp_path / "sw-cut", **sw_kw)
+    assert again.table.equals(ref.table) and again.best_layer == ref.best_layer
+
+
+def test_cli_reports_a_clean_stop_in_one_line_and_exits_0(monkeypatch, capsys):
+    from locedit import cli
+    from locedit.stopping import RunStopped
+
+    def stopped(args):
+        raise RunStopped(signal.SIGTERM, "after an edit (journalled)")
+
+    monkeypatch.setattr(cli, "cmd_tune", stopped)
+    assert cli.main(["tune"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["locedit: stopped on SIGTERM after an edit (journalled); rerun the same command to resume"]
