@@ -74,7 +74,7 @@ def test_layers_must_be_distinct(tiny):  # noqa: F811
 
 
 @pytest.mark.parametrize("family,problem", [(f, "error_injection") for f in FAMILIES] +
-                         [("llama", "fact_forcing"), ("gemma3", "fact_forcing")])  # noise rows: lean and TL backends
+                         [("llama", "fact_forcing"), ("gemma3", "fact_forcing")])  # noise rows, post-norm blocks
 def test_shared_and_batched_edits_equal_edits_alone(tiny, family, problem, tmp_path, monkeypatch):  # noqa: F811
     """A study's edits of one fact with a TargetMemo (ROME and r-ROME share v*, every layer's v* / MEMIT's z in one
     batch) give the rows of edits that each optimise alone, within 1e-5; the memo optimised each vector once."""

@@ -1,7 +1,9 @@
 """Architecture families on tiny random HookedTransformers (seconds): exact tracing == naive tracing and the editors'
-fast path == plain path, on the lean backend (GPT-2, GPT-J parallel attention, NeoX, Llama/GQA) and the
-TransformerLens backend (a Gemma-3-like block: QK-norm, pre+post norms, local/global attention). This caught the
-TransformerLens backend feeding pre-QK-norm keys to its KV cache (exact was off by 5-11 % on QK-norm models)."""
+fast path == plain path, on the lean backend (GPT-2, GPT-J parallel attention, NeoX, Llama/GQA, and a Gemma-3-like
+block: QK-norm, pre+post norms, local/global attention with a 4-token window) and the TransformerLens backend (the
+Gemma-3-like block with the lean path switched off). This caught the TransformerLens backend feeding pre-QK-norm keys
+to its KV cache (exact was off by 5-11 % on QK-norm models), and the lean backend's late join of an attention
+restoration leaving out Gemma's MLP post-norm (off by 39 %)."""
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ FAMILIES = {
                    use_normalization_before_and_after=True, use_local_attn=True,
                    attn_types=["local", "global", "local"], window_size=4, original_architecture="Gemma3ForCausalLM"),
 }
-LEAN = {"gpt2": True, "gptj": True, "neox": True, "llama": True, "gemma3": False}
+LEAN = {"gpt2": True, "gptj": True, "neox": True, "llama": True, "gemma3": True}
 P, S, O = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", " French"
 
 
@@ -57,6 +59,34 @@ def test_exact_tracing_equals_naive(tiny, family, kind):
         rel = (e.grid - n.grid).abs().max() / n.grid.abs().max()
         assert rel.item() < 1e-5, (family, kind, corruption, rel.item())
         assert e.p_noised == pytest.approx(n.p_noised, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attn", "resid"])
+def test_transformerlens_backend_equals_naive_on_gemma3(tiny, kind, tmp_path, monkeypatch):
+    """The suffix runner's TransformerLens backend (kept for models the lean blocks do not reproduce: OLMo's
+    full-vector QK-norm, Gemma 2's soft cap, ...) on the Gemma-3-like block: exact tracing == naive, ROME's fast path
+    == plain."""
+    from locedit.tracer import suffix, tracing
+
+    monkeypatch.setattr(suffix, "lean_supported", lambda model: False)
+    monkeypatch.setattr(tracing, "lean_supported", lambda model: False)
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
+    m = tiny["gemma3"]
+    assert not suffix.SuffixRunner(m).is_lean
+    e = trace(m, P, S, O, kind=kind, algorithm="exact", noise=3.0, samples=3)
+    n = trace(m, P, S, O, kind=kind, algorithm="naive", noise=3.0, samples=3)
+    assert ((e.grid - n.grid).abs().max() / n.grid.abs().max()).item() < 1e-5
+    if kind == "mlp":
+        hp = default_hparams("rome", m)
+        hp = type(hp)(**{**hp.__dict__, "v_num_grad_steps": 5, "context_lengths": ((3, 2),)})
+        eye = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
+        req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+        fast = apply(m, req, "rome", [1], hparams=hp, covariance=eye, fast=True)
+        restore(m, fast)
+        plain = apply(m, req, "rome", [1], hparams=hp, covariance=eye, fast=False)
+        restore(m, plain)
+        for name in fast.deltas:
+            assert ((fast.deltas[name] - plain.deltas[name]).norm() / plain.deltas[name].norm()).item() < 1e-3
 
 
 POST_NORM = {"gemma3"}  # MEMIT refuses post-MLP-norm blocks (UnsupportedArchitectureError)

@@ -23,7 +23,7 @@ def test_profile_and_architecture(gemma):
     assert profile_for(gemma).family == "gemma3" and profile_for(gemma).prepend_bos
     assert (cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.n_key_value_heads) == (18, 640, 262144, 1)
     assert cfg.use_qk_norm and cfg.use_normalization_before_and_after and cfg.use_local_attn
-    assert not lean_supported(gemma)  # the TransformerLens backend of the suffix runner is the one used
+    assert lean_supported(gemma)  # the lean suffix blocks (QK-norm, pre+post norms, sliding window) are used
     assert profile_for(gemma).edit_layer(cfg.n_layers) == 3
 
 
@@ -64,12 +64,15 @@ def test_knows_counterfact_facts(gemma):
 
 def test_exact_tracing_equals_naive_on_a_few_cells(gemma):
     cells = {5: [2, 9], 8: [0, 3, 12, 17], 9: [6]}
-    for corruption in ({"noise": 3.0, "samples": 3}, {"corrupt": "flip", "flip_subject": "Barack Obama"}):
-        e = trace(gemma, PROMPTS[0], "Danielle Darrieux", " French", kind="mlp", algorithm="exact", cells=cells, **corruption)
-        n = trace(gemma, PROMPTS[0], "Danielle Darrieux", " French", kind="mlp", algorithm="naive", cells=cells, **corruption)
+    for kind, corruption in (("mlp", {"noise": 3.0, "samples": 3}), ("attn", {"noise": 3.0, "samples": 3}),
+                             ("mlp", {"corrupt": "flip", "flip_subject": "Barack Obama"})):
+        e = trace(gemma, PROMPTS[0], "Danielle Darrieux", " French", kind=kind, algorithm="exact", cells=cells,
+                  **corruption)
+        n = trace(gemma, PROMPTS[0], "Danielle Darrieux", " French", kind=kind, algorithm="naive", cells=cells,
+                  **corruption)
         for t, layers in cells.items():
             for l in layers:
-                assert abs(e.grid[t, l] - n.grid[t, l]).item() < 1e-5 * max(1.0, n.grid.abs().max().item()), (t, l)
+                assert abs(e.grid[t, l] - n.grid[t, l]).item() < 1e-5 * max(1.0, n.grid.abs().max().item()), (kind, t, l)
 
 
 def test_rome_fast_equals_plain_raises_target_and_restores(gemma):

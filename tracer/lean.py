@@ -14,7 +14,9 @@ own modules (so the copy-free MLP and in-place ``W_out`` edits apply). Results e
 summation order (~1e-6 relative).
 
 Supported: causal attention with standard or rotary positions (GPT-2, GPT-J, Llama/SmolLM2 families), MHA or GQA,
-sequential or parallel attention/MLP. :func:`lean_supported` says whether a model qualifies; callers fall back to
+sequential or parallel attention/MLP, and Gemma 3's block: per-head QK-norm (before rotary, as TransformerLens),
+pre- and post-norms around attention and MLP (``hook_attn_out`` / ``hook_mlp_out`` after the post-norm), sliding-
+window local layers (each layer's own rotary base through its own tables) and its attention scale. :func:`lean_supported` says whether a model qualifies; callers fall back to
 TransformerLens blocks otherwise.
 """
 
@@ -29,7 +31,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
-__all__ = ["LeanBlocks", "lean_supported"]
+__all__ = ["LeanBlocks", "lean_supported", "mlp_out"]
+
+
+def mlp_out(model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """What ``blocks.{layer}.hook_mlp_out`` holds when ``resid`` enters the block's MLP (resid_mid; resid_pre in
+    parallel blocks): ``mlp(ln2(resid))``, passed through ``ln2_post`` in pre+post-norm blocks (Gemma 2/3)."""
+    blk = model.blocks[layer]
+    out = blk.mlp(blk.ln2(resid))
+    return blk.ln2_post(out) if getattr(model.cfg, "use_normalization_before_and_after", False) else out
 
 
 def lean_supported(model: HookedTransformer) -> bool:
@@ -46,10 +56,7 @@ def lean_supported(model: HookedTransformer) -> bool:
         or getattr(cfg, "use_logn_attn", False)
         or getattr(cfg, "use_dynamic_ntk_rope", False)
         or getattr(cfg, "clip_qkv", None) is not None
-        or getattr(cfg, "use_qk_norm", False)
         or (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
-        or getattr(cfg, "use_normalization_before_and_after", False)
-        or getattr(cfg, "use_local_attn", False)
         or getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
         or getattr(cfg, "original_architecture", None) in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
         or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
@@ -85,10 +92,16 @@ class LeanBlocks:
         self.d_head = cfg.d_head
         self.rotary = cfg.positional_embedding_type == "rotary"
         self.parallel = bool(cfg.parallel_attn_mlp)
-        self.scale = 1.0 / float(cfg.attn_scale) if cfg.use_attn_scale else 1.0
+        self.qk_norm = bool(getattr(cfg, "use_qk_norm", False))
+        self.post_norms = bool(getattr(cfg, "use_normalization_before_and_after", False))
         self.packed: dict[int, _PackedAttention] = {}
+        self.scale: dict[int, float] = {}  # 1 / the layer's attention scale (TransformerLens divides by it)
+        self.window: dict[int, int | None] = {}  # a local layer's window: keys within window_size - 1 positions back
         for j in range(cfg.n_layers) if layers is None else layers:
-            self.packed[j] = self._pack(model.blocks[j].attn)
+            attn = model.blocks[j].attn
+            self.packed[j] = self._pack(attn)
+            self.scale[j] = 1.0 / float(attn.attn_scale)
+            self.window[j] = int(cfg.window_size) if getattr(attn, "attn_type", "global") == "local" else None
 
     @torch.no_grad()
     def _pack(self, attn) -> _PackedAttention:
@@ -126,6 +139,9 @@ class LeanBlocks:
         rows, pos, _ = normed.shape
         qkv = torch.addmm(pk.b_qkv, normed.reshape(rows * pos, -1), pk.w_qkv).view(rows, pos, H + 2 * Hkv, dh)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        if self.qk_norm:  # per-head RMSNorm over d_head, before rotary
+            attn = self.model.blocks[layer].attn
+            q, k = attn.q_norm(q), attn.k_norm(k)
         if self.rotary and positions is not None:
             q, k = self._rotate(layer, q, positions), self._rotate(layer, k, positions)
         elif self.rotary:
@@ -139,7 +155,10 @@ class LeanBlocks:
         self, layer: int, keys: Float[Tensor, "rows pos n_kv d_head"], values: Float[Tensor, "rows pos n_kv d_head"]
     ) -> tuple[Tensor, Tensor]:
         """TransformerLens's cached ``attn.hook_k`` / ``hook_v`` (keys before rotary) → the ``[rows, Hkv, pos,
-        d_head]`` keys (rotated at their absolute positions) and values this class attends to."""
+        d_head]`` keys (QK-normed where the model has it, rotated at their absolute positions) and values this class
+        attends to."""
+        if self.qk_norm:
+            keys = self.model.blocks[layer].attn.k_norm(keys)
         if self.rotary:
             keys = self.model.blocks[layer].attn.apply_rotary(keys, 0)
         return keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
@@ -188,25 +207,37 @@ class LeanBlocks:
         # causal: local query i sees the (row's) prefix and local keys ≤ i
         key_idx = torch.arange(offset + pos, device=x.device)
         mask = key_idx[None, :] <= (qidx[:, None] + offset)  # [q, keys]
+        window = self.window[layer]
+        if window is not None:  # a local layer: absolute key position > absolute query position − window
+            if starts is None:
+                mask = mask & (key_idx[None, :] > qidx[:, None] + offset - window)
+            else:  # row r: prefix key j is at j, local key j at starts[r] + j − offset; query i at starts[r] + i
+                abs_key = torch.where(key_idx[None, :] < offset, key_idx[None, :],
+                                      starts[:, None] + key_idx[None, :] - offset)  # [rows, keys]
+                abs_q = starts[:, None] + qidx[None, :]  # [rows, q]
+                mask = mask[None] & (abs_key[:, None, :] > abs_q[:, :, None] - window)  # [rows, q, keys]
         if starts is not None:
             in_prefix = key_idx[None, :] < starts[:, None]  # [rows, keys]
             valid = torch.cat([in_prefix[:, :offset], torch.ones(len(starts), pos, dtype=torch.bool, device=x.device)], 1)
-            mask = (mask[None] & valid[:, None, :])[:, None]  # [rows, 1, q, keys]
+            mask = (mask if mask.dim() == 3 else mask[None]) & valid[:, None, :]
+            mask = mask[:, None]  # [rows, 1, q, keys]
         z = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, scale=self.scale[layer], enable_gqa=self.n_kv != self.n_heads
         )  # [rows, H, q, d_head]
         rows, nq = z.shape[0], z.shape[2]
         pk = self.packed[layer]
         attn_out = torch.addmm(pk.b_o, z.transpose(1, 2).reshape(rows * nq, -1), pk.w_o).view(rows, nq, -1)
+        if self.post_norms:  # before hook_attn_out, as TransformerLens
+            attn_out = blk.ln1_post(attn_out)
         if attn_override is not None:
             attn_out = attn_override(attn_out)
         if self.parallel:
-            mlp_out = blk.mlp(blk.ln2(x))
+            m = mlp_out(self.model, layer, x)
             if mlp_override is not None:
-                mlp_out = mlp_override(mlp_out)
-            return x + attn_out + mlp_out
+                m = mlp_override(m)
+            return x + attn_out + m
         mid = x + attn_out
-        mlp_out = blk.mlp(blk.ln2(mid))
+        m = mlp_out(self.model, layer, mid)
         if mlp_override is not None:
-            mlp_out = mlp_override(mlp_out)
-        return mid + mlp_out
+            m = mlp_override(m)
+        return mid + m

@@ -47,7 +47,7 @@ from transformer_lens import HookedTransformer
 
 from locedit.tracer.corruption import Corruption, GaussianNoise, SubjectFlip, Zeroing, as_corruption, noise_hook
 from locedit.tracer.forward import logits_from_resid, scored_logits
-from locedit.tracer.lean import lean_supported
+from locedit.tracer.lean import lean_supported, mlp_out
 from locedit.tracer.result import TraceResult
 from locedit.tracer.suffix import Restore, SuffixRunner
 from locedit.tracer.tokens import locate_subject, target_tokens, warn_unspaced_target
@@ -267,7 +267,8 @@ def _join_state(model, st: _Setup, cache, t: int, tp: int, a: int) -> Tensor:
     Restoring token t's output at layer a changes, within block a, only position t (the other positions' keys and
     values there come from the unchanged resid_pre(a)); so a cell can join at block a + 1:
     mlp (sequential): resid_mid(a)[t] + clean; mlp or attn (parallel attn/MLP, both added to resid_pre):
-    resid_post(a)[t] − corrupted + clean; attn (sequential): the block's own MLP on resid_pre(a)[t] + clean;
+    resid_post(a)[t] − corrupted + clean; attn (sequential): the block's own MLP (:func:`tracer.lean.mlp_out`,
+    post-normed in Gemma's blocks) on resid_pre(a)[t] + clean;
     resid: clean.
     """
     L = st.L
@@ -281,9 +282,8 @@ def _join_state(model, st: _Setup, cache, t: int, tp: int, a: int) -> Tensor:
     elif st.kind == "mlp":
         x[:, 0] = cache[f"blocks.{a}.hook_resid_mid"][:, tp] + clean
     else:
-        blk = model.blocks[a]
         mid = cache[f"blocks.{a}.hook_resid_pre"][:, tp : tp + 1] + clean
-        x[:, 0] = (mid + blk.mlp(blk.ln2(mid)))[:, 0]
+        x[:, 0] = (mid + mlp_out(model, a, mid))[:, 0]
     return x
 
 
