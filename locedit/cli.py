@@ -223,19 +223,21 @@ def cmd_tune(args) -> int:
     shown = dict(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=3)
     directory = Path(args.dir or f"tune-{args.model}")
     installed = TUNED_DIR / f"{profile.family}.json"
+    rule = TuningRule(ceiling=args.ceiling, neighborhood_tolerance=args.tolerance, reach=args.reach)
     if args.layers:
         problem, method = args.problems[0], args.methods[0]
         say(f"layer sweep: {method} for {problem} at layers {args.layers} on {len(facts)} known facts of "
             f"{args.dataset} (after the first {args.skip}); journal {directory / 'sweep'}")
         with stop_on_signal("the running fact's layers") as stop:
             sw = sweep_layers(model, facts, problem, method, args.layers, directory=directory / "sweep",
-                              progress=say, peaks=not args.no_peaks, stop=stop)
+                              progress=say, peaks=not args.no_peaks, rule=rule, stop=stop)
         with pl.Config(**shown):
             print(sw.table.select("layer", "n", "rewrite_mean", "ci_low", "ci_high", "paraphrase_mean",
-                                  "neighborhood_mean", "diff_vs_best", "p_vs_best_holm", "indistinguishable",
-                                  "trace_peaks"))
-        say(f"best layer {sw.best_layer}; not distinguishable from it (paired t, Holm, alpha 0.05): "
-            f"{sw.indistinguishable}")
+                                  "neighborhood_mean", "admissible", "diff_vs_best", "p_vs_best_holm",
+                                  "indistinguishable", "trace_peaks"))
+        say(f"best layer {sw.best_layer} (the highest mean rewrite among layers with rewrite >= {rule.reach} and "
+            f"neighborhood within {rule.neighborhood_tolerance} of the best such layer's); not distinguishable from "
+            f"it in rewrite (paired t, Holm, alpha 0.05): {sw.indistinguishable}")
         if sw.peak_layers:
             say(f"tracing peaks of the {len(sw.peak_layers)} facts (MLP, window 5), swept layers or not: "
                 f"{sorted(sw.peak_layers)}")
@@ -266,7 +268,6 @@ def cmd_tune(args) -> int:
         return out or None
 
     grids, budget = per_method(args.grid), per_method(args.budget)
-    rule = TuningRule(ceiling=args.ceiling, neighborhood_tolerance=args.tolerance, reach=args.reach)
     say(f"tuning {', '.join(args.methods)} for {', '.join(args.problems)} at layer {layer} on {len(facts)} known "
         f"facts of {args.dataset} (after the first {args.skip}): {rule}; journal {directory}")
     with stop_on_signal("the running edit") as stop:
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     from locedit.editors.methods import EDIT_METHODS
     from locedit.problems.variants import PROBLEMS
     from locedit.tracer.vocab import TRACING_ALGORITHMS, TRACING_KINDS
+    from locedit.tuning import TuningRule
 
     p = argparse.ArgumentParser(prog="locedit", description="Does localization inform editing?")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -414,10 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--budget", type=_parse_grid, action="append", default=None,
                     help="search these optimizer-budget fields instead of the defaults (jointly: every "
                          "combination), e.g. v_lr=0.05,0.5 (repeatable: one per field)")
-    tf.add_argument("--ceiling", type=float, default=0.99, help="highest admissible mean rewrite (the paper: 0.99)")
-    tf.add_argument("--tolerance", type=float, default=0.05,
+    tf.add_argument("--ceiling", type=float, default=TuningRule().ceiling,
+                    help="highest admissible mean rewrite (the paper: 0.99)")
+    tf.add_argument("--tolerance", type=float, default=TuningRule().neighborhood_tolerance,
                     help="admissible points keep mean neighborhood within this of the grid's best")
-    tf.add_argument("--reach", type=float, default=0.9,
+    tf.add_argument("--reach", type=float, default=TuningRule().reach,
                     help="search the optimizer budget when the paper's grid stays below this mean rewrite")
     tf.add_argument("--no-widen", action="store_true", help="never search the optimizer budget")
     tf.add_argument("--layers", type=int, nargs="+", default=None,

@@ -608,9 +608,11 @@ class LayerSweep:
         table: one row per layer: ``layer, n, rewrite_mean, ci_low, ci_high`` (95 % t-interval over facts),
             ``paraphrase_mean, neighborhood_mean``, ``diff_vs_best`` (mean paired difference to the best layer),
             ``p_vs_best`` / ``p_vs_best_holm`` (paired t-test against the best layer, Holm-adjusted over layers),
+            ``admissible`` (the layer rule's verdict, :func:`choose_layer`),
             ``indistinguishable`` (Holm p ≥ 0.05 or the best layer itself), ``trace_peaks`` (facts whose causal trace
             peaks at this layer).
-        best_layer: the layer with the highest mean rewrite.
+        best_layer: the layer :func:`choose_layer` picks (the highest mean rewrite among the layers that edit
+            without giving up more neighborhood than the rule allows).
         fact_ids: the facts.
         hparams: per problem × method, the hyper-parameters used (repr).
         peak_layers: each fact's tracing peak layer, in fact order (swept or not; empty without peaks).
@@ -624,6 +626,7 @@ class LayerSweep:
     hparams: str = ""
     peak_kind: str = "mlp"
     peak_layers: tuple[int, ...] = ()
+    rule: TuningRule = TuningRule()
 
     @property
     def indistinguishable(self) -> list[int]:
@@ -635,16 +638,40 @@ class LayerSweep:
         return {"layer": int(self.best_layer), "problem": self.problem, "method": self.method,
                 "indistinguishable": self.indistinguishable,
                 "provenance": {"model": model_name, "facts": list(self.fact_ids), "hparams": self.hparams,
-                               "peak_layers": list(self.peak_layers),
+                               "peak_layers": list(self.peak_layers), "rule": asdict(self.rule),
                                "date": date or _dt.date.today().isoformat(), "locedit": __version__,
                                "table": self.table.to_dicts()}}
 
 
-def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.05) -> tuple[pl.DataFrame, int]:
+def choose_layer(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> tuple[int, list[bool]]:
+    """The layer rule: App. A's trade-off applied across layers. The *editing* layers are those whose mean rewrite
+    reaches ``rule.reach``; a layer is admissible when it edits and its mean neighborhood score is within
+    ``rule.neighborhood_tolerance`` of the best among the editing layers (a layer that edits nothing keeps a perfect
+    neighborhood, so the reference is taken over the layers that edit); the chosen layer is the admissible one with
+    the highest mean rewrite (ties: the lower layer). No layer reaches ``reach``: the highest mean rewrite, none
+    admissible. (``rule.ceiling`` guards against over-tuned hyper-parameters and is not applied to layers.)
+
+    ``table``: one row per layer with ``layer``, ``rewrite_mean``, ``neighborhood_mean``. Returns ``(layer,
+    admissible per row)``."""
+    layers, rw, nb = table["layer"].to_list(), table["rewrite_mean"].to_list(), table["neighborhood_mean"].to_list()
+    editing = [i for i, r in enumerate(rw) if r is not None and not math.isnan(r) and r >= rule.reach]
+    if not editing:
+        i = max(range(len(layers)), key=lambda i: (-math.inf if rw[i] is None or math.isnan(rw[i]) else rw[i],
+                                                   -layers[i]))
+        return int(layers[i]), [False] * len(layers)
+    ref = max(nb[i] for i in editing)
+    ok = [i in editing and nb[i] >= ref - rule.neighborhood_tolerance - 1e-12 for i in range(len(layers))]
+    best = max((i for i in range(len(layers)) if ok[i]), key=lambda i: (rw[i], -layers[i]))
+    return int(layers[best]), ok
+
+
+def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.05,
+                rule: TuningRule = TuningRule()) -> tuple[pl.DataFrame, int]:
     """Per-layer summary of a sweep's outcomes (``fact_id, layer, rewrite_score, paraphrase_score,
-    neighborhood_score``): means with 95 % t-intervals over facts, the best layer (highest mean rewrite), paired
-    t-tests of every layer against it on the facts both have, Holm-adjusted (statsmodels), and the count of
-    ``peaks`` (one tracing peak layer per fact) at each layer. Returns ``(table, best_layer)``."""
+    neighborhood_score``): means with 95 % t-intervals over facts, the best layer (:func:`choose_layer`: the highest
+    mean rewrite among the layers that edit without giving up neighborhood; column ``admissible``), paired t-tests of
+    every layer's rewrite against it on the facts both have, Holm-adjusted (statsmodels), and the count of ``peaks``
+    (one tracing peak layer per fact) at each layer. Returns ``(table, best_layer)``."""
     from scipy import stats as st
     from statsmodels.stats.multitest import multipletests
 
@@ -657,7 +684,8 @@ def layer_table(rows: pl.DataFrame, peaks: Sequence[int] = (), alpha: float = 0.
     half = [mean_half_width(sd, n) for n, sd in zip(agg["n"], agg["rewrite_sd"])]
     agg = agg.with_columns((pl.col("rewrite_mean") - pl.Series(half)).alias("ci_low"),
                            (pl.col("rewrite_mean") + pl.Series(half)).alias("ci_high"))
-    best = int(agg.sort(["rewrite_mean", "layer"], descending=[True, False])["layer"][0])
+    best, admissible = choose_layer(agg, rule)
+    agg = agg.with_columns(pl.Series("admissible", admissible))
     wide = rows.pivot(on="layer", index="fact_id", values="rewrite_score")
     diffs, ps = [], []
     for layer in agg["layer"]:
@@ -699,6 +727,7 @@ def sweep_layers(
     noise=None,
     covariance_tokens: int | None = None,
     peaks: bool = True,
+    rule: TuningRule = TuningRule(),
     progress: Callable[[str], None] | None = None,
     stop: StopRequest | None = None,
 ) -> LayerSweep:
@@ -744,9 +773,9 @@ def sweep_layers(
         peak_layers = [_trace_peak(model, f, snoise, journal, runner.records) for f in facts]
     rows = pl.DataFrame([{k: r[k] for k in ("fact_id", "layer", "rewrite_score", "paraphrase_score",
                                             "neighborhood_score")} for r in recs])
-    table, best = layer_table(rows, peak_layers)
+    table, best = layer_table(rows, peak_layers, rule=rule)
     return LayerSweep(problem, method, table, best, tuple(f.id for f in facts), repr(hp),
-                      peak_layers=tuple(int(x) for x in peak_layers))
+                      peak_layers=tuple(int(x) for x in peak_layers), rule=rule)
 
 
 def _trace_peak(model, fact: Fact, noise, journal, records) -> int:

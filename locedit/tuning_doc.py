@@ -32,7 +32,7 @@ from locedit.findings import _md, update_document
 from locedit.stats.tables import METHOD_LABELS, METHOD_ORDER, PROBLEM_LABELS, PROBLEM_ORDER
 from locedit.tracer.atomic import write_atomic
 from locedit.tracer.profiles import TUNED_DIR, read_tuned_table
-from locedit.tuning import TuningRule, admissible_rows
+from locedit.tuning import TuningRule, admissible_rows, choose_layer
 
 __all__ = ["TUNING_BLOCK_KINDS", "tuning_blocks", "write_tuning_doc"]
 
@@ -130,8 +130,11 @@ def _layers_block(layer: dict[str, Any] | None) -> str:
                 "scaled, unless the profile sets one).\n")
     prov = layer.get("provenance", {})
     table = prov.get("table") or []
+    rule = TuningRule(**prov["rule"]) if prov.get("rule") else TuningRule()  # sweeps before the rule was recorded
+    admissible = choose_layer(pl.DataFrame(table).select("layer", "rewrite_mean", "neighborhood_mean"), rule)[1] \
+        if table else []
     rows = []
-    for r in table:
+    for r, ok in zip(table, admissible):
         best = r["layer"] == layer["layer"]
         diff, p = r.get("diff_vs_best"), r.get("p_vs_best_holm")
         if best:
@@ -141,7 +144,7 @@ def _layers_block(layer: dict[str, Any] | None) -> str:
         else:
             vs = f"{diff:+.3f} ({'< 0.001' if p < 1e-3 else f'{p:.3f}'})"
         cells = [str(r["layer"]), f"{_num(r.get('rewrite_mean'))} [{_num(r.get('ci_low'))}, {_num(r.get('ci_high'))}]",
-                 _num(r.get("paraphrase_mean")), _num(r.get("neighborhood_mean")), vs,
+                 _num(r.get("paraphrase_mean")), _num(r.get("neighborhood_mean")), "yes" if ok else "no", vs,
                  "yes" if r.get("indistinguishable") or best else "no", str(r.get("trace_peaks", "–"))]
         if r["layer"] == layer["layer"]:
             cells = [f"**{c}**" for c in cells]
@@ -150,11 +153,13 @@ def _layers_block(layer: dict[str, Any] | None) -> str:
     facts = prov.get("facts", [])
     head = (f"{METHOD_LABELS.get(layer.get('method'), layer.get('method'))} × "
             f"{PROBLEM_LABELS.get(layer.get('problem'), layer.get('problem'))} on {len(facts)} facts "
-            f"({prov.get('date', '–')}); chosen: **layer {layer['layer']}** (the highest mean rewrite); not "
-            f"distinguishable from it (paired t-test, Holm): {', '.join(map(str, layer.get('indistinguishable', [])))}."
+            f"({prov.get('date', '–')}); chosen: **layer {layer['layer']}** (the layer rule: the highest mean rewrite "
+            f"among the layers that reach {_value(rule.reach)} with neighborhood within "
+            f"{_value(rule.neighborhood_tolerance)} of the best of them; `admissible`); not distinguishable from it in "
+            f"rewrite (paired t-test, Holm): {', '.join(map(str, layer.get('indistinguishable', [])))}."
             + (f" Where the facts' Causal Tracing (MLP, window 5) peaks: {', '.join(map(str, sorted(peaks)))}."
                if peaks else "") + "\n\n")
-    return head + _md(["layer", "mean rewrite [95% CI]", "paraphrase", "neighborhood", "vs best (Holm p)",
+    return head + _md(["layer", "mean rewrite [95% CI]", "paraphrase", "neighborhood", "admissible", "vs best (Holm p)",
                        "not distinguishable", "tracing peaks here"], rows)
 
 

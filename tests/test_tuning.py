@@ -232,6 +232,33 @@ def test_layer_table_finds_the_planted_best_layer_and_its_equals():
     assert t["trace_peaks"].to_list() == [0, 2, 1, 1]
     r4 = t.filter(pl.col("layer") == 4).row(0, named=True)
     assert r4["ci_low"] < r4["rewrite_mean"] < r4["ci_high"] and r4["ci_high"] - r4["ci_low"] < 0.1
+    assert not any(t["admissible"])  # no layer reaches the rule's 0.9: the highest rewrite, none admissible
+
+
+def test_the_layer_rule_gives_up_rewrite_for_neighborhood_only_within_the_tolerance():
+    """Gemma's sweep: the highest mean rewrite (layer 12, 0.991) broke half the neighborhood (0.508) where layer 2
+    edits almost as well (0.979) at 0.906. The reference neighborhood is the best among layers that edit (≥ reach):
+    layer 16 keeps 0.906 too but edits nothing, and a layer that edits nothing keeps a perfect neighborhood."""
+    from locedit.tuning import TuningRule, choose_layer
+
+    t = pl.DataFrame({"layer": [0, 2, 4, 12, 16, 17], "rewrite_mean": [0.83, 0.979, 0.984, 0.991, 0.199, 0.001],
+                      "neighborhood_mean": [0.968, 0.906, 0.817, 0.508, 0.906, 0.995]})
+    assert choose_layer(t) == (2, [False, True, False, False, False, False])
+    assert choose_layer(t, TuningRule(neighborhood_tolerance=0.1))[0] == 4
+    assert choose_layer(t, TuningRule(neighborhood_tolerance=0.5))[0] == 12
+    assert choose_layer(t, TuningRule(reach=0.8, neighborhood_tolerance=0.05))[0] == 0  # 0 now edits: ref 0.968
+    assert choose_layer(t.with_columns(pl.col("rewrite_mean") * 0.5))[0] == 12  # none edits: highest rewrite
+
+
+@pytest.mark.parametrize("family,layer", [("smollm2", 15), ("gemma3", 2)])
+def test_the_shipped_default_edit_layers_follow_the_layer_rule(family, layer):
+    """Each profile's installed edit layer is what the rule gives on the sweep table it ships as provenance."""
+    from locedit.tracer.profiles import TUNED_DIR
+    from locedit.tuning import choose_layer
+
+    entry = read_tuned_table(TUNED_DIR / f"{family}.json")["edit_layer"]
+    table = pl.DataFrame(entry["provenance"]["table"]).select("layer", "rewrite_mean", "neighborhood_mean")
+    assert entry["layer"] == layer == choose_layer(table)[0]
 
 
 def test_looser_bound_edits_more_on_real_facts(model):

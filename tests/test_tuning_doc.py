@@ -60,8 +60,9 @@ def test_the_layer_block_shows_the_sweep_and_its_choice(tmp_path):
                             "table": table}}
     block = tuning_blocks(_table(tmp_path, layer))["tiny-layers"]
     assert "chosen: **layer 3**" in block and "peaks: 1, 1, 2" in block
-    assert "| 1 | 0.500 [0.400, 0.600] | 0.100 | 0.900 | -0.300 (< 0.001) | no | 2 |" in block
+    assert "| 1 | 0.500 [0.400, 0.600] | 0.100 | 0.900 | no | -0.300 (< 0.001) | no | 2 |" in block
     assert "| **3** |" in block and "**best**" in block
+    assert "| **no** | **best** |" in block  # neither layer reaches 0.9: the highest rewrite, none admissible
 
 
 def test_a_document_is_regenerated_and_checked(tmp_path, capsys):
