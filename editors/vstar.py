@@ -4,7 +4,7 @@
 A vector δ is added at the last subject token of every prompt (context-template prompts and the KL prompt
 "{subject} is a") to the residual stream after layer ``layer`` — for ROME that is the same as adding δ to the
 MLP output of that layer (in post-norm blocks, Gemma's, δ is added to the MLP output *before* its post-norm:
-see :func:`mlp_post_norm`). δ minimizes (Meng et al. 2022, compute_v)
+see :func:`tracer.lean.mlp_post_norm`). δ minimizes (Meng et al. 2022, compute_v)
 
     L(δ) = NLL(δ) + kl_factor · KL(p_δ ‖ p_0)["{s} is a"] + wd · ‖δ‖ / ‖v_init‖²,
 
@@ -45,26 +45,17 @@ from locedit.editors.inputs import (
     suffix_cache_names,
     suffix_scored_logits,
 )
+from locedit.tracer.lean import mlp_post_norm
 
 __all__ = [
     "TargetOpt",
     "main_objective",
-    "mlp_post_norm",
     "mlp_values",
     "optimize_target",
     "optimize_targets",
     "target_cache_names",
     "target_loss_terms",
 ]
-
-
-def mlp_post_norm(model: HookedTransformer, layer: int):
-    """The map from the MLP's own output (``k @ W_out + b_out``, the vector ROME edits) to what the block adds to
-    the residual stream: ``ln2_post`` in post-norm blocks (Gemma 2/3: ``use_normalization_before_and_after``), else
-    None (the identity; ``hook_mlp_out`` then *is* the MLP's output)."""
-    if getattr(model.cfg, "use_normalization_before_and_after", False):
-        return model.blocks[layer].ln2_post
-    return None
 
 
 def mlp_values(model: HookedTransformer, acts: dict[str, Tensor], layer: int, batch: EditBatch) -> Float[Tensor, "rows d_model"]:

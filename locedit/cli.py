@@ -416,11 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--budget", type=_parse_grid, action="append", default=None,
                     help="search these optimizer-budget fields instead of the defaults (jointly: every "
                          "combination), e.g. v_lr=0.05,0.5 (repeatable: one per field)")
-    tf.add_argument("--ceiling", type=float, default=TuningRule().ceiling,
+    rule = TuningRule()  # the rule's defaults, said once
+    tf.add_argument("--ceiling", type=float, default=rule.ceiling,
                     help="highest admissible mean rewrite (the paper: 0.99)")
-    tf.add_argument("--tolerance", type=float, default=TuningRule().neighborhood_tolerance,
+    tf.add_argument("--tolerance", type=float, default=rule.neighborhood_tolerance,
                     help="admissible points keep mean neighborhood within this of the grid's best")
-    tf.add_argument("--reach", type=float, default=TuningRule().reach,
+    tf.add_argument("--reach", type=float, default=rule.reach,
                     help="search the optimizer budget when the paper's grid stays below this mean rewrite")
     tf.add_argument("--no-widen", action="store_true", help="never search the optimizer budget")
     tf.add_argument("--layers", type=int, nargs="+", default=None,

@@ -16,8 +16,8 @@ summation order (~1e-6 relative).
 Supported: causal attention with standard or rotary positions (GPT-2, GPT-J, Llama/SmolLM2 families), MHA or GQA,
 sequential or parallel attention/MLP, and Gemma 3's block: per-head QK-norm (before rotary, as TransformerLens),
 pre- and post-norms around attention and MLP (``hook_attn_out`` / ``hook_mlp_out`` after the post-norm), sliding-
-window local layers (each layer's own rotary base through its own tables) and its attention scale. :func:`lean_supported` says whether a model qualifies; callers fall back to
-TransformerLens blocks otherwise.
+window local layers (each layer's own rotary base through its own tables) and its attention scale.
+:func:`lean_supported` says whether a model qualifies; callers fall back to TransformerLens blocks otherwise.
 """
 
 from __future__ import annotations
@@ -31,15 +31,25 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
-__all__ = ["LeanBlocks", "lean_supported", "mlp_out"]
+__all__ = ["LeanBlocks", "lean_supported", "mlp_out", "mlp_post_norm"]
+
+
+def mlp_post_norm(model: HookedTransformer, layer: int):
+    """The map from the MLP's own output (``k @ W_out + b_out``, the vector ROME edits) to what the block adds to
+    the residual stream: ``ln2_post`` in post-norm blocks (Gemma 2/3: ``use_normalization_before_and_after``), else
+    None (the identity; ``hook_mlp_out`` then *is* the MLP's output)."""
+    if getattr(model.cfg, "use_normalization_before_and_after", False):
+        return model.blocks[layer].ln2_post
+    return None
 
 
 def mlp_out(model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """What ``blocks.{layer}.hook_mlp_out`` holds when ``resid`` enters the block's MLP (resid_mid; resid_pre in
-    parallel blocks): ``mlp(ln2(resid))``, passed through ``ln2_post`` in pre+post-norm blocks (Gemma 2/3)."""
+    parallel blocks): ``mlp(ln2(resid))``, passed through :func:`mlp_post_norm` where the block has one."""
     blk = model.blocks[layer]
     out = blk.mlp(blk.ln2(resid))
-    return blk.ln2_post(out) if getattr(model.cfg, "use_normalization_before_and_after", False) else out
+    post = mlp_post_norm(model, layer)
+    return out if post is None else post(out)
 
 
 def lean_supported(model: HookedTransformer) -> bool:
