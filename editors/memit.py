@@ -31,12 +31,12 @@ from transformer_lens import HookedTransformer
 from locedit.editors.deltas import EditResult, exact_delta, parameter, snapshot
 from locedit.editors.hparams import MEMITHyperParams
 from locedit.editors.inputs import cache_acts, frozen_params, group_mean, target_batch
-from locedit.editors.requests import EditRequest
+from locedit.editors.requests import EditRequest, UnsupportedArchitectureError
 from locedit.editors.templates import template_group_sizes
-from locedit.editors.requests import UnsupportedArchitectureError
 from locedit.editors.targets import TargetMemo, target_key
 from locedit.editors.vstar import TargetOpt, optimize_targets
 from locedit.tracer.corruption import GaussianNoise
+from locedit.tracer.lean import post_norm_blocks
 
 __all__ = ["memit_update", "execute_memit", "mean_of_group_means"]
 
@@ -84,7 +84,7 @@ def execute_memit(
             (Gemma 2/3's ``ln2_post``): MEMIT spreads a *residual-stream* change over the layers' ``W_out``
             linearly, which a norm after ``W_out`` breaks (ROME, which optimizes the MLP's own output, works there).
     """
-    if getattr(model.cfg, "use_normalization_before_and_after", False):
+    if post_norm_blocks(model.cfg):
         raise UnsupportedArchitectureError(
             f"MEMIT cannot edit {model.cfg.model_name}: its MLP outputs pass a norm (ln2_post) before the residual "
             "stream, so MEMIT's linear split of the residual target over layers does not hold; use rome, r-rome or ft"

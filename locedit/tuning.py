@@ -123,6 +123,16 @@ class TuningRule:
             raise ValueError(f"reach must be in [0, ceiling], got {self.reach}")
 
 
+_FLOAT_SLACK = 1e-12
+"""A neighborhood this close below the rule's bound is still within it (0.95 − 0.05 is 0.8999999999999999 in floats:
+a neighborhood of exactly 0.9 stays admissible). Both rules read it: the grid one and the layer one."""
+
+
+def _keeps_neighborhood(nb, best: float, tolerance: float) -> bool:
+    """``nb`` is finite and within ``tolerance`` of ``best`` (with :data:`_FLOAT_SLACK`)."""
+    return nb is not None and not math.isnan(nb) and nb >= best - tolerance - _FLOAT_SLACK
+
+
 def admissible_rows(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> list[int]:
     """The row indices of ``table`` (one row per grid point, with ``rewrite_mean`` and ``neighborhood_mean``) that
     ``rule`` admits: rewrite ≤ ceiling and neighborhood ≥ max(neighborhood over the table) − tolerance.
@@ -139,7 +149,7 @@ def admissible_rows(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> lis
     return [
         i for i, (r, nb) in enumerate(zip(rewrite, neighborhood))
         if r is not None and not math.isnan(r) and r <= rule.ceiling
-        and (math.isnan(best_nb) or (nb is not None and not math.isnan(nb) and nb >= best_nb - rule.neighborhood_tolerance))
+        and (math.isnan(best_nb) or _keeps_neighborhood(nb, best_nb, rule.neighborhood_tolerance))
     ]
 
 
@@ -660,7 +670,7 @@ def choose_layer(table: pl.DataFrame, rule: TuningRule = TuningRule()) -> tuple[
                                                    -layers[i]))
         return int(layers[i]), [False] * len(layers)
     ref = max(nb[i] for i in editing)
-    ok = [i in editing and nb[i] >= ref - rule.neighborhood_tolerance - 1e-12 for i in range(len(layers))]
+    ok = [i in editing and _keeps_neighborhood(nb[i], ref, rule.neighborhood_tolerance) for i in range(len(layers))]
     best = max((i for i in range(len(layers)) if ok[i]), key=lambda i: (rw[i], -layers[i]))
     return int(layers[best]), ok
 

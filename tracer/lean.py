@@ -31,14 +31,21 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
-__all__ = ["LeanBlocks", "lean_supported", "mlp_out", "mlp_post_norm"]
+__all__ = ["LeanBlocks", "lean_supported", "mlp_out", "mlp_post_norm", "post_norm_blocks"]
+
+
+def post_norm_blocks(cfg) -> bool:
+    """True when the blocks normalize each sublayer's output before adding it to the residual stream (Gemma 2/3's
+    ``ln1_post`` / ``ln2_post``: TransformerLens's ``use_normalization_before_and_after``). The one place that says
+    so: the lean blocks, the MLP-output map and MEMIT's refusal read it."""
+    return bool(getattr(cfg, "use_normalization_before_and_after", False))
 
 
 def mlp_post_norm(model: HookedTransformer, layer: int):
     """The map from the MLP's own output (``k @ W_out + b_out``, the vector ROME edits) to what the block adds to
     the residual stream: ``ln2_post`` in post-norm blocks (Gemma 2/3: ``use_normalization_before_and_after``), else
     None (the identity; ``hook_mlp_out`` then *is* the MLP's output)."""
-    if getattr(model.cfg, "use_normalization_before_and_after", False):
+    if post_norm_blocks(model.cfg):
         return model.blocks[layer].ln2_post
     return None
 
@@ -103,7 +110,7 @@ class LeanBlocks:
         self.rotary = cfg.positional_embedding_type == "rotary"
         self.parallel = bool(cfg.parallel_attn_mlp)
         self.qk_norm = bool(getattr(cfg, "use_qk_norm", False))
-        self.post_norms = bool(getattr(cfg, "use_normalization_before_and_after", False))
+        self.post_norms = post_norm_blocks(cfg)
         self.packed: dict[int, _PackedAttention] = {}
         self.scale: dict[int, float] = {}  # 1 / the layer's attention scale (TransformerLens divides by it)
         self.window: dict[int, int | None] = {}  # a local layer's window: keys within window_size - 1 positions back
