@@ -87,6 +87,21 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
     return out
 
 
+def _sittings_line(dirs) -> str:
+    """"N: units run per (device, threads)" over the run directories' recorded sittings ("none recorded": a run
+    from before sittings.jsonl existed; its study.log says which resumes changed threads)."""
+    from collections import Counter
+
+    sittings = [s for d in dirs for s in d.sittings()]
+    if not sittings:
+        return "none recorded"
+    units: Counter = Counter()
+    for s in sittings:
+        units[(str(s.get("device")), s.get("threads"))] += int(s.get("units_run") or 0)
+    return f"{len(sittings)}: " + "; ".join(f"{u} units on {dev} × {t} thread(s)"
+                                           for (dev, t), u in sorted(units.items(), key=str))
+
+
 def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
     """Merge the run directories (shards) and write ``report.html`` (default: in the first directory) with
     Tables 1–7, Figs. 1, 4/15, 6, 7, 10 and one tracing heatmap; also writes ``tables.md`` beside it."""
@@ -222,6 +237,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         "edits": edits.height,
         "failed units": failures.height,
         "tracing window joined": an["window"],
+        "sittings (sittings.jsonl: where each ran, with how many threads)": _sittings_line(dirs),
     }
     out = Path(out) if out else dirs[0].path / "report.html"
     write_html(out, md, figs, title=f"Does localization inform editing? — {config.name}", meta=meta)

@@ -15,6 +15,10 @@ Layout (run format :data:`locedit.plan.SCHEMA_VERSION`)::
                            of truth; bad lines are moved to journal/quarantine.jsonl
       tracing.parquet, edits.parquet, failures.parquet   derived from the journals (:meth:`RunDir.collect`)
       study.log            what happened, failures with tracebacks
+      sittings.jsonl       one "start" and one "end" line per sitting (each run of a shard or of the Ray executor):
+                           where and how it ran (host, device, torch threads, executor) and which units it ran (the
+                           first and last unit key in plan order, the count) -- rows from sittings with other
+                           threads or devices may differ at float precision, and this says which ones did
 
 The serial runner (:mod:`locedit.study`), the Ray executor (:mod:`locedit.executor`), the report, the findings and
 the CLI all go through :class:`RunDir`; none of them builds a path or parses a file of the directory itself.
@@ -119,6 +123,10 @@ class RunDir:
     @property
     def provenance_path(self) -> Path:
         return self.path / "provenance.json"
+
+    @property
+    def sittings_path(self) -> Path:
+        return self.path / "sittings.jsonl"
 
     @property
     def journal_dir(self) -> Path:
@@ -267,6 +275,47 @@ class RunDir:
             raise InputsChangedError(f"{self.path}: the inputs changed since this run started: {what}; finished rows "
                                      "would mix the old and the new facts -- restore the dataset or use a new run "
                                      "directory")
+
+    # ------------------------------------------------------------ sittings
+    def begin_sitting(self, *, executor: str, shard: tuple[int, int], threads: int, device: str, units: int,
+                      todo: Sequence[Unit], **extra: Any) -> dict[str, Any]:
+        """Append a sitting's "start" line to ``sittings.jsonl`` and return its identity (a random id and the shard;
+        pass it to :meth:`end_sitting`) with: UTC start time, host, executor, shard, torch threads, device, the shard's unit count,
+        how many were done before, and the first unit key it will run (units run in plan order)."""
+        import datetime as _dt
+        import platform
+        import uuid
+
+        ident = {"sitting": uuid.uuid4().hex[:12], "shard": f"{shard[0]}/{shard[1]}"}
+        Journal(self.sittings_path).append({
+            "key": f"{ident['sitting']}|start", "event": "start", **ident,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+            "executor": executor, "threads": int(threads), "device": str(device), "units": int(units),
+            "done_before": int(units) - len(todo), "first_unit": todo[0].key() if todo else None, **extra})
+        return ident
+
+    def end_sitting(self, ident: dict[str, Any], *, units_run: int, failed: int, last_unit: str | None,
+                    stopped: str | None, seconds: float) -> None:
+        """Append the "end" line of the sitting ``ident`` (:meth:`begin_sitting`): units run (failures included),
+        failures, the last unit key, the signal that stopped it (None: it ran out of units), wall seconds. A sitting
+        killed outright has a "start" line only."""
+        import datetime as _dt
+
+        Journal(self.sittings_path).append({
+            "key": f"{ident['sitting']}|end", "event": "end", **ident,
+            "ended": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "units_run": int(units_run),
+            "failed": int(failed), "last_unit": last_unit, "stopped": stopped, "seconds": round(float(seconds), 1)})
+
+    def sittings(self) -> list[dict[str, Any]]:
+        """The sittings, one dict each in start order: the "start" line's fields updated by its "end" line's
+        (absent for a sitting killed outright)."""
+        if not self.sittings_path.exists():
+            return []
+        out: dict[str, dict[str, Any]] = {}
+        for rec in read_journals([self.sittings_path]):
+            merged = out.setdefault(str(rec.get("sitting")), {})
+            merged.update({k: v for k, v in rec.items() if k not in ("key", "event")})
+        return list(out.values())
 
     # ------------------------------------------------------------ journals
     def journal(self, table: str, shard: tuple[int, int] = (0, 1)) -> Journal:

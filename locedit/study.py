@@ -246,8 +246,16 @@ def run_study(
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
         flusher = TableFlusher(rd, flush_seconds)
         memo: dict = {}
+        import signal
+
+        import torch
+
+        sitting = rd.begin_sitting(executor="serial", shard=shard, threads=torch.get_num_threads(),
+                                   device=str(model.cfg.device), units=len(units), todo=todo)
+        last = None
         with stop_on_signal() as stop:
             for k, unit in enumerate(todo):
+                last = unit.key()
                 bar.set_postfix_str(unit.key())
                 out, rec = run_unit(model, by_id[unit.fact_id], unit, plan, dataset, memo)
                 journals[out].append(rec)
@@ -261,6 +269,8 @@ def run_study(
                     break
         bar.close()
         flusher.final()
+        rd.end_sitting(sitting, units_run=n_done + n_failed, failed=n_failed, last_unit=last,
+                       stopped=None if stop.signal is None else signal.Signals(stop.signal).name, seconds=time.perf_counter() - start)
         return StudySummary(str(rd.path), len({u.fact_id for u in units}), shard, n_done, len(units) - len(todo),
                             n_failed, time.perf_counter() - start, stop.signal)
     finally:

@@ -442,6 +442,21 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
     a = collect_tables(tmp_path / "whole")["edits"].drop("seconds", "edit_seconds").sort("key")
     b = collect_tables(tmp_path / "stopped")["edits"].drop("seconds", "edit_seconds").sort("key")
     assert a.equals(b)
+    # sittings.jsonl says which units each sitting ran, with its threads and device: the stopped one the first fact's
+    # 4 (plan order: its first to its last unit), the resume the other 4
+    import torch
+
+    units = study.resolve_plan(config, tiny, RunDir(tmp_path / "stopped").fact_ids()).units()
+    s1, s2 = RunDir(tmp_path / "stopped").sittings()
+    assert (s1["done_before"], s1["units_run"], s1["stopped"], s1["first_unit"], s1["last_unit"]) == (
+        0, 4, signal.Signals(signum).name, units[0].key(), units[3].key())
+    assert (s2["done_before"], s2["units_run"], s2["stopped"], s2["first_unit"], s2["last_unit"]) == (
+        4, 4, None, units[4].key(), units[7].key())
+    assert {s["threads"] for s in (s1, s2)} == {torch.get_num_threads()} and s1["device"] == "cpu"
+    assert s1["executor"] == "serial" and s1["units"] == 8 and s1["ended"] >= s1["started"]
+    from locedit.report import _sittings_line
+
+    assert _sittings_line([RunDir(tmp_path / "stopped")]) == f"2: 8 units on cpu × {torch.get_num_threads()} thread(s)"
 
     def twice(*args, **kw):  # a second signal: KeyboardInterrupt now, the finished units kept
         os.kill(os.getpid(), signum)
@@ -452,3 +467,5 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
         study.run_study(config, tmp_path / "again", model=tiny, progress=False)
     assert signal.getsignal(signum) == previous
     assert len(RunDir(tmp_path / "again").finished_keys()) == 1
+    (killed,) = RunDir(tmp_path / "again").sittings()  # stopped at once: a "start" line, no "end"
+    assert killed["done_before"] == 0 and "ended" not in killed
