@@ -1,5 +1,5 @@
 """The ``locedit`` command line: ``trace``, ``run``, ``report``, ``pack``, ``migrate``, ``findings``, ``summary``,
-``tune``, ``tuning-doc``, ``info``."""
+``status``, ``tune``, ``tuning-doc``, ``info``."""
 
 from __future__ import annotations
 
@@ -188,6 +188,14 @@ def cmd_summary(args) -> int:
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=3):
             print(table)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from locedit.progress import study_progress
+
+    for d in args.run_dirs:
+        print(study_progress(d).text())
     return 0
 
 
@@ -400,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--by", default="problem,method,layer", help="comma-separated grouping columns")
     sm.add_argument("--markdown", action="store_true", help="print a Markdown table")
     sm.set_defaults(func=cmd_summary)
+
+    st = sub.add_parser("status", help="a study's progress from its run directory alone: units done / total per "
+                        "stage, seconds per unit, what is left at that rate, its sittings")
+    st.add_argument("run_dirs", nargs="+")
+    st.set_defaults(func=cmd_status)
 
     tf = sub.add_parser("tune", help="tune editors for a model by Hase et al.'s rule (App. A), or sweep the edit layer")
     tf.add_argument("--model", default="smollm2-135m")

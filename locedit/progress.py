@@ -1,0 +1,118 @@
+"""Where a study stands, read from its run directory alone (no model): units done / total per stage of the recorded
+plan, failures, the journal's own seconds per unit, what is left at that rate, and the recorded sittings.
+
+``locedit status RUN_DIR`` prints it; a long study's closing notes quote it ("units done / total, the measured rate
+and what is left"). Seconds per unit are the journal's ``seconds`` (the unit's whole run: edit and scoring; a fact's
+first unit of a lockstep batch carries the batch, so the mean over a stage is the right per-unit figure) and depend
+on the threads and the machine each sitting ran with: the estimate of what is left assumes the stage's mean so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from locedit.plan import StudyPlan
+from locedit.rundir import RunDir
+
+__all__ = ["StudyProgress", "study_progress"]
+
+
+@dataclass(frozen=True)
+class StudyProgress:
+    """A run directory's progress.
+
+    Attributes:
+        run_dir: the run directory.
+        stages: one row per stage of the plan in run order: ``stage``, ``total``, ``done``, ``failed``,
+            ``seconds_mean`` (journal seconds per finished unit; null before any), ``hours_left`` (units left ×
+            ``seconds_mean``; null when the stage has no finished unit to measure by).
+        sittings: :meth:`locedit.rundir.RunDir.sittings` as recorded.
+    """
+
+    run_dir: str
+    stages: pl.DataFrame
+    sittings: list[dict[str, Any]]
+
+    @property
+    def total(self) -> int:
+        return int(self.stages["total"].sum())
+
+    @property
+    def done(self) -> int:
+        return int(self.stages["done"].sum())
+
+    def text(self) -> str:
+        """A plain-text summary (what ``locedit status`` prints)."""
+        left = [h for h in self.stages["hours_left"].to_list() if h is not None]
+        unmeasured = self.stages.filter(pl.col("hours_left").is_null() & (pl.col("done") < pl.col("total")))
+        lines = [f"{self.run_dir}: {self.done:,} / {self.total:,} units ({100 * self.done / max(self.total, 1):.1f} %), "
+                 f"{int(self.stages['failed'].sum())} failed"]
+        width = max(len(s) for s in self.stages["stage"].to_list())
+        lines.append(f"  {'stage':<{width}}  {'done / total':>15}  {'s / unit':>8}  {'left (h, at that rate)':>22}")
+        for r in self.stages.iter_rows(named=True):
+            sec = "–" if r["seconds_mean"] is None else f"{r['seconds_mean']:.1f}"
+            hl = "–" if r["hours_left"] is None else f"{r['hours_left']:.1f}"
+            fail = f" ({r['failed']} failed)" if r["failed"] else ""
+            lines.append(f"  {r['stage']:<{width}}  {r['done']:>6,} / {r['total']:<6,}  {sec:>8}  {hl:>22}{fail}")
+        est = f"{sum(left):.1f} h at the measured rates"
+        if unmeasured.height:
+            est += f", plus {int((unmeasured['total'] - unmeasured['done']).sum()):,} units of stages not measured yet"
+        lines.append(f"  left: {est}")
+        if self.sittings:
+            by: dict[tuple[str, Any], list[int]] = {}
+            for s in self.sittings:
+                k = (str(s.get("device")), s.get("threads"))
+                by.setdefault(k, [0, 0])
+                by[k][0] += 1
+                by[k][1] += int(s.get("units_run") or 0)
+            lines.append(f"  sittings: {len(self.sittings)} (" + "; ".join(
+                f"{n} on {dev} × {t} thread(s): {u:,} units" for (dev, t), (n, u) in sorted(by.items(), key=str))
+                + ")")
+        else:
+            lines.append("  sittings: none recorded")
+        return "\n".join(lines)
+
+
+def study_progress(run_dir: str | Path) -> StudyProgress:
+    """The progress of ``run_dir`` (every shard's journals), from its recorded plan.
+
+    Raises:
+        ValueError: the directory has no recorded plan (the run never started).
+    """
+    rd = RunDir(run_dir).require()
+    prov = rd.provenance()
+    if "plan" not in prov:
+        raise ValueError(f"{rd.path}/provenance.json records no plan: the run never started a unit")
+    plan = StudyPlan.from_json(prov["plan"], rd.config(), rd.fact_ids())
+    units = plan.units()
+    seconds: dict[str, float] = {}
+    for table in ("tracing", "edits"):
+        for r in rd.records(table):
+            s = r.get("seconds")
+            seconds[r["key"]] = math.nan if s is None else float(s)
+    failed = {r["key"] for r in rd.records("failures")} - set(seconds)
+    rows: dict[str, dict[str, Any]] = {}
+    for u in units:
+        row = rows.setdefault(u.stage, {"stage": u.stage, "total": 0, "done": 0, "failed": 0, "_s": []})
+        row["total"] += 1
+        k = u.key()
+        if k in seconds:
+            row["done"] += 1
+            if not math.isnan(seconds[k]):
+                row["_s"].append(seconds[k])
+        elif k in failed:
+            row["failed"] += 1
+    out = []
+    for row in rows.values():
+        s = row.pop("_s")
+        mean = sum(s) / len(s) if s else None
+        left = row["total"] - row["done"] - row["failed"]
+        out.append({**row, "seconds_mean": mean, "hours_left": None if mean is None else left * mean / 3600})
+    schema = {"stage": pl.String, "total": pl.Int64, "done": pl.Int64, "failed": pl.Int64,
+              "seconds_mean": pl.Float64, "hours_left": pl.Float64}
+    return StudyProgress(str(rd.path), pl.DataFrame(out, schema=schema), rd.sittings())
