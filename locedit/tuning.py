@@ -15,8 +15,12 @@ the lowest mean rewrite is returned, flagged ``within_rule=False``. **Widening**
 below ``reach`` (0.9; ROME reaches 0.99 at GPT-J's default layer and > 0.96 at every layer but the last, Hase et al.
 §4), the search is widened to the optimizer budget (:data:`BUDGET_GRIDS`: v*/z learning rate and steps; FT's steps):
 every combination of the budget fields, each with its base value, crossed with the paper grid's monotone fields (FT's
-L∞ bound, scanned upward) and at the paper stage's chosen value of the others (the KL weight); the rule is then applied
-to the whole table (``widened=True``). (Until 2026-12-03 the budget was searched one field at a time, learning rate
+L∞ bound) and at the paper stage's chosen value of the others (the KL weight); the rule is then applied to the whole
+table (``widened=True``). Within one budget combination the bounds are scanned *downward* from the largest, stopping
+at the first admissible one (since 2026-12-03, session 15): the rewrite grows along a monotone field (the assumption
+the paper stage's upward scan already makes when it stops above the ceiling), so a smaller bound under the same
+budget edits less and cannot be the chosen point; the paper stage's smallest bounds fix the neighborhood reference
+before any budget row is measured. The widened rows are listed in grid order whatever order measured them. (Until 2026-12-03 the budget was searched one field at a time, learning rate
 first, and could miss a better combination: the SmolLM2 entries tuned then say so in their ``stage`` column.)
 
 Rewrite score: (p* − p)/(1 − p) for maximizing problems, max(0, (p − p*)/p) for Fact Erasure (Hase et al. §3.3), as
@@ -468,7 +472,8 @@ def tune(
                 seen = {_effective(base, json.loads(p)) for p in table["point"]}
                 points = grid_points(method, base, grid, axes)
                 more = _scan(runner, problem, method, layer, base,
-                             [p for p in points if _effective(base, p) not in seen], "budget:" + "×".join(axes), rule)
+                             [p for p in points if _effective(base, p) not in seen], "budget:" + "×".join(axes), rule,
+                             downward_after=table)
                 if more.height:
                     table = pl.concat([table, more], how="diagonal_relaxed")
                 table = table.with_columns(pl.col(c).fill_null(float(getattr(base, c)))
@@ -495,26 +500,48 @@ def _typed(base, name: str, value):
     return type(getattr(base, name))(value)
 
 
-def _scan(runner: _Runner, problem, method, layer, base, points, stage, rule) -> pl.DataFrame:
+def _scan(runner: _Runner, problem, method, layer, base, points, stage, rule,
+          downward_after: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Measure ``points`` (grid order) over the runner's facts: one summary row each, in grid order.
+
+    Upward (the paper stage): a budget combination's monotone scan stops after its first mean above the ceiling.
+    ``downward_after`` (widening; the table measured so far): within each budget combination the monotone field is
+    scanned from its largest value down and stops at the first point the rule admits against that table and the rows
+    measured since (module docstring)."""
     rows = []
-    stopped: set[str] = set()  # budget combinations whose monotone scan went above the ceiling
-    for point in points:
-        budget_key = _point_label({k: v for k, v in point.items() if k not in MONOTONE_FIELDS})
+    stopped: set[str] = set()  # budget combinations whose scan is over
+
+    def budget_of(point) -> str:
+        return _point_label({k: v for k, v in point.items() if k not in MONOTONE_FIELDS})
+
+    order = list(points)
+    if downward_after is not None:  # budget combinations in grid order, each one's monotone values largest first
+        first = {b: i for i, b in reversed(list(enumerate(map(budget_of, points))))}
+        order.sort(key=lambda p: (first[budget_of(p)], tuple(-p[k] for k in p if k in MONOTONE_FIELDS)))
+    for point in order:
+        budget_key = budget_of(point)
         if budget_key in stopped:
             continue
+        at = points.index(point)
         point = runner.journaled_point(problem, method, layer, base, point)
         hp = _effective(base, point)
         recs = [runner.outcome(f, problem, method, layer, hp, point) for f in runner.facts]
         row = _summarise(recs, point, stage)
-        rows.append(row)
+        rows.append((at, row))
         if runner.progress is not None:
             runner.progress(f"{problem} {method} L{layer} {row['point']}: rewrite {row['rewrite_mean']:.3f} "
                             f"(sd {row['rewrite_sd']:.3f}, n {row['n']}), paraphrase {row['paraphrase_mean']:.3f}, "
                             f"neighborhood {row['neighborhood_mean']:.3f}, p(target) at the end of the optimisation "
                             f"{row['opt_p_target_mean']:.3f}, {row['edit_seconds_mean']:.1f} s/edit")
-        if set(point) & MONOTONE_FIELDS and row["rewrite_mean"] > rule.ceiling:
+        if not set(point) & MONOTONE_FIELDS:
+            continue
+        if downward_after is None and row["rewrite_mean"] > rule.ceiling:
             stopped.add(budget_key)
-    return pl.DataFrame(rows)
+        elif downward_after is not None:
+            so_far = pl.concat([downward_after, pl.DataFrame([r for _, r in rows])], how="diagonal_relaxed")
+            if so_far.height - 1 in admissible_rows(so_far, rule):
+                stopped.add(budget_key)
+    return pl.DataFrame([r for _, r in sorted(rows, key=lambda x: x[0])])
 
 
 def evaluate(

@@ -16,6 +16,7 @@ from locedit.editors import key_second_moment
 from locedit.problems import load_counterfact
 from locedit.problems.run import run_edit
 from locedit.tuning import (
+    PAPER_GRIDS,
     LayerSweep,
     TuningConfigMismatch,
     budget_axes,
@@ -111,6 +112,57 @@ def test_the_budget_is_searched_jointly_at_the_paper_stages_kl(monkeypatch):
     assert budget.height == 7 and set(budget["kl_factor"].to_list()) == {0.0625}
     assert res.chosen == {"kl_factor": 0.0625, "v_lr": 0.05, "v_num_grad_steps": 50}, res.chosen
     assert res.table.filter(pl.col("chosen"))["rewrite_mean"].item() == pytest.approx(0.2493750)
+
+
+def test_widening_scans_each_budgets_bounds_downward_and_chooses_what_the_full_scan_chooses(monkeypatch):
+    """FT's widening: per step budget the L∞ bounds are scanned from the largest down to the first admissible one
+    (a smaller bound edits less under the same budget: it cannot be chosen). Planted outcomes, monotone in the bound
+    and the steps, where neighborhood binds (FT on a small model): the same choice as measuring every point, with
+    fewer points measured; the table lists the measured rows in grid order."""
+    import locedit.tuning as tuning
+    from types import SimpleNamespace
+
+    base = problem_hparams("error_injection", "ft-1", "gpt-j", tuned=False)  # 25 steps
+    bounds = PAPER_GRIDS[type(base)]["norm_constraint"]
+
+    def outcome(hp):  # the rewrite grows with the bound and the steps, the neighborhood damage with the bound
+        rewrite = min(0.999, 100 * hp.norm_constraint * hp.num_steps / 25)
+        return {"rewrite_score": rewrite, "paraphrase_score": rewrite / 2,
+                "neighborhood_score": 1.0 - 15 * hp.norm_constraint}
+
+    facts = [SimpleNamespace(id="f1")]
+    scanned = []
+
+    class FakeRunner:
+        def __init__(self, *a, **k):
+            self.facts, self.progress = facts, None
+
+        def journaled_point(self, problem, method, layer, base_, point):
+            return dict(point)
+
+        def outcome(self, fact, problem, method, layer, hp, point):
+            scanned.append((hp.num_steps, hp.norm_constraint))
+            return outcome(hp)
+
+    monkeypatch.setattr(tuning, "_Runner", FakeRunner)
+    monkeypatch.setattr(tuning, "problem_hparams", lambda p, meth, mod, tuned=True: base)
+    monkeypatch.setattr("locedit.problems.variants.default_noise", lambda model, noise=None: None)
+    res, = tuning.tune(None, facts, ["error_injection"], ["ft-1"], 5)
+    # the whole grid, measured point by point, and the rule on it
+    full = [{"num_steps": n, "norm_constraint": b} for n in (25, 50, 100) for b in bounds]
+    table = pl.DataFrame([{"rewrite_mean": o["rewrite_score"], "neighborhood_mean": o["neighborhood_score"]}
+                          for o in (outcome(replace(base, **p)) for p in full)])
+    best = full[choose_setting(table)[0]]
+    assert res.widened and res.chosen == best, (res.chosen, best)
+    assert best == {"num_steps": 50, "norm_constraint": 3e-3}  # rewrite 0.6, neighborhood 0.955 (0.045 given up)
+    budget = [(n, b) for n, b in scanned if n != 25]
+    # per budget from 1e-2 down to its first admissible bound: 1e-2 gives up 0.15 of neighborhood; at 100 steps 3e-3
+    # is over the ceiling (0.999)
+    assert budget == [(50, 1e-2), (50, 3e-3), (100, 1e-2), (100, 3e-3), (100, 1e-3)]
+    assert len(scanned) == 8 + 5 < len(full)  # the paper stage's upward scan ends at 1e-2, over the ceiling
+    rows = res.table.filter(pl.col("stage") != "paper")
+    assert rows.select("num_steps", "norm_constraint").rows() == [(50, 3e-3), (50, 1e-2), (100, 1e-3), (100, 3e-3),
+                                                                  (100, 1e-2)]  # grid order per budget
 
 
 @pytest.fixture()
