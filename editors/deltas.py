@@ -2,7 +2,11 @@
 
 Deltas are stored in float64 as the *exact* difference ``W_new − W_old`` of the float32 (or other) parameters, so
 that ``(W_old + Δ).to(dtype) == W_new`` and ``(W_new − Δ).to(dtype) == W_old`` bit for bit (the difference of two
-float32 numbers of similar magnitude is exactly representable in float64; :func:`exact_delta` checks it).
+float32 numbers is exactly representable in float64; :func:`exact_delta` checks it). A float64 parameter's difference
+is not always representable in float64 (an entry that moves across many binades, e.g. from 1e-9 to 1e-3 under
+finetuning): :func:`weight_changes` then keeps the rounded float64 delta (the numeric ΔW, for norms and analyses) and
+the XOR of the two bit patterns (``EditResult.bit_flips``), which :func:`restore` and :func:`apply_deltas` use for
+that parameter, so undoing and re-applying stay bit-exact in float64 too.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-__all__ = ["Convergence", "EditResult", "apply_deltas", "restore", "exact_delta", "parameter", "snapshot", "load_snapshot"]
+__all__ = ["Convergence", "EditResult", "apply_deltas", "restore", "exact_delta", "weight_changes", "parameter",
+           "snapshot", "load_snapshot"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class EditResult:
         convergence: how the optimisation ended (:class:`Convergence`; None for results saved before it existed).
         edited_hashes: parameter name → hash of its weights right after this edit (set by ``apply``); lets
             :func:`restore` refuse to undo an edit that is not the most recent one of those parameters.
+        bit_flips: parameter name → ``bits(W_new) XOR bits(W_old)`` (an integer tensor of the parameter's width) for
+            the parameters whose float64 delta does not reproduce their weights exactly (float64 weights only; see
+            the module docstring); :func:`restore` / :func:`apply_deltas` use it for them.
     """
 
     method: str
@@ -71,6 +79,7 @@ class EditResult:
     info: Mapping[str, Any] = field(default_factory=dict)
     edited_hashes: Mapping[str, str] = field(default_factory=dict)
     convergence: Convergence | None = None
+    bit_flips: Mapping[str, Tensor] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         """``torch.save`` of the deltas and metadata."""
@@ -86,6 +95,7 @@ class EditResult:
                 "info": {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.info.items()},
                 "edited_hashes": dict(self.edited_hashes),
                 "convergence": None if self.convergence is None else dataclasses.asdict(self.convergence),
+                "bit_flips": {k: v.detach().cpu() for k, v in self.bit_flips.items()},
             },
             Path(path),
         )
@@ -103,6 +113,7 @@ class EditResult:
             info=dict(d["info"]),
             edited_hashes=dict(d.get("edited_hashes", {})),
             convergence=Convergence(**d["convergence"]) if d.get("convergence") else None,
+            bit_flips=dict(d.get("bit_flips", {})),
         )
 
 
@@ -122,11 +133,43 @@ def exact_delta(new: Tensor, old: Tensor) -> Tensor:
     return d
 
 
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The bit patterns of a float tensor, as the signed integer type of its width."""
+    return t.detach().contiguous().view(_INT_OF[t.dtype])
+
+
+def weight_changes(model: HookedTransformer, old: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """What an edit did to the parameters named in ``old`` (their values before it; the model holds the new ones):
+    ``(deltas, bit_flips)``. ``deltas``: float64 ``new − old`` per parameter (:func:`exact_delta` where that is exact);
+    ``bit_flips``: for each parameter where it is not (float64 weights), ``bits(new) XOR bits(old)``, and the delta
+    is the rounded float64 difference."""
+    deltas, flips = {}, {}
+    for name, before in old.items():
+        after = parameter(model, name).detach()
+        try:
+            deltas[name] = exact_delta(after, before)
+        except ArithmeticError:
+            deltas[name] = after.double() - before.double()
+            flips[name] = torch.bitwise_xor(_bits(after), _bits(before))
+    return deltas, flips
+
+
 @torch.no_grad()
-def apply_deltas(model: HookedTransformer, deltas: Mapping[str, Tensor], sign: float = 1.0) -> None:
-    """W ← (W + sign·Δ) for every named parameter, computed in float64 and cast back (exact for edit deltas)."""
+def apply_deltas(model: HookedTransformer, deltas: Mapping[str, Tensor], sign: float = 1.0,
+                 bit_flips: Mapping[str, Tensor] | None = None) -> None:
+    """W ← (W + sign·Δ) for every named parameter, computed in float64 and cast back (exact for edit deltas); a
+    parameter in ``bit_flips`` (``EditResult.bit_flips``) gets its bit pattern XOR-ed instead, which undoes or redoes
+    that edit exactly whichever way ``sign`` points (the caller checks which weights the model holds)."""
+    flips = bit_flips or {}
     for name, d in deltas.items():
         p = parameter(model, name)
+        if name in flips:
+            p.copy_(torch.bitwise_xor(_bits(p), flips[name].to(p.device)).view(p.dtype))
+            continue
         p.copy_((p.double() + sign * d.to(p.device, torch.float64)).to(p.dtype))
 
 
@@ -155,7 +198,7 @@ def restore(model: HookedTransformer, result: EditResult) -> None:
                 f"cannot restore this {result.method} edit: {name} no longer holds the weights it left (restored "
                 "already, or a later edit of it is still applied — restore the most recent edit first)"
             )
-    apply_deltas(model, result.deltas, sign=-1.0)
+    apply_deltas(model, result.deltas, sign=-1.0, bit_flips=result.bit_flips)
 
 
 def snapshot(model: HookedTransformer, names: list[str]) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from locedit.editors.deltas import Convergence, EditResult, exact_delta, parameter, snapshot
+from locedit.editors.deltas import Convergence, EditResult, parameter, snapshot, weight_changes
 from locedit.editors.hparams import FTHyperParams
 from locedit.editors.inputs import build_batch, cache_acts, frozen_params, run_from, run_plain, scored_logits
 from locedit.editors.requests import EditRequest
@@ -85,9 +85,9 @@ def _ft_loss(prompt_lp: Float[Tensor, " prompts"], m: int, objective: str) -> Te
 def _ft_result(model: HookedTransformer, names: list[str], old: Mapping[str, Tensor], layers: list[int],
                hp: FTHyperParams, objective: str, t0: float, outcome: FTOutcome) -> EditResult:
     """The :class:`EditResult` of a finetuning whose final weights the model now holds (``old``: before it)."""
-    deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
+    deltas, flips = weight_changes(model, {n: old[n] for n in names})
     return EditResult(
-        method="ft", layers=tuple(layers), deltas=deltas, losses=outcome.losses,
+        method="ft", layers=tuple(layers), deltas=deltas, bit_flips=flips, losses=outcome.losses,
         seconds=time.perf_counter() - t0, objective=objective,
         info={"steps": len(outcome.losses), "norm_constraint": hp.norm_constraint,
               "noise_samples": outcome.noise_samples},

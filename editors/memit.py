@@ -28,7 +28,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from locedit.editors.deltas import EditResult, exact_delta, parameter, snapshot
+from locedit.editors.deltas import EditResult, parameter, snapshot, weight_changes
 from locedit.editors.hparams import MEMITHyperParams
 from locedit.editors.inputs import cache_acts, frozen_params, group_mean, target_batch
 from locedit.editors.requests import EditRequest, UnsupportedArchitectureError
@@ -136,9 +136,9 @@ def execute_memit(
             with torch.no_grad():
                 parameter(model, f"blocks.{layer}.mlp.W_out").add_(dW)
         t_keys = time.perf_counter() - t_keys
-    deltas = {n: exact_delta(parameter(model, n).detach(), old[n]) for n in names}
+    deltas, flips = weight_changes(model, {n: old[n] for n in names})
     return EditResult(
-        method="memit", layers=tuple(layers), deltas=deltas, losses=opt.losses,
+        method="memit", layers=tuple(layers), deltas=deltas, bit_flips=flips, losses=opt.losses,
         seconds=time.perf_counter() - t0, objective=objective,
         info={"z": z.cpu(), "z_init": opt.v_init.cpu(), "n_templates": n_texts, "noise_samples": batch.reps,
               "token": token,

@@ -31,7 +31,7 @@ from beartype import beartype
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from locedit.editors.deltas import EditResult, exact_delta, parameter
+from locedit.editors.deltas import EditResult, parameter, weight_changes
 from locedit.editors.hparams import ROMEHyperParams
 from locedit.editors.inputs import cache_acts, frozen_params, group_mean, target_batch
 from locedit.editors.requests import EditRequest
@@ -168,9 +168,10 @@ def execute_rome(
     with torch.no_grad():
         old = W.detach().clone()
         W.add_(dW.to(W.dtype))
-        d = exact_delta(W.detach(), old)
+        deltas, flips = weight_changes(model, {name: old})
     return EditResult(
-        method="r-rome" if consistent_keys else "rome", layers=(layer,), deltas={name: d}, losses=opt.losses,
+        method="r-rome" if consistent_keys else "rome", layers=(layer,), deltas=deltas, bit_flips=flips,
+        losses=opt.losses,
         seconds=time.perf_counter() - t0, objective=objective,
         info={"k_star": tg.k_star.cpu(), "k": tg.k.cpu(), "u": u.cpu(), "v_init": opt.v_init.cpu(),
               "v_star": (opt.v_init + opt.delta).cpu(), "n_templates": tg.n_templates,

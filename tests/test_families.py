@@ -5,6 +5,8 @@ Gemma-3-like block with the lean path switched off). This caught the Transformer
 to its KV cache (exact was off by 5-11 % on QK-norm models), and the lean backend's late join of an attention
 restoration leaving out Gemma's MLP post-norm (off by 39 %)."""
 
+import dataclasses
+
 import pytest
 import torch
 from rows import assert_rows_equal
@@ -248,3 +250,49 @@ def test_every_edit_records_how_its_optimisation_ended(tiny, family, method, tmp
     fact = next(f for f in load_dataset("counterfact") if f.id == "cf:0")
     row = run_edit(m, fact, "error_injection", method, 1, hparams=loose, essence=False, covariance=eye).as_row()
     assert row["opt_steps"] == 4 and 0 <= row["opt_p_target"] <= 1 and math.isfinite(row["opt_final_loss"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("method,layers", [("rome", [1]), ("memit", [0, 1]), ("ft-1", [1])])
+def test_float64_edits_restore_and_reapply_bit_exactly(tokenizer, family, method, layers, tmp_path, monkeypatch):
+    """A float64 model (the editors accept float32 and float64): entries that an edit moves across many binades
+    (planted here: W_out entries of 1e-15) have a float64 difference that float64 cannot hold exactly, which made
+    every such edit raise ArithmeticError. The edit keeps the rounded delta and the XOR of the bit patterns
+    (``bit_flips``): restore, a saved result re-applied and restored again, and an ``edit()`` context all leave the
+    weights bit-identical."""
+    from locedit.editors import EditResult, apply_deltas, edit
+
+    if method == "memit" and family in POST_NORM:
+        return
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
+    cfg = HookedTransformerConfig(**BASE, **FAMILIES[family], d_vocab=len(tokenizer), model_name=f"tiny64-{family}",
+                                  dtype=torch.float64)
+    torch.manual_seed(0)
+    m = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right").eval()
+    with torch.no_grad():
+        for layer in layers:
+            m.blocks[layer].mlp.W_out[:, :8] = 1e-15  # entries the edit moves by ~1e-3: 40 binades
+    eye = lambda model, layer: torch.eye(model.cfg.d_mlp, dtype=torch.float64)  # noqa: E731
+    hp = default_hparams(method, m)
+    if method.startswith("ft"):
+        hp = type(hp)(**{**hp.__dict__, "num_steps": 3, "norm_constraint": 1e-2})
+    else:
+        hp = type(hp)(**{**hp.__dict__, "v_num_grad_steps": 3, "context_lengths": ((3, 2),)})
+    req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    res = apply(m, req, method, layers, hparams=hp, covariance=eye)
+    after = {n: p.detach().clone() for n, p in m.named_parameters()}
+    assert res.bit_flips and set(res.bit_flips) <= set(res.deltas)  # the planted entries are not exact in float64
+    for name, d in res.deltas.items():  # the numeric delta stays the (rounded) difference
+        assert torch.allclose(before[name] + d, after[name], rtol=0, atol=1e-15)
+    restore(m, res)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    res.save(tmp_path / "edit.pt")
+    loaded = EditResult.load(tmp_path / "edit.pt")
+    apply_deltas(m, loaded.deltas, bit_flips=loaded.bit_flips)
+    assert all(torch.equal(p, after[n]) for n, p in m.named_parameters())
+    restore(m, dataclasses.replace(loaded, edited_hashes=res.edited_hashes))
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    with edit(m, req, method, layers, hparams=hp, covariance=eye):
+        assert not torch.equal(m.blocks[layers[-1]].mlp.W_out, before[f"blocks.{layers[-1]}.mlp.W_out"])
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
