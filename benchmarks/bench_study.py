@@ -78,6 +78,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the rows-per-batch scaling measurement")
+    ap.add_argument("--float64-reference", action="store_true",
+                    help="also run the old path in float64 (same inputs: key statistics, context templates, essence "
+                         "texts) and print how far each float32 path is from it: the float32 noise floor")
+    ap.add_argument("--forcing-edit-samples", type=int, default=None,
+                    help="Fact Forcing's noise draws per edit (default: all; the reference study uses 3)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +90,8 @@ def main() -> None:
         "study": {"name": "bench-study", "model": "smollm2-135m"},
         "data": {"dataset": "counterfact", "filter": "known", "sample": args.facts, "seed": 0},
         "localization": {"kinds": []},
-        "editing": {"problems": args.problems, "methods": args.methods, "layers": args.layers, "essence": True},
+        "editing": {"problems": args.problems, "methods": args.methods, "layers": args.layers, "essence": True}
+        | ({} if args.forcing_edit_samples is None else {"forcing_edit_samples": args.forcing_edit_samples}),
     })
     model = load_model(config.model, device=args.device)
     dataset = load_dataset(config.data.dataset)
@@ -115,23 +121,62 @@ def main() -> None:
         print(f"  {key[0]:7s} {key[1]:16s} {per_old[key] / k:7.2f} -> {per_new[key] / k:7.2f} s  "
               f"({per_old[key] / per_new[key]:.2f}x)")
     a, b = pl.DataFrame(old), pl.DataFrame(new)
+    worst = differences(a, b)
+    print("max |old - new| per score column (absolute, relative to |old|):")
+    for col, d, r in worst:
+        print(f"  {col:26s} {d:.2e}  {r:.2e}")
+    print(f"largest absolute: {_largest(worst, 1):.2e}; largest relative: {_largest(worst, 2):.2e}")
+    if args.float64_reference:
+        float64_floor(model, units, plan, dataset, a, b)
+    if not args.no_scaling:
+        row_scaling(model)
+
+
+def differences(a: pl.DataFrame, b: pl.DataFrame, exact_columns: bool = True) -> list[tuple[str, float, float]]:
+    """Per float column of two runs of the same units: (column, max |a − b|, max |a − b| / |a|). Non-float columns
+    must agree exactly when ``exact_columns``."""
     assert a["key"].to_list() == b["key"].to_list()
     worst = []
     for col in a.columns:
         if col in SKIP or a[col].dtype not in (pl.Float64, pl.Float32):
-            if col not in SKIP and a[col].to_list() != b[col].to_list():
+            if exact_columns and col not in SKIP and a[col].to_list() != b[col].to_list():
                 raise AssertionError(f"column {col} differs between the paths")
             continue
         d = (a[col] - b[col]).abs()
         rel = d / a[col].abs().clip(lower_bound=1e-12)
         worst.append((col, float(d.max()) if d.len() else math.nan, float(rel.max()) if d.len() else math.nan))
-    print("max |old - new| per score column (absolute, relative to |old|):")
-    for col, d, r in worst:
-        print(f"  {col:26s} {d:.2e}  {r:.2e}")
-    print(f"largest absolute: {max(d for _, d, _ in worst if not math.isnan(d)):.2e}; largest relative: "
-          f"{max(r for *_, r in worst if not math.isnan(r)):.2e}")
-    if not args.no_scaling:
-        row_scaling(model)
+    return worst
+
+
+def _largest(worst, i: int) -> float:
+    return max((w[i] for w in worst if not math.isnan(w[i])), default=math.nan)
+
+
+def float64_floor(model, units, plan, dataset, old32: pl.DataFrame, new32: pl.DataFrame) -> None:
+    """The old path once more with the model in float64 and the same inputs (the float32 model's cache identity,
+    so the same key statistics, context templates and essence texts are read), and how far each float32 path is
+    from it: when the new path is as far from float64 as the old one, the two float32 paths differ by float32's own
+    accuracy on this computation, not by a difference in the maths."""
+    import locedit.tracer.models as models
+
+    fp32 = models.model_fingerprint(model)
+    real = models.model_fingerprint
+    model.to(torch.float64)
+    model.cfg.dtype = torch.float64
+    models.model_fingerprint = lambda m: fp32 if m is model else real(m)
+    try:
+        t, ref, _ = run_path(model, units, plan, dataset, shared=False)
+    finally:
+        models.model_fingerprint = real
+        model.to(torch.float32)
+        model.cfg.dtype = torch.float32
+    ref64 = pl.DataFrame(ref)
+    d_old, d_new = differences(ref64, old32, False), differences(ref64, new32, False)
+    print(f"float64 reference (old path, float64, {t:.0f} s): max |float32 path - float64| per column "
+          "(absolute; old path, new path):")
+    for (col, o, _), (_, n, _) in zip(d_old, d_new):
+        print(f"  {col:26s} {o:.2e}  {n:.2e}")
+    print(f"largest absolute: old {_largest(d_old, 1):.2e}, new {_largest(d_new, 1):.2e}")
 
 
 def row_scaling(model, rows=(22, 44, 132, 264), positions: int = 5, first: int = 6, reps: int = 3) -> None:
