@@ -19,7 +19,22 @@ import polars as pl
 from locedit.plan import StudyPlan
 from locedit.rundir import RunDir
 
-__all__ = ["StudyProgress", "study_progress"]
+__all__ = ["StudyProgress", "sittings_line", "study_progress"]
+
+
+def sittings_line(sittings: list[dict[str, Any]]) -> str:
+    """"N (k on DEVICE × T thread(s): U units; ...)" for recorded sittings (:meth:`RunDir.sittings`), or "none
+    recorded" (a run from before ``sittings.jsonl``: its study.log says which resumes changed threads)."""
+    if not sittings:
+        return "none recorded"
+    by: dict[tuple[str, Any], list[int]] = {}
+    for s in sittings:
+        k = (str(s.get("device")), s.get("threads"))
+        by.setdefault(k, [0, 0])
+        by[k][0] += 1
+        by[k][1] += int(s.get("units_run") or 0)
+    return f"{len(sittings)} (" + "; ".join(
+        f"{n} on {dev} × {t} thread(s): {u:,} units" for (dev, t), (n, u) in sorted(by.items(), key=str)) + ")"
 
 
 @dataclass(frozen=True)
@@ -63,18 +78,7 @@ class StudyProgress:
         if unmeasured.height:
             est += f", plus {int((unmeasured['total'] - unmeasured['done']).sum()):,} units of stages not measured yet"
         lines.append(f"  left: {est}")
-        if self.sittings:
-            by: dict[tuple[str, Any], list[int]] = {}
-            for s in self.sittings:
-                k = (str(s.get("device")), s.get("threads"))
-                by.setdefault(k, [0, 0])
-                by[k][0] += 1
-                by[k][1] += int(s.get("units_run") or 0)
-            lines.append(f"  sittings: {len(self.sittings)} (" + "; ".join(
-                f"{n} on {dev} × {t} thread(s): {u:,} units" for (dev, t), (n, u) in sorted(by.items(), key=str))
-                + ")")
-        else:
-            lines.append("  sittings: none recorded")
+        lines.append(f"  sittings: {sittings_line(self.sittings)}")
         return "\n".join(lines)
 
 

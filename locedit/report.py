@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
+from locedit.progress import sittings_line
 from locedit.rundir import RunDir, collect_tables
 from locedit.tracer.atomic import write_atomic
 
@@ -85,21 +86,6 @@ def study_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window
         correlations=layer_correlations(analysis),
     )
     return out
-
-
-def _sittings_line(dirs) -> str:
-    """"N: units run per (device, threads)" over the run directories' recorded sittings ("none recorded": a run
-    from before sittings.jsonl existed; its study.log says which resumes changed threads)."""
-    from collections import Counter
-
-    sittings = [s for d in dirs for s in d.sittings()]
-    if not sittings:
-        return "none recorded"
-    units: Counter = Counter()
-    for s in sittings:
-        units[(str(s.get("device")), s.get("threads"))] += int(s.get("units_run") or 0)
-    return f"{len(sittings)}: " + "; ".join(f"{u} units on {dev} × {t} thread(s)"
-                                           for (dev, t), u in sorted(units.items(), key=str))
 
 
 def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
@@ -237,7 +223,8 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         "edits": edits.height,
         "failed units": failures.height,
         "tracing window joined": an["window"],
-        "sittings (sittings.jsonl: where each ran, with how many threads)": _sittings_line(dirs),
+        "sittings (sittings.jsonl: where each ran, with how many threads)": sittings_line(
+            [s for d in dirs for s in d.sittings()]),
     }
     out = Path(out) if out else dirs[0].path / "report.html"
     write_html(out, md, figs, title=f"Does localization inform editing? — {config.name}", meta=meta)

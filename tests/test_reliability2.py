@@ -461,9 +461,10 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
         4, 4, None, units[4].key(), units[7].key())
     assert {s["threads"] for s in (s1, s2)} == {torch.get_num_threads()} and s1["device"] == "cpu"
     assert s1["executor"] == "serial" and s1["units"] == 8 and s1["ended"] >= s1["started"]
-    from locedit.report import _sittings_line
+    from locedit.progress import sittings_line
 
-    assert _sittings_line([RunDir(tmp_path / "stopped")]) == f"2: 8 units on cpu × {torch.get_num_threads()} thread(s)"
+    assert sittings_line([s1, s2]) == f"2 (2 on cpu × {torch.get_num_threads()} thread(s): 8 units)"
+    assert sittings_line([]) == "none recorded"
 
     def twice(*args, **kw):  # a second signal: KeyboardInterrupt now, the finished units kept
         os.kill(os.getpid(), signum)
