@@ -77,7 +77,8 @@ class StudyProgress:
         est = f"{sum(left):.1f} h at the measured rates"
         if unmeasured.height:
             est += f", plus {int((unmeasured['total'] - unmeasured['done']).sum()):,} units of stages not measured yet"
-        lines.append(f"  left: {est}")
+        spent = sum(m * d for m, d in zip(self.stages["seconds_mean"].fill_null(0.0), self.stages["done"])) / 3600
+        lines.append(f"  spent: {spent:.1f} h of unit time (the journal's seconds, summed); left: {est}")
         lines.append(f"  sittings: {sittings_line(self.sittings)}")
         return "\n".join(lines)
 

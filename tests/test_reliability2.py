@@ -443,7 +443,7 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
     assert half.stages.select("stage", "total", "done", "failed").rows() == [("edits: ft-1", 8, 4, 0)]
     assert half.stages["seconds_mean"][0] > 0 and half.stages["hours_left"][0] == pytest.approx(
         4 * half.stages["seconds_mean"][0] / 3600)
-    assert "4 / 8 units (50.0 %)" in half.text() and "1 on cpu" in half.text()
+    assert "4 / 8 units (50.0 %)" in half.text() and "1 on cpu" in half.text() and "spent: 0.0 h" in half.text()
     rest = study.run_study(config, tmp_path / "stopped", model=tiny, progress=False)
     assert (rest.done, rest.skipped, rest.stopped) == (4, 4, None)
     a = collect_tables(tmp_path / "whole")["edits"].drop("seconds", "edit_seconds").sort("key")
