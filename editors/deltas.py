@@ -142,7 +142,8 @@ def _bits(t: Tensor) -> Tensor:
     return t.detach().contiguous().view(_INT_OF[t.dtype])
 
 
-def weight_changes(model: HookedTransformer, old: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def weight_changes(model: HookedTransformer,
+                   old: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """What an edit did to the parameters named in ``old`` (their values before it; the model holds the new ones):
     ``(deltas, bit_flips)``. ``deltas``: float64 ``new − old`` per parameter (:func:`exact_delta` where that is exact);
     ``bit_flips``: for each parameter where it is not (float64 weights), ``bits(new) XOR bits(old)``, and the delta

@@ -191,8 +191,8 @@ def run_study_ray(
         ray.get(pool[0].key_statistics.remote([u.key() for u in todo]))  # one pass, before any actor edits
         n_facts = len({u.fact_id for u in units})
         # which units ran here: every journalled unit of this sitting is logged with its actor and node (study.log)
-        sitting = rd.begin_sitting(executor="ray", shard=(0, 1), threads=info["provenance"]["threads"],
-                                   device=info["provenance"]["device"], units=len(units), todo=todo, actors=actors)
+        sitting = rd.begin_sitting(executor="ray", shard=(0, 1), provenance=info["provenance"], units=len(units),
+                                   todo=todo, actors=actors)
         log.info("study %s on Ray: %d actors (%s cpus, %s gpus each), %d facts, %d units, %d to do", config.name,
                  actors, cpus_per_actor, gpus_per_actor, n_facts, len(units), len(todo))
         # one actor call per run of consecutive units of one fact in run order: a whole fact in "fact" order, one
@@ -269,8 +269,8 @@ def run_study_ray(
             submit()
         bar.close()
         flusher.final()
-        rd.end_sitting(sitting, units_run=n_done + n_failed, failed=n_failed, last_unit=todo[-1].key() if todo else None,
-                       stopped=None, seconds=time.perf_counter() - start)
+        rd.end_sitting(sitting, units_run=n_done + n_failed, failed=n_failed,
+                       last_unit=todo[-1].key() if todo else None, stopped=None, seconds=time.perf_counter() - start)
         return StudySummary(str(run_dir), n_facts, (0, 1), n_done, len(units) - len(todo), n_failed,
                             time.perf_counter() - start)
     except KeyboardInterrupt:

@@ -44,8 +44,9 @@ class StudyProgress:
     Attributes:
         run_dir: the run directory.
         stages: one row per stage of the plan in run order: ``stage``, ``total``, ``done``, ``failed``,
-            ``seconds_mean`` (journal seconds per finished unit; null before any), ``hours_left`` (units left ×
-            ``seconds_mean``; null when the stage has no finished unit to measure by).
+            ``seconds_mean`` (journal seconds per finished unit; null before any), ``hours_spent`` (those seconds
+            summed), ``hours_left`` (units left × ``seconds_mean``; null when the stage has no finished unit to
+            measure by).
         sittings: :meth:`locedit.rundir.RunDir.sittings` as recorded.
     """
 
@@ -65,7 +66,8 @@ class StudyProgress:
         """A plain-text summary (what ``locedit status`` prints)."""
         left = [h for h in self.stages["hours_left"].to_list() if h is not None]
         unmeasured = self.stages.filter(pl.col("hours_left").is_null() & (pl.col("done") < pl.col("total")))
-        lines = [f"{self.run_dir}: {self.done:,} / {self.total:,} units ({100 * self.done / max(self.total, 1):.1f} %), "
+        share = 100 * self.done / max(self.total, 1)
+        lines = [f"{self.run_dir}: {self.done:,} / {self.total:,} units ({share:.1f} %), "
                  f"{int(self.stages['failed'].sum())} failed"]
         width = max(len(s) for s in self.stages["stage"].to_list())
         lines.append(f"  {'stage':<{width}}  {'done / total':>15}  {'s / unit':>8}  {'left (h, at that rate)':>22}")
@@ -77,7 +79,7 @@ class StudyProgress:
         est = f"{sum(left):.1f} h at the measured rates"
         if unmeasured.height:
             est += f", plus {int((unmeasured['total'] - unmeasured['done']).sum()):,} units of stages not measured yet"
-        spent = sum(m * d for m, d in zip(self.stages["seconds_mean"].fill_null(0.0), self.stages["done"])) / 3600
+        spent = float(self.stages["hours_spent"].sum())
         lines.append(f"  spent: {spent:.1f} h of unit time (the journal's seconds, summed); left: {est}")
         lines.append(f"  sittings: {sittings_line(self.sittings)}")
         return "\n".join(lines)
@@ -117,7 +119,8 @@ def study_progress(run_dir: str | Path) -> StudyProgress:
         s = row.pop("_s")
         mean = sum(s) / len(s) if s else None
         left = row["total"] - row["done"] - row["failed"]
-        out.append({**row, "seconds_mean": mean, "hours_left": None if mean is None else left * mean / 3600})
+        out.append({**row, "seconds_mean": mean, "hours_spent": sum(s) / 3600,
+                    "hours_left": None if mean is None else left * mean / 3600})
     schema = {"stage": pl.String, "total": pl.Int64, "done": pl.Int64, "failed": pl.Int64,
-              "seconds_mean": pl.Float64, "hours_left": pl.Float64}
+              "seconds_mean": pl.Float64, "hours_spent": pl.Float64, "hours_left": pl.Float64}
     return StudyProgress(str(rd.path), pl.DataFrame(out, schema=schema), rd.sittings())

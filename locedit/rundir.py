@@ -277,11 +277,12 @@ class RunDir:
                                      "directory")
 
     # ------------------------------------------------------------ sittings
-    def begin_sitting(self, *, executor: str, shard: tuple[int, int], threads: int, device: str, units: int,
+    def begin_sitting(self, *, executor: str, shard: tuple[int, int], provenance: dict[str, Any], units: int,
                       todo: Sequence[Unit], **extra: Any) -> dict[str, Any]:
         """Append a sitting's "start" line to ``sittings.jsonl`` and return its identity (a random id and the shard;
-        pass it to :meth:`end_sitting`) with: UTC start time, host, executor, shard, torch threads, device, the shard's unit count,
-        how many were done before, and the first unit key it will run (units run in plan order)."""
+        pass it to :meth:`end_sitting`) with: UTC start time, host, executor, shard, the torch threads and device of
+        ``provenance`` (:func:`locedit.study.provenance` of the process that runs the units), the shard's unit
+        count, how many were done before, and the first unit key it will run (units run in plan order)."""
         import datetime as _dt
         import platform
         import uuid
@@ -290,7 +291,8 @@ class RunDir:
         Journal(self.sittings_path).append({
             "key": f"{ident['sitting']}|start", "event": "start", **ident,
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-            "executor": executor, "threads": int(threads), "device": str(device), "units": int(units),
+            "executor": executor, "threads": int(provenance["threads"]), "device": str(provenance["device"]),
+            "units": int(units),
             "done_before": int(units) - len(todo), "first_unit": todo[0].key() if todo else None, **extra})
         return ident
 

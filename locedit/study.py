@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -233,8 +234,9 @@ def run_study(
     dataset = load_dataset(config.data.dataset)
     lock = rd.lock(shard)
     try:
+        prov = provenance(model)
         plan = prepare(rd, config, model, lambda: select_facts(config, dataset, lambda chunks: [
-            data_mask(model, config, c) for c in chunks]), provenance(model), dataset)
+            data_mask(model, config, c) for c in chunks]), prov, dataset)
         units = plan.units(limit, shard)
         todo = rd.todo(units, retry_failed)
         key_statistics(model, plan, todo, progress)
@@ -246,17 +248,12 @@ def run_study(
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="unit", disable=not progress)
         flusher = TableFlusher(rd, flush_seconds)
         memo: dict = {}
-        import signal
-
-        import torch
-
-        sitting = rd.begin_sitting(executor="serial", shard=shard, threads=torch.get_num_threads(),
-                                   device=str(model.cfg.device), units=len(units), todo=todo)
+        sitting = rd.begin_sitting(executor="serial", shard=shard, provenance=prov, units=len(units), todo=todo)
         last = None
         with stop_on_signal() as stop:
             for k, unit in enumerate(todo):
                 last = unit.key()
-                bar.set_postfix_str(unit.key())
+                bar.set_postfix_str(last)
                 out, rec = run_unit(model, by_id[unit.fact_id], unit, plan, dataset, memo)
                 journals[out].append(rec)
                 n_failed += out == "failures"
@@ -270,7 +267,8 @@ def run_study(
         bar.close()
         flusher.final()
         rd.end_sitting(sitting, units_run=n_done + n_failed, failed=n_failed, last_unit=last,
-                       stopped=None if stop.signal is None else signal.Signals(stop.signal).name, seconds=time.perf_counter() - start)
+                       stopped=None if stop.signal is None else signal.Signals(stop.signal).name,
+                       seconds=time.perf_counter() - start)
         return StudySummary(str(rd.path), len({u.fact_id for u in units}), shard, n_done, len(units) - len(todo),
                             n_failed, time.perf_counter() - start, stop.signal)
     finally:

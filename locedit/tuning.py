@@ -20,8 +20,9 @@ table (``widened=True``). Within one budget combination the bounds are scanned *
 at the first admissible one (since 2026-12-03, session 15): the rewrite grows along a monotone field (the assumption
 the paper stage's upward scan already makes when it stops above the ceiling), so a smaller bound under the same
 budget edits less and cannot be the chosen point; the paper stage's smallest bounds fix the neighborhood reference
-before any budget row is measured. The widened rows are listed in grid order whatever order measured them. (Until 2026-12-03 the budget was searched one field at a time, learning rate
-first, and could miss a better combination: the SmolLM2 entries tuned then say so in their ``stage`` column.)
+before any budget row is measured. The widened rows are listed in grid order whatever order measured them. (Until
+2026-12-03 the budget was searched one field at a time, learning rate first, and could miss a better combination: the
+SmolLM2 entries tuned then say so in their ``stage`` column.)
 
 Rewrite score: (p* − p)/(1 − p) for maximizing problems, max(0, (p − p*)/p) for Fact Erasure (Hase et al. §3.3), as
 :func:`problems.run.run_edit` reports it. Every outcome is journalled (one JSON line per fact × grid point,

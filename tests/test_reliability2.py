@@ -441,6 +441,7 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
 
     half = study_progress(tmp_path / "stopped")  # from the run directory alone: one stage (ft-1), half done
     assert half.stages.select("stage", "total", "done", "failed").rows() == [("edits: ft-1", 8, 4, 0)]
+    assert half.stages["hours_spent"][0] == pytest.approx(4 * half.stages["seconds_mean"][0] / 3600)
     assert half.stages["seconds_mean"][0] > 0 and half.stages["hours_left"][0] == pytest.approx(
         4 * half.stages["seconds_mean"][0] / 3600)
     assert "4 / 8 units (50.0 %)" in half.text() and "1 on cpu" in half.text() and "spent: 0.0 h" in half.text()
