@@ -120,15 +120,14 @@ def _stages(*run_dirs: RunDir) -> _Stages:
     return _Stages(dict(total), dict(secs), threads)
 
 
-def _primary_block(run_dir: RunDir, tables: dict[str, pl.DataFrame], edits: pl.DataFrame) -> str:
-    """The pre-registered within-fact analysis (:mod:`locedit.stats.preregistered`): plan, primary test, sensitivity,
-    secondary family -- labelled exploratory when the run's config did not declare ``[analysis]``."""
-    from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
+def _primary_block(run_dirs: Sequence[RunDir], tables: dict[str, pl.DataFrame], edits: pl.DataFrame) -> str:
+    """The pre-registered within-fact analysis of ``run_dirs[0]`` (companions merged;
+    :func:`locedit.report.preregistered_sections`): plan, primary test, sensitivity, secondary family."""
+    from locedit.report import preregistered_sections
 
     if edits.height == 0 or tables["tracing"].height == 0:
         return "No edits yet.\n"
-    pre = preregistered_analysis(edits, tables["tracing"], **run_dir.config().analysis.model_dump())
-    md = preregistered_markdown(pre, declared="analysis" in run_dir.raw_config())
+    md = preregistered_sections(list(run_dirs), edits, tables["tracing"])
     return "\n".join(f"{body}\n" if title == "Analysis plan" else f"**{title}**\n\n{body}\n"
                      for title, body in md.items())
 
@@ -463,7 +462,7 @@ def findings_blocks(run_dir: str | Path, *companions: str | Path, n_boot: int = 
     stages = _stages(run_dir, *others)
     return {
         "status": _status_block(stages, n_facts, tables),
-        "primary": _primary_block(run_dir, tables, edits),
+        "primary": _primary_block([run_dir, *others], tables, edits),
         "headline": _headline_block(loc),
         "table1": _table1_block(loc),
         "table3": _table3_block(loc),

@@ -16,10 +16,11 @@ from typing import Any
 
 import polars as pl
 
-from locedit.plan import StudyPlan
+from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
+from locedit.plan import EditUnit, StudyPlan, TraceUnit
 from locedit.rundir import RunDir
 
-__all__ = ["StudyProgress", "sittings_line", "study_progress"]
+__all__ = ["StudyProgress", "incomplete_cells", "sittings_line", "study_progress"]
 
 
 def sittings_line(sittings: list[dict[str, Any]]) -> str:
@@ -124,3 +125,57 @@ def study_progress(run_dir: str | Path) -> StudyProgress:
     schema = {"stage": pl.String, "total": pl.Int64, "done": pl.Int64, "failed": pl.Int64,
               "seconds_mean": pl.Float64, "hours_spent": pl.Float64, "hours_left": pl.Float64}
     return StudyProgress(str(rd.path), pl.DataFrame(out, schema=schema), rd.sittings())
+
+
+def _plan_and_finished(rd: RunDir) -> tuple[StudyPlan, set[str]] | None:
+    """The recorded plan and the keys of the units that finished (journalled or failed; a failed unit will not be
+    retried by a plain resume), or None for a run that records no plan."""
+    prov = rd.provenance()
+    if "plan" not in prov:
+        return None
+    plan = StudyPlan.from_json(prov["plan"], rd.config(), rd.fact_ids() or [])
+    finished = {r["key"] for table in ("tracing", "edits", "failures") for r in rd.records(table)}
+    return plan, finished
+
+
+def incomplete_cells(*run_dirs: str | Path | RunDir) -> dict[tuple[str, str, str], str]:
+    """The analysis cells (localization × problem × method, edits at the method's own token as in the paper's
+    analysis) whose planned units have not all finished, each with a sentence saying how far it is, e.g.
+    ``("noise", "error_injection", "rome") → "error_injection × rome: 72 of 100 planned facts edited"``.
+
+    A pre-registered test is defined on its planned facts: :func:`locedit.stats.preregistered.preregistered_analysis`
+    withholds the tests of these cells rather than show an interim look the plan does not declare. A cell is
+    finished when every unit of it is journalled or failed (failures are reported, not retried by a plain resume).
+    Companion runs are merged: a cell is incomplete when any run that plans units of it has not finished them. Runs
+    that record no plan (before run format 3) contribute nothing.
+    """
+    trace_facts: dict[str, list[set[str]]] = {}  # localization -> [planned facts, facts not finished]
+    edit_facts: dict[tuple[str, str], list[set[str]]] = {}
+    for d in run_dirs:
+        got = _plan_and_finished(d if isinstance(d, RunDir) else RunDir(d).require())
+        if got is None:
+            continue
+        plan, finished = got
+        for u in plan.units():
+            if isinstance(u, TraceUnit):
+                cell = trace_facts.setdefault(u.localization, [set(), set()])
+            elif isinstance(u, EditUnit) and u.token in (None, DEFAULT_EDIT_TOKEN):
+                cell = edit_facts.setdefault((u.problem, u.method), [set(), set()])
+            else:
+                continue
+            cell[0].add(u.fact_id)
+            if u.key() not in finished:
+                cell[1].add(u.fact_id)
+    out: dict[tuple[str, str, str], str] = {}
+    for loc, (planned_l, open_l) in trace_facts.items():
+        for (problem, method), (planned_e, open_e) in edit_facts.items():
+            parts = []
+            if open_e:
+                parts.append(f"{problem} × {method}: {len(planned_e) - len(open_e)} of {len(planned_e)} planned "
+                             "facts edited")
+            if open_l:
+                parts.append(f"{loc} localization: {len(planned_l) - len(open_l)} of {len(planned_l)} planned "
+                             "facts localized")
+            if parts:
+                out[(loc, problem, method)] = "; ".join(parts)
+    return out

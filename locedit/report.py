@@ -7,11 +7,11 @@ from pathlib import Path
 import polars as pl
 
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
-from locedit.progress import sittings_line
+from locedit.progress import incomplete_cells, sittings_line
 from locedit.rundir import RunDir, collect_tables
 from locedit.tracer.atomic import write_atomic
 
-__all__ = ["localization_analysis", "study_analysis", "token_analysis", "write_report"]
+__all__ = ["localization_analysis", "preregistered_sections", "study_analysis", "token_analysis", "write_report"]
 
 _FEW_FACTS = 30  # below this many facts the report says, above the table, that the statistics carry little weight
 
@@ -21,6 +21,21 @@ def own_token_edits(edits: pl.DataFrame) -> pl.DataFrame:
     if edits.is_empty():
         return edits
     return edits.filter(pl.col("token") == DEFAULT_EDIT_TOKEN)
+
+
+def preregistered_sections(run_dirs: list[RunDir], edits: pl.DataFrame, trace: pl.DataFrame) -> dict[str, str]:
+    """The pre-registered analysis of ``run_dirs[0]`` (its config's ``[analysis]``; companions' units merged in
+    ``edits`` / ``trace``, edits at each method's own token) as report sections (title → Markdown).
+
+    When the run declared ``[analysis]`` before its data, cells whose planned units have not all finished are
+    withheld (:func:`locedit.progress.incomplete_cells`): the primary test runs once, on its planned facts. A run
+    that did not declare it gets every result labelled exploratory and nothing withheld."""
+    from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
+
+    declared = "analysis" in run_dirs[0].raw_config()
+    pre = preregistered_analysis(edits, trace, **run_dirs[0].config().analysis.model_dump(),
+                                 incomplete=incomplete_cells(*run_dirs) if declared else None)
+    return preregistered_markdown(pre, declared=declared)
 
 
 def localization_analysis(tables: dict[str, pl.DataFrame], *, kind: str = "mlp", window: int = 5,
@@ -127,10 +142,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         md["Studies merged"] = (f"The tables below merge the companion runs {runs} (the union of their units); the "
                                 f"pre-registered analysis is {names[0]}'s.")
     if edits.height and trace.height:  # the pre-registered analysis leads; the paper's pooled tables follow
-        from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
-
-        pre = preregistered_analysis(own_token_edits(edits), trace, **config.analysis.model_dump())
-        md.update(preregistered_markdown(pre, declared="analysis" in dirs[0].raw_config()))
+        md.update(preregistered_sections(dirs, own_token_edits(edits), trace))
     if an["results"] is not None and an["results"].height:
         md.update({f"The paper's pooled analysis: {k}": v for k, v in
                    paper_tables(an["results"], concentrated_results=an["concentrated"],

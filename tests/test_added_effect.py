@@ -235,3 +235,66 @@ def test_the_paired_comparison_is_the_difference_of_the_two_tests_and_antisymmet
     assert back.difference == pytest.approx(-d.difference, rel=1e-9)
     unbalanced = paired_added_effect(a.slice(1), b, a="flip", b="noise")
     assert math.isnan(unbalanced.difference) and "balanced" in unbalanced.note
+
+
+def test_cells_not_finished_are_withheld_and_the_family_bound_holds(tmp_path):
+    """A pre-registered test runs once, on its planned facts: a stopped run's unfinished cells (read from its plan and
+    journals alone) are not tested -- the primary withheld, the cell out of the secondary family, whose adjusted p
+    counts it at p = 1 and so bounds every final adjusted p from above."""
+    import gzip
+    import json
+    import shutil
+    from pathlib import Path
+
+    from statsmodels.stats.multitest import multipletests
+
+    from locedit.config import parse_config
+    from locedit.progress import incomplete_cells
+    from locedit.report import own_token_edits
+    from locedit.rundir import RunDir, collect_tables
+    from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
+
+    src = Path(__file__).resolve().parent.parent / "studies" / "reber"
+    assert incomplete_cells(src) == {}  # a finished run: nothing withheld
+    run = tmp_path / "reber"
+    shutil.copytree(src, run)
+    for p in (run / "edits.parquet", run / "tracing.parquet"):  # tables are rebuilt from the journals
+        p.unlink()
+    journal = run / "journal" / "edits.shard-0-of-1.jsonl.gz"
+    records = [json.loads(line) for line in gzip.decompress(journal.read_bytes()).decode().splitlines()]
+    dropped = records[0]["fact_id"]  # as if the run stopped before this fact's last Error Injection unit
+    keep = [r for r in records if not (r["fact_id"] == dropped and r["problem"] == "error_injection"
+                                       and r["layer"] == 25)]
+    assert len(keep) == len(records) - 1
+    journal.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in keep).encode()))
+    cells = incomplete_cells(run)
+    locs = sorted(collect_tables(src)["tracing"]["localization"].unique().to_list())
+    assert sorted(cells) == [(loc, "error_injection", "rome") for loc in locs]
+    assert set(cells.values()) == {"error_injection × rome: 9 of 10 planned facts edited"}
+
+    tables = collect_tables(RunDir(run))
+    spec = parse_config({"analysis": {"n_permutations": 19, "n_boot": 20, "multiplicity": "holm"}}).analysis
+    edits = own_token_edits(tables["edits"])
+    whole = preregistered_analysis(edits, tables["tracing"], **spec.model_dump())
+    pre = preregistered_analysis(edits, tables["tracing"], **spec.model_dump(), incomplete=cells)
+    assert whole.primary is not None and pre.primary is None and pre.sensitivity == {}
+    tested = set(zip(pre.secondary["localization"], pre.secondary["problem"], pre.secondary["method"]))
+    assert tested == {(loc, "fact_forcing", "rome") for loc in locs}  # only the complete cells
+    assert not tested & set(cells) and all(p == "fact_forcing" for p, _, _ in pre.paired)
+    n_open = len(cells) - 1  # the primary is not in its own family
+    ps = pre.secondary["p"].to_list()
+    assert pre.secondary["p_adjusted"].to_list() == pytest.approx(
+        list(multipletests(ps + [1.0] * n_open, method="holm")[1][:len(ps)]))
+    # the bound: whatever p the open cells turn out to have, the final adjusted p is no larger (Holm and BH)
+    rng = np.random.default_rng(0)
+    for method, draws in (("holm", 30), ("fdr_bh", 300)):  # statsmodels' Holm runs gc.collect() on every call
+        shown = multipletests(ps + [1.0] * n_open, method=method)[1][:len(ps)]
+        for _ in range(draws):
+            final = multipletests(ps + list(rng.uniform(0, 1, n_open) ** 3), method=method)[1][:len(ps)]
+            assert np.all(final <= shown + 1e-12)
+    md = preregistered_markdown(pre, declared=True)
+    assert "9 of 10 planned facts edited. The test is defined on the planned facts" in md[
+        "Primary test: withheld until its cell is complete"]
+    assert not any(k.startswith("Primary test: does") for k in md)
+    family = md["Secondary family (within-fact test, holm-adjusted p)"]
+    assert "error_injection × rome: 9 of 10 planned facts edited (localization: " in family and "p = 1" in family
