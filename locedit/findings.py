@@ -85,15 +85,16 @@ def _labels(r) -> list[str]:
 
 @dataclass(frozen=True)
 class _Stages:
-    """Units per stage in the study's design, measured seconds of the finished ones per stage, torch threads per
-    stage (companion studies may have run with different thread counts)."""
+    """Units per stage in the study's design, measured seconds of the finished ones per stage, the torch thread
+    counts their sittings ran with (:func:`locedit.progress.unit_threads`) and their CPU seconds (seconds × threads)."""
 
     total: dict[str, int]
     seconds: dict[str, list[float]]
-    threads: dict[str, int]
+    threads: dict[str, set[int]]
+    cpu_seconds: dict[str, float]
 
     def thread_label(self) -> str:
-        counts = sorted(set(self.threads.values())) or [1]
+        counts = sorted(set().union(*self.threads.values())) or [1]
         return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
@@ -101,23 +102,30 @@ def _stages(*run_dirs: RunDir) -> _Stages:
     """Units per stage of each run's recorded plan, and the measured seconds of the finished ones; with several
     (companion) runs each stage is named after its study."""
     from locedit.plan import StudyPlan, parse_key
+    from locedit.progress import unit_threads
 
     total: dict[str, int] = defaultdict(int)
     secs: dict[str, list[float]] = defaultdict(list)
-    threads: dict[str, int] = {}
+    threads: dict[str, set[int]] = defaultdict(set)
+    cpu: dict[str, float] = defaultdict(float)
     for run_dir in run_dirs:
         prov = run_dir.provenance()
         if "plan" not in prov:
             raise ValueError(f"{run_dir.path}/provenance.json records no plan: the run never started a unit")
         config = run_dir.config()
         prefix = f"{config.name}: " if len(run_dirs) > 1 else ""
-        plan = StudyPlan.from_json(prov["plan"], config, run_dir.fact_ids() or [])
-        for unit in plan.units():
+        units = StudyPlan.from_json(prov["plan"], config, run_dir.fact_ids() or []).units()
+        for unit in units:
             total[prefix + unit.stage] += 1
-            threads[prefix + unit.stage] = int(prov.get("threads", 1))
+        ran_with = unit_threads(run_dir, units)
+        default = int(prov.get("threads", 1))
         for rec in run_dir.records("tracing") + run_dir.records("edits"):
-            secs[prefix + parse_key(rec["key"]).stage].append(float(rec.get("seconds", float("nan"))))
-    return _Stages(dict(total), dict(secs), threads)
+            stage, s = prefix + parse_key(rec["key"]).stage, float(rec.get("seconds", float("nan")))
+            secs[stage].append(s)
+            threads[stage].add(ran_with.get(rec["key"], default))
+            if math.isfinite(s):
+                cpu[stage] += s * ran_with.get(rec["key"], default)
+    return _Stages(dict(total), dict(secs), dict(threads), dict(cpu))
 
 
 def _primary_block(run_dirs: Sequence[RunDir], tables: dict[str, pl.DataFrame], edits: pl.DataFrame) -> str:
@@ -141,7 +149,7 @@ def _status_block(st: _Stages, n_facts: int, tables: dict[str, pl.DataFrame]) ->
     n_traced = tables["tracing"]["fact_id"].n_unique() if tables["tracing"].height else 0
     n_edited = edits["fact_id"].n_unique() if edits.height else 0
     wall = {k: sum(s for s in v if math.isfinite(s)) for k, v in st.seconds.items()}
-    cpu = sum(w * st.threads.get(k, 1) for k, w in wall.items())
+    cpu = sum(st.cpu_seconds.values())
     return (f"{n_facts} facts selected; {n_traced} localized, {n_edited} edited. Units finished: "
             f"{sum(len(v) for v in st.seconds.values())} of {sum(st.total.values())}; their own times sum to "
             f"{sum(wall.values()) / 3600:.2f} h of wall-clock on {st.thread_label()} torch thread(s) "

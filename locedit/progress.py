@@ -12,15 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
 
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
-from locedit.plan import EditUnit, StudyPlan, TraceUnit
+from locedit.plan import EditUnit, StudyPlan, TraceUnit, Unit
 from locedit.rundir import RunDir
 
-__all__ = ["StudyProgress", "incomplete_cells", "sittings_line", "study_progress"]
+__all__ = ["StudyProgress", "incomplete_cells", "sittings_line", "study_progress", "unit_threads"]
 
 
 def sittings_line(sittings: list[dict[str, Any]]) -> str:
@@ -38,6 +39,25 @@ def sittings_line(sittings: list[dict[str, Any]]) -> str:
         f"{n} on {dev} × {t} thread(s): {u:,} units" for (dev, t), (n, u) in sorted(by.items(), key=str)) + ")"
 
 
+def unit_threads(run_dir: RunDir, units: Sequence[Unit]) -> dict[str, int]:
+    """The torch threads each of ``units`` (the run's plan, in plan order) ran with, by unit key, from the recorded
+    sittings: a run works through its plan in order, so a unit ran in the sitting that started at the latest plan
+    position at or before it. Units before the first recorded sitting, and every unit of a run without
+    ``sittings.jsonl``, get the threads ``provenance.json`` records. (A resume with ``--retry-failed`` starts earlier
+    in the plan: the failed units it reruns are counted with the sitting before it.)"""
+    index = {u.key(): i for i, u in enumerate(units)}
+    default = int(run_dir.provenance().get("threads", 1))
+    starts = sorted((index[s["first_unit"]], n, int(s.get("threads") or default))
+                    for n, s in enumerate(run_dir.sittings()) if s.get("first_unit") in index)
+    out, at, threads = {}, 0, default
+    for i, u in enumerate(units):
+        while at < len(starts) and starts[at][0] <= i:
+            threads = starts[at][2]
+            at += 1
+        out[u.key()] = threads
+    return out
+
+
 @dataclass(frozen=True)
 class StudyProgress:
     """A run directory's progress.
@@ -46,7 +66,8 @@ class StudyProgress:
         run_dir: the run directory.
         stages: one row per stage of the plan in run order: ``stage``, ``total``, ``done``, ``failed``,
             ``seconds_mean`` (journal seconds per finished unit; null before any), ``hours_spent`` (those seconds
-            summed), ``hours_left`` (units left × ``seconds_mean``; null when the stage has no finished unit to
+            summed), ``cpu_hours_spent`` (each unit's seconds × its sitting's torch threads, :func:`unit_threads`),
+            ``hours_left`` (units left × ``seconds_mean``; null when the stage has no finished unit to
             measure by).
         sittings: :meth:`locedit.rundir.RunDir.sittings` as recorded.
     """
@@ -81,7 +102,9 @@ class StudyProgress:
         if unmeasured.height:
             est += f", plus {int((unmeasured['total'] - unmeasured['done']).sum()):,} units of stages not measured yet"
         spent = float(self.stages["hours_spent"].sum())
-        lines.append(f"  spent: {spent:.1f} h of unit time (the journal's seconds, summed); left: {est}")
+        cpu = float(self.stages["cpu_hours_spent"].sum())
+        lines.append(f"  spent: {spent:.1f} h of unit time (the journal's seconds, summed; {cpu:.1f} CPU-hours at "
+                     f"each sitting's torch threads); left: {est}")
         lines.append(f"  sittings: {sittings_line(self.sittings)}")
         return "\n".join(lines)
 
@@ -104,26 +127,29 @@ def study_progress(run_dir: str | Path) -> StudyProgress:
             s = r.get("seconds")
             seconds[r["key"]] = math.nan if s is None else float(s)
     failed = {r["key"] for r in rd.records("failures")} - set(seconds)
+    threads = unit_threads(rd, units)
     rows: dict[str, dict[str, Any]] = {}
     for u in units:
-        row = rows.setdefault(u.stage, {"stage": u.stage, "total": 0, "done": 0, "failed": 0, "_s": []})
+        row = rows.setdefault(u.stage, {"stage": u.stage, "total": 0, "done": 0, "failed": 0, "_s": [], "_cpu": 0.0})
         row["total"] += 1
         k = u.key()
         if k in seconds:
             row["done"] += 1
             if not math.isnan(seconds[k]):
                 row["_s"].append(seconds[k])
+                row["_cpu"] += seconds[k] * threads[k]
         elif k in failed:
             row["failed"] += 1
     out = []
     for row in rows.values():
-        s = row.pop("_s")
+        s, cpu = row.pop("_s"), row.pop("_cpu")
         mean = sum(s) / len(s) if s else None
         left = row["total"] - row["done"] - row["failed"]
-        out.append({**row, "seconds_mean": mean, "hours_spent": sum(s) / 3600,
+        out.append({**row, "seconds_mean": mean, "hours_spent": sum(s) / 3600, "cpu_hours_spent": cpu / 3600,
                     "hours_left": None if mean is None else left * mean / 3600})
     schema = {"stage": pl.String, "total": pl.Int64, "done": pl.Int64, "failed": pl.Int64,
-              "seconds_mean": pl.Float64, "hours_spent": pl.Float64, "hours_left": pl.Float64}
+              "seconds_mean": pl.Float64, "hours_spent": pl.Float64, "cpu_hours_spent": pl.Float64,
+              "hours_left": pl.Float64}
     return StudyProgress(str(rd.path), pl.DataFrame(out, schema=schema), rd.sittings())
 
 

@@ -466,6 +466,18 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
 
     assert sittings_line([s1, s2]) == f"2 (2 on cpu × {torch.get_num_threads()} thread(s): 8 units)"
     assert sittings_line([]) == "none recorded"
+    # each unit's threads come from the sitting it ran in: as if the resume had run on 7 threads
+    from locedit.progress import unit_threads
+
+    path = RunDir(tmp_path / "stopped").sittings_path
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "threads": 7} if r["sitting"] == s2["sitting"] and "threads" in r
+                                       else r) + "\n" for r in lines))
+    ran = unit_threads(RunDir(tmp_path / "stopped"), units)
+    assert [ran[u.key()] for u in units] == [torch.get_num_threads()] * 4 + [7] * 4
+    secs = {r["key"]: r["seconds"] for r in RunDir(tmp_path / "stopped").records("edits")}
+    assert study_progress(tmp_path / "stopped").stages["cpu_hours_spent"][0] == pytest.approx(
+        sum(secs[u.key()] * ran[u.key()] for u in units) / 3600)
 
     def twice(*args, **kw):  # a second signal: KeyboardInterrupt now, the finished units kept
         os.kill(os.getpid(), signum)
