@@ -214,7 +214,7 @@ def cmd_tune(args) -> int:
     from locedit.editors.methods import resolve_method
     from locedit.problems import load_dataset
     from locedit.stopping import stop_on_signal
-    from locedit.tuning import TuningRule, first_known, sweep_layers, tune, write_tuned_table
+    from locedit.tuning import TuningRule, known_sample, sweep_layers, tune, write_tuned_table
     from locedit.tracer import load_model, profile_for
     from locedit.tracer.profiles import TUNED_DIR
 
@@ -226,10 +226,11 @@ def cmd_tune(args) -> int:
     model = load_model(args.model, device=args.device)
     profile = profile_for(model)
     layer = args.layer if args.layer is not None else profile.edit_layer(model.cfg.n_layers)
-    facts = first_known(model, load_dataset(args.dataset), args.facts, skip=args.skip)
+    directory = Path(args.dir or f"tune-{args.model}")
+    facts = known_sample(model, load_dataset(args.dataset), args.facts, skip=args.skip,
+                         record=directory / "facts.json", dataset=str(args.dataset))
     say = lambda line: print(line, flush=True)  # noqa: E731
     shown = dict(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=3)
-    directory = Path(args.dir or f"tune-{args.model}")
     installed = TUNED_DIR / f"{profile.family}.json"
     rule = TuningRule(ceiling=args.ceiling, neighborhood_tolerance=args.tolerance, reach=args.reach)
     if args.layers:
@@ -445,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                          " default all)")
     tf.add_argument("--evaluate", action="store_true",
                     help="score the profile's current (tuned) hyper-parameters instead (use held-out facts: --skip)")
-    tf.add_argument("--dir", default=None, help="journal directory (resumable); default tune-<model>")
+    tf.add_argument("--dir", default=None,
+                    help="journal directory (resumable; it also records the fact sample, facts.json); default "
+                         "tune-<model>")
     tf.add_argument("--install", action="store_true",
                     help="merge the result into the model family's shipped tuned table (tracer/data/tuned/)")
     tf.set_defaults(func=cmd_tune)

@@ -173,6 +173,35 @@ def tiny_setup(tiny_llama, tmp_path, monkeypatch):
     return m, facts
 
 
+def test_the_tuning_sample_is_remembered_so_a_resume_decodes_nothing(tiny_setup, tmp_path, monkeypatch):
+    """The known filter's cache is per machine; the selection is recorded in the tuning directory (ids and content
+    digests per model, dataset, skip, n), so a resume elsewhere reads it back -- unless a fact's content changed."""
+    from locedit.tuning import known_sample
+
+    m, _ = tiny_setup
+    facts = load_counterfact(limit=40)
+    decoded = []
+
+    def mask(model, part):  # a stand-in for greedy decoding: every third fact is "known"
+        decoded.extend(f.id for f in part)
+        return [int(f.id.split(":")[1]) % 3 == 0 for f in part]
+
+    monkeypatch.setattr("locedit.problems.filters.known_mask", mask)
+    record = tmp_path / "tune" / "facts.json"
+    first = known_sample(m, facts, 4, skip=2, record=record, dataset="counterfact")
+    expect = [f for f in facts if int(f.id.split(":")[1]) % 3 == 0][2:6]
+    assert first == expect and decoded
+    decoded.clear()
+    assert known_sample(m, facts, 4, skip=2, record=record, dataset="counterfact") == expect and decoded == []
+    other = known_sample(m, facts, 3, skip=0, record=record, dataset="counterfact")  # another sample: decoded
+    assert other == [f for f in facts if int(f.id.split(":")[1]) % 3 == 0][:3] and decoded
+    decoded.clear()
+    assert known_sample(m, facts, 4, skip=2, record=record, dataset="counterfact") == expect and decoded == []
+    changed = [replace(f, o_true=" Mars") if f.id == expect[1].id else f for f in facts]
+    again = known_sample(m, changed, 4, skip=2, record=record, dataset="counterfact")
+    assert decoded and [f.id for f in again] == [f.id for f in expect] and again[1].o_true == " Mars"
+
+
 def test_tune_on_a_tiny_model_picks_the_hand_computed_point_and_resumes(tiny_setup, tmp_path, monkeypatch):
     m, facts = tiny_setup
     layer, problem, n_tok = 1, "error_injection", 512
