@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from locedit.editors.tokens import DEFAULT_EDIT_TOKEN
-from locedit.progress import incomplete_cells, sittings_line
+from locedit.progress import incomplete_cells, sittings_line, study_progress
 from locedit.rundir import RunDir, collect_tables
 from locedit.tracer.atomic import write_atomic
 
@@ -21,6 +21,21 @@ def own_token_edits(edits: pl.DataFrame) -> pl.DataFrame:
     if edits.is_empty():
         return edits
     return edits.filter(pl.col("token") == DEFAULT_EDIT_TOKEN)
+
+
+def _units_line(dirs: list[RunDir]) -> str:
+    """"D of T" units of the recorded plans, and what an unfinished run's tables are."""
+    planned = [d for d in dirs if "plan" in d.provenance()]
+    if not planned:
+        return "? (no recorded plan)"
+    done = total = 0
+    for d in planned:
+        p = study_progress(d.path)
+        done, total = done + p.done + int(p.stages["failed"].sum()), total + p.total
+    if done >= total:
+        return f"{done:,} of {total:,} (complete)"
+    withheld = ("; the pre-registered cells not finished are withheld" if "analysis" in dirs[0].raw_config() else "")
+    return f"{done:,} of {total:,}: unfinished — the tables describe the units finished so far{withheld}"
 
 
 def preregistered_sections(run_dirs: list[RunDir], edits: pl.DataFrame, trace: pl.DataFrame) -> dict[str, str]:
@@ -231,6 +246,7 @@ def write_report(*run_dirs: str | Path, out: str | Path | None = None) -> Path:
         "noise σ (resolved once, provenance.json)": "?" if sigma is None else (
             f"{sigma:.4f} ({plan['noise']['scale']} × the {plan['noise']['rule']} rule's std)"
             if plan["noise"].get("scale") is not None else f"{sigma:.4f} (absolute)"),
+        "units finished": _units_line(dirs),
         "facts traced": trace["fact_id"].n_unique() if trace.height else 0,
         "edits": edits.height,
         "failed units": failures.height,

@@ -298,3 +298,12 @@ def test_cells_not_finished_are_withheld_and_the_family_bound_holds(tmp_path):
     assert not any(k.startswith("Primary test: does") for k in md)
     family = md["Secondary family (within-fact test, holm-adjusted p)"]
     assert "error_injection × rome: 9 of 10 planned facts edited (localization: " in family and "p = 1" in family
+    # the report of a run that declared its analysis withholds the cell; its header says the run is unfinished
+    from locedit.report import write_report
+
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "analysis": {"n_permutations": 19, "n_boot": 20}}))
+    out = write_report(run, out=tmp_path / "out" / "report.html")
+    tables = (out.parent / "tables.md").read_text()
+    assert "## Primary test: withheld until its cell is complete" in tables and "Primary test: does" not in tables
+    assert "159 of 160: unfinished" in out.read_text() and "cells not finished are withheld" in out.read_text()

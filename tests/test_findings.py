@@ -31,9 +31,10 @@ def test_update_document_replaces_only_the_blocks_and_names_unknown_ones():
         update_document(text.replace("table1", "tabel1"), {"table1": ""})
 
 
-def test_findings_document_is_generated_from_the_shipped_reference_study():
-    doc = ROOT / "docs" / "FINDINGS.md"
-    text = doc.read_text()
+@pytest.mark.parametrize("doc, study", [("FINDINGS.md", "reference"), ("FINDINGS-v1.md", "reference-v1")])
+def test_findings_documents_are_generated_from_their_shipped_studies(doc, study):
+    path = ROOT / "docs" / doc
+    text = path.read_text()
     assert all(f"<!-- findings:{name} -->" in text for name in FINDINGS_BLOCKS)
-    assert write_findings(ROOT / "studies" / "reference-v1", doc, check=True), (
-        "docs/FINDINGS.md is out of date with studies/reference-v1: run `locedit findings studies/reference-v1`")
+    assert write_findings(ROOT / "studies" / study, path, check=True), (
+        f"docs/{doc} is out of date with studies/{study}: run `locedit findings studies/{study} --doc docs/{doc}`")

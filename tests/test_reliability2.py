@@ -132,7 +132,7 @@ def test_a_full_disk_never_truncates_a_document(tmp_path, monkeypatch):
     from locedit.findings import write_findings
 
     doc = tmp_path / "FINDINGS.md"
-    doc.write_text((ROOT / "docs" / "FINDINGS.md").read_text().replace("| ", "|  ", 3))  # out of date
+    doc.write_text((ROOT / "docs" / "FINDINGS-v1.md").read_text().replace("| ", "|  ", 3))  # out of date
     before = doc.read_bytes()
     real = Path.write_text
 
@@ -306,7 +306,7 @@ def test_reading_a_run_directory_never_writes_to_it(tmp_path):
     before = state()
     assert main(["summary", str(run)]) == 0
     assert main(["report", str(run), "--out", str(tmp_path / "elsewhere" / "r.html")]) == 0
-    main(["findings", str(run), "--check"])  # out of date with docs/FINDINGS.md (that is the reference study)
+    main(["findings", str(run), "--check"])  # out of date with docs/FINDINGS.md (that is the reference study's)
     assert state() == before
 
 
