@@ -238,10 +238,17 @@ def _groups(edits: pl.DataFrame):
         yield r, edits.filter((pl.col("problem") == r["problem"]) & (pl.col("method") == r["method"]))
 
 
-def _fact_block(edits: pl.DataFrame) -> str:
+def _fact_block(edits: pl.DataFrame, n_layers: int | None = None) -> str:
     """How much of the rewrite score's variance is the fact itself: R² of ``score ~ C(layer)``, ``score ~ C(fact)``
-    and ``score ~ C(layer) + C(fact)`` per problem × method (statsmodels OLS on the edits)."""
+    and ``score ~ C(layer) + C(fact)`` per problem × method (statsmodels OLS on the edits).
+
+    A method that optimises a target vector at the edit token (``EditMethod.target_hook``: ROME, r-ROME, MEMIT) has
+    no path from that token to the prediction at the model's last layer (no attention layer follows), so its edits
+    there are structurally null; when the study edited the last layer (``n_layers``, from provenance) such a group
+    gets a second row without it, so that the layer's share is not read as localization."""
     import statsmodels.formula.api as smf
+
+    from locedit.editors.methods import resolve_method
 
     if edits.height == 0:
         return "No finished edits yet.\n"
@@ -249,11 +256,18 @@ def _fact_block(edits: pl.DataFrame) -> str:
     for r, sub in _groups(edits):
         g = sub.select("fact_id", "layer", pl.col("rewrite_score").cast(pl.Float64).fill_nan(None)).drop_nulls()
         g = g.to_pandas()
-        if g["fact_id"].nunique() < 2 or g["layer"].nunique() < 2:
-            continue
-        fits = {f: smf.ols(f"rewrite_score ~ {f}", g).fit().rsquared
-                for f in ("C(layer)", "C(fact_id)", "C(layer) + C(fact_id)")}
-        rows.append([*_labels(r), str(g["fact_id"].nunique()), *(format_num(v) for v in fits.values())])
+        subsets = [("", g)]
+        last = None if n_layers is None else n_layers - 1
+        if last is not None and resolve_method(r["method"]).target_hook is not None and (g["layer"] == last).any():
+            subsets.append((f", without layer {last} (the last)", g[g["layer"] != last]))
+        for suffix, d in subsets:
+            if d["fact_id"].nunique() < 2 or d["layer"].nunique() < 2:
+                continue
+            fits = {f: smf.ols(f"rewrite_score ~ {f}", d).fit().rsquared
+                    for f in ("C(layer)", "C(fact_id)", "C(layer) + C(fact_id)")}
+            problem, method = _labels(r)
+            rows.append([problem, method + suffix, str(d["fact_id"].nunique()),
+                         *(format_num(v) for v in fits.values())])
     return _md(["problem", "method", "facts", "R² layer", "R² fact", "R² layer + fact"], rows, right_from=2)
 
 
@@ -474,7 +488,7 @@ def findings_blocks(run_dir: str | Path, *companions: str | Path, n_boot: int = 
         "headline": _headline_block(loc),
         "table1": _table1_block(loc),
         "table3": _table3_block(loc),
-        "facts": _fact_block(edits),
+        "facts": _fact_block(edits, run_dir.provenance().get("model", {}).get("n_layers")),
         "table2": _table2_block(loc),
         "table7": _table7_block(frames),
         "fig4": _fig4_block(frames),

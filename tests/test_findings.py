@@ -38,3 +38,26 @@ def test_findings_documents_are_generated_from_their_shipped_studies(doc, study)
     assert all(f"<!-- findings:{name} -->" in text for name in FINDINGS_BLOCKS)
     assert write_findings(ROOT / "studies" / study, path, check=True), (
         f"docs/{doc} is out of date with studies/{study}: run `locedit findings studies/{study} --doc docs/{doc}`")
+
+
+def test_the_fact_block_also_fits_without_the_last_layer_where_a_target_vector_cannot_reach_the_prediction():
+    """ROME's v* at the model's last layer has no path to the prediction: its rows get a second fit without that
+    layer (statsmodels on the subset); FT's do not (its weights act at every position)."""
+    import numpy as np
+    import polars as pl
+    import statsmodels.formula.api as smf
+
+    from locedit.findings import _fact_block
+
+    rng = np.random.default_rng(0)
+    rows = [{"fact_id": f"cf:{f}", "problem": "error_injection", "method": m, "layer": layer,
+             "rewrite_score": 0.0 if (m == "rome" and layer == 3) else float(rng.uniform())}
+            for m in ("rome", "ft-1") for f in range(6) for layer in (0, 1, 3)]
+    edits = pl.DataFrame(rows)
+    md = _fact_block(edits, n_layers=4)
+    assert "ROME (1 layer), without layer 3 (the last)" in md and "FT (1 layer), without" not in md
+    sub = edits.filter((pl.col("method") == "rome") & (pl.col("layer") != 3)).to_pandas()
+    expect = smf.ols("rewrite_score ~ C(layer)", sub).fit().rsquared
+    line = next(row for row in md.splitlines() if "without layer 3" in row)
+    assert line.split("|")[4].strip() == f"{expect:.3f}"
+    assert "without" not in _fact_block(edits, n_layers=5)  # the last layer (4) was not edited
