@@ -166,8 +166,8 @@ def _plan_and_finished(rd: RunDir) -> tuple[StudyPlan, set[str]] | None:
 
 def incomplete_cells(*run_dirs: str | Path | RunDir) -> dict[tuple[str, str, str], str]:
     """The analysis cells (localization × problem × method, edits at the method's own token as in the paper's
-    analysis) whose planned units have not all finished, each with a sentence saying how far it is, e.g.
-    ``("noise", "error_injection", "rome") → "error_injection × rome: 72 of 100 planned facts edited"``.
+    analysis) whose planned units have not all finished, each with a sentence saying how far it is ("PROBLEM ×
+    METHOD: 72 of 100 planned facts edited").
 
     A pre-registered test is defined on its planned facts: :func:`locedit.stats.preregistered.preregistered_analysis`
     withholds the tests of these cells rather than show an interim look the plan does not declare. A cell is

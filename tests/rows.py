@@ -10,6 +10,6 @@ def assert_rows_equal(got: dict, want: dict, *, rel: float, abs_: float, context
         if k.endswith("seconds"):
             continue
         if isinstance(v, float):
-            assert got[k] == pytest.approx(v, rel=rel, abs=abs_, nan_ok=True), (*context, k)
+            assert got[k] == pytest.approx(v, rel=rel, abs=abs_, nan_ok=True), (*context, k, got[k], v)
         else:
             assert got[k] == v, (*context, k)

@@ -61,7 +61,10 @@ def test_lockstep_equals_each_layer_set_alone(tiny, family, noised, objective): 
         for name, w in final.items():
             moved = (w.double() - before[name].double()).norm()
             assert moved > 0, (family, s, name)  # the finetuning moved the weights
-            assert _rel(got.params[name] - before[name], w - before[name]) < 1e-4, (family, s, name)
+            # float32 reduction order differs between the batched and the single path; on an AMD EPYC (AVX-512)
+            # machine GPT-2's b_out differed by 2.6e-4 relative (one entry just inside the L-inf bound), on earlier
+            # machines < 1e-4; 1e-3 is still far below what a wrong update gives (O(1))
+            assert _rel(got.params[name] - before[name], w - before[name]) < 1e-3, (family, s, name)
             assert (got.params[name].double() - before[name].double()).abs().max() <= hp.norm_constraint
 
 
