@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -83,49 +81,21 @@ def _labels(r) -> list[str]:
 # ---------------------------------------------------------------- stages and compute
 
 
-@dataclass(frozen=True)
-class _Stages:
-    """Units per stage in the study's design, measured seconds of the finished ones per stage, the torch thread
-    counts their sittings ran with (:func:`locedit.progress.unit_threads`) and their CPU seconds (seconds × threads)."""
+def _stages(*run_dirs: RunDir) -> pl.DataFrame:
+    """:attr:`locedit.progress.StudyProgress.stages` of each run, stacked; with several (companion) runs each stage
+    is named after its study."""
+    from locedit.progress import study_progress
 
-    total: dict[str, int]
-    seconds: dict[str, list[float]]
-    threads: dict[str, set[int]]
-    cpu_seconds: dict[str, float]
+    def prefix(d: RunDir) -> str:
+        return f"{d.config().name}: " if len(run_dirs) > 1 else ""
 
-    def thread_label(self) -> str:
-        counts = sorted(set().union(*self.threads.values())) or [1]
-        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return pl.concat([study_progress(d, stage_prefix=prefix(d)).stages for d in run_dirs])
 
 
-def _stages(*run_dirs: RunDir) -> _Stages:
-    """Units per stage of each run's recorded plan, and the measured seconds of the finished ones; with several
-    (companion) runs each stage is named after its study."""
-    from locedit.plan import StudyPlan, parse_key
-    from locedit.progress import unit_threads
-
-    total: dict[str, int] = defaultdict(int)
-    secs: dict[str, list[float]] = defaultdict(list)
-    threads: dict[str, set[int]] = defaultdict(set)
-    cpu: dict[str, float] = defaultdict(float)
-    for run_dir in run_dirs:
-        prov = run_dir.provenance()
-        if "plan" not in prov:
-            raise ValueError(f"{run_dir.path}/provenance.json records no plan: the run never started a unit")
-        config = run_dir.config()
-        prefix = f"{config.name}: " if len(run_dirs) > 1 else ""
-        units = StudyPlan.from_json(prov["plan"], config, run_dir.fact_ids() or []).units()
-        for unit in units:
-            total[prefix + unit.stage] += 1
-        ran_with = unit_threads(run_dir, units)
-        default = int(prov.get("threads", 1))
-        for rec in run_dir.records("tracing") + run_dir.records("edits"):
-            stage, s = prefix + parse_key(rec["key"]).stage, float(rec.get("seconds", float("nan")))
-            secs[stage].append(s)
-            threads[stage].add(ran_with.get(rec["key"], default))
-            if math.isfinite(s):
-                cpu[stage] += s * ran_with.get(rec["key"], default)
-    return _Stages(dict(total), dict(secs), dict(threads), dict(cpu))
+def _thread_label(stages: pl.DataFrame) -> str:
+    """The torch thread counts the finished units ran with: ``"1"``, or a range ``"1–2"``."""
+    counts = sorted({t for ts in stages["threads"].to_list() for t in ts}) or [1]
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
 def _primary_block(run_dirs: Sequence[RunDir], tables: dict[str, pl.DataFrame], edits: pl.DataFrame) -> str:
@@ -140,34 +110,28 @@ def _primary_block(run_dirs: Sequence[RunDir], tables: dict[str, pl.DataFrame], 
                      for title, body in md.items())
 
 
-def _status_block(st: _Stages, n_facts: int, tables: dict[str, pl.DataFrame]) -> str:
-    rows = []
-    for stage, n in st.total.items():
-        d = len(st.seconds.get(stage, []))
-        rows.append([stage, f"{d} / {n}", "complete" if d == n else ("not started" if d == 0 else "partial")])
+def _status_block(st: pl.DataFrame, n_facts: int, tables: dict[str, pl.DataFrame]) -> str:
+    rows = [[r["stage"], f"{r['done']} / {r['total']}",
+             "complete" if r["done"] == r["total"] else ("not started" if r["done"] == 0 else "partial")]
+            for r in st.iter_rows(named=True)]
     edits = tables["edits"]
     n_traced = tables["tracing"]["fact_id"].n_unique() if tables["tracing"].height else 0
     n_edited = edits["fact_id"].n_unique() if edits.height else 0
-    wall = {k: sum(s for s in v if math.isfinite(s)) for k, v in st.seconds.items()}
-    cpu = sum(st.cpu_seconds.values())
     return (f"{n_facts} facts selected; {n_traced} localized, {n_edited} edited. Units finished: "
-            f"{sum(len(v) for v in st.seconds.values())} of {sum(st.total.values())}; their own times sum to "
-            f"{sum(wall.values()) / 3600:.2f} h of wall-clock on {st.thread_label()} torch thread(s) "
-            f"({cpu / 3600:.2f} CPU-hours).\n\n" + _md(["stage", "units done", "state"], rows, right_from=1))
+            f"{st['done'].sum()} of {st['total'].sum()}; their own times sum to "
+            f"{st['hours_spent'].sum():.2f} h of wall-clock on {_thread_label(st)} torch thread(s) "
+            f"({st['cpu_hours_spent'].sum():.2f} CPU-hours).\n\n"
+            + _md(["stage", "units done", "state"], rows, right_from=1))
 
 
-def _cost_block(st: _Stages) -> str:
-    rows, left = [], 0.0
-    for stage, n in st.total.items():
-        v = [s for s in st.seconds.get(stage, []) if math.isfinite(s)]
-        mean = float(np.mean(v)) if v else float("nan")
-        remaining = (n - len(st.seconds.get(stage, []))) * mean if v else float("nan")
-        if math.isfinite(remaining):
-            left += remaining
-        rows.append([stage, str(len(v)), format_num(mean, 1), str(n), "n/a" if not v else f"{remaining / 3600:.1f}"])
+def _cost_block(st: pl.DataFrame) -> str:
+    rows = [[r["stage"], str(r["timed"]), format_num(r["seconds_mean"] if r["timed"] else float("nan"), 1),
+             str(r["total"]), "n/a" if r["hours_left"] is None else f"{r['hours_left']:.1f}"]
+            for r in st.iter_rows(named=True)]
+    left = st["hours_left"].fill_null(0.0).sum()
     return (_md(["stage", "units timed", "mean s / unit", "units in design", "hours left at that rate"], rows)
-            + f"\nStages not started have no measured rate; the measured ones leave ≈ {left / 3600:.1f} h of "
-              f"wall-clock ({st.thread_label()} threads).\n")
+            + f"\nStages not started have no measured rate; the measured ones leave ≈ {left:.1f} h of "
+              f"wall-clock ({_thread_label(st)} threads).\n")
 
 
 # ---------------------------------------------------------------- regressions

@@ -65,8 +65,10 @@ class StudyProgress:
     Attributes:
         run_dir: the run directory.
         stages: one row per stage of the plan in run order: ``stage``, ``total``, ``done``, ``failed``,
-            ``seconds_mean`` (journal seconds per finished unit; null before any), ``hours_spent`` (those seconds
-            summed), ``cpu_hours_spent`` (each unit's seconds × its sitting's torch threads, :func:`unit_threads`),
+            ``timed`` (finished units whose journal records their seconds), ``threads`` (the sorted torch thread
+            counts the finished units ran with, :func:`unit_threads`), ``seconds_mean`` (journal seconds per timed
+            unit; null before any), ``hours_spent`` (those seconds summed), ``cpu_hours_spent`` (each unit's
+            seconds × its sitting's torch threads, :func:`unit_threads`),
             ``hours_left`` (units left × ``seconds_mean``; null when the stage has no finished unit to
             measure by).
         sittings: :meth:`locedit.rundir.RunDir.sittings` as recorded.
@@ -109,13 +111,14 @@ class StudyProgress:
         return "\n".join(lines)
 
 
-def study_progress(run_dir: str | Path) -> StudyProgress:
-    """The progress of ``run_dir`` (every shard's journals), from its recorded plan.
+def study_progress(run_dir: str | Path | RunDir, *, stage_prefix: str = "") -> StudyProgress:
+    """The progress of ``run_dir`` (every shard's journals), from its recorded plan; ``stage_prefix`` is put before
+    each stage's name (``docs/FINDINGS.md`` names each companion study's stages after it).
 
     Raises:
         ValueError: the directory has no recorded plan (the run never started).
     """
-    rd = RunDir(run_dir).require()
+    rd = (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).require()
     prov = rd.provenance()
     if "plan" not in prov:
         raise ValueError(f"{rd.path}/provenance.json records no plan: the run never started a unit")
@@ -130,11 +133,13 @@ def study_progress(run_dir: str | Path) -> StudyProgress:
     threads = unit_threads(rd, units)
     rows: dict[str, dict[str, Any]] = {}
     for u in units:
-        row = rows.setdefault(u.stage, {"stage": u.stage, "total": 0, "done": 0, "failed": 0, "_s": [], "_cpu": 0.0})
+        row = rows.setdefault(u.stage, {"stage": stage_prefix + u.stage, "total": 0, "done": 0, "failed": 0,
+                                        "_s": [], "_cpu": 0.0, "_threads": set()})
         row["total"] += 1
         k = u.key()
         if k in seconds:
             row["done"] += 1
+            row["_threads"].add(threads[k])
             if not math.isnan(seconds[k]):
                 row["_s"].append(seconds[k])
                 row["_cpu"] += seconds[k] * threads[k]
@@ -142,14 +147,15 @@ def study_progress(run_dir: str | Path) -> StudyProgress:
             row["failed"] += 1
     out = []
     for row in rows.values():
-        s, cpu = row.pop("_s"), row.pop("_cpu")
+        s, cpu, ran_with = row.pop("_s"), row.pop("_cpu"), row.pop("_threads")
         mean = sum(s) / len(s) if s else None
         left = row["total"] - row["done"] - row["failed"]
-        out.append({**row, "seconds_mean": mean, "hours_spent": sum(s) / 3600, "cpu_hours_spent": cpu / 3600,
+        out.append({**row, "timed": len(s), "threads": sorted(ran_with), "seconds_mean": mean,
+                    "hours_spent": sum(s) / 3600, "cpu_hours_spent": cpu / 3600,
                     "hours_left": None if mean is None else left * mean / 3600})
-    schema = {"stage": pl.String, "total": pl.Int64, "done": pl.Int64, "failed": pl.Int64,
-              "seconds_mean": pl.Float64, "hours_spent": pl.Float64, "cpu_hours_spent": pl.Float64,
-              "hours_left": pl.Float64}
+    schema = {"stage": pl.String, "total": pl.Int64, "done": pl.Int64, "failed": pl.Int64, "timed": pl.Int64,
+              "threads": pl.List(pl.Int64), "seconds_mean": pl.Float64, "hours_spent": pl.Float64,
+              "cpu_hours_spent": pl.Float64, "hours_left": pl.Float64}
     return StudyProgress(str(rd.path), pl.DataFrame(out, schema=schema), rd.sittings())
 
 
