@@ -23,6 +23,11 @@ def own_token_edits(edits: pl.DataFrame) -> pl.DataFrame:
     return edits.filter(pl.col("token") == DEFAULT_EDIT_TOKEN)
 
 
+def _declared(run_dir: RunDir) -> bool:
+    """Whether the run declared its ``[analysis]`` in its config before its data (the pre-registered analysis)."""
+    return "analysis" in run_dir.raw_config()
+
+
 def _units_line(dirs: list[RunDir]) -> str:
     """"D of T" units of the recorded plans, and what an unfinished run's tables are."""
     planned = [d for d in dirs if "plan" in d.provenance()]
@@ -34,7 +39,7 @@ def _units_line(dirs: list[RunDir]) -> str:
         done, total = done + p.done + int(p.stages["failed"].sum()), total + p.total
     if done >= total:
         return f"{done:,} of {total:,} (complete)"
-    withheld = ("; the pre-registered cells not finished are withheld" if "analysis" in dirs[0].raw_config() else "")
+    withheld = "; the pre-registered cells not finished are withheld" if _declared(dirs[0]) else ""
     return f"{done:,} of {total:,}: unfinished — the tables describe the units finished so far{withheld}"
 
 
@@ -47,7 +52,7 @@ def preregistered_sections(run_dirs: list[RunDir], edits: pl.DataFrame, trace: p
     that did not declare it gets every result labelled exploratory and nothing withheld."""
     from locedit.stats.preregistered import preregistered_analysis, preregistered_markdown
 
-    declared = "analysis" in run_dirs[0].raw_config()
+    declared = _declared(run_dirs[0])
     pre = preregistered_analysis(edits, trace, **run_dirs[0].config().analysis.model_dump(),
                                  incomplete=incomplete_cells(*run_dirs) if declared else None)
     return preregistered_markdown(pre, declared=declared)
