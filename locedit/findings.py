@@ -25,7 +25,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-
 import numpy as np
 import polars as pl
 

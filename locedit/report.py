@@ -35,7 +35,7 @@ def _units_line(dirs: list[RunDir]) -> str:
         return "? (no recorded plan)"
     done = total = 0
     for d in planned:
-        p = study_progress(d.path)
+        p = study_progress(d)
         done, total = done + p.done + int(p.stages["failed"].sum()), total + p.total
     if done >= total:
         return f"{done:,} of {total:,} (complete)"
