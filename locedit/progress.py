@@ -26,7 +26,11 @@ __all__ = ["StudyProgress", "incomplete_cells", "sittings_line", "study_progress
 
 def sittings_line(sittings: list[dict[str, Any]]) -> str:
     """"N (k on DEVICE × T thread(s): U units; ...)" for recorded sittings (:meth:`RunDir.sittings`), or "none
-    recorded" (a run from before ``sittings.jsonl``: its study.log says which resumes changed threads)."""
+    recorded" (a run from before ``sittings.jsonl``: its study.log says which resumes changed threads).
+
+    A sitting stopped at once (a second signal) or cut off has a start record only: it counts as a sitting, its units
+    (journalled, and in the stage counts) cannot be counted here, and the line says how many such sittings there are.
+    """
     if not sittings:
         return "none recorded"
     by: dict[tuple[str, Any], list[int]] = {}
@@ -35,8 +39,11 @@ def sittings_line(sittings: list[dict[str, Any]]) -> str:
         by.setdefault(k, [0, 0])
         by[k][0] += 1
         by[k][1] += int(s.get("units_run") or 0)
+    unended = sum("ended" not in s for s in sittings)
+    tail = (f"; {unended} with no end record (stopped at once or cut off): their units are journalled but not "
+            "counted here") if unended else ""
     return f"{len(sittings)} (" + "; ".join(
-        f"{n} on {dev} × {t} thread(s): {u:,} units" for (dev, t), (n, u) in sorted(by.items(), key=str)) + ")"
+        f"{n} on {dev} × {t} thread(s): {u:,} units" for (dev, t), (n, u) in sorted(by.items(), key=str)) + tail + ")"
 
 
 def unit_threads(run_dir: RunDir, units: Sequence[Unit]) -> dict[str, int]:

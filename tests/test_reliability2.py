@@ -491,3 +491,6 @@ def test_a_signal_stops_the_run_after_the_current_fact_and_the_resume_equals_an_
     assert len(RunDir(tmp_path / "again").finished_keys()) == 1
     (killed,) = RunDir(tmp_path / "again").sittings()  # stopped at once: a "start" line, no "end"
     assert killed["done_before"] == 0 and "ended" not in killed
+    assert sittings_line([s1, killed]) == (
+        f"2 (2 on cpu × {torch.get_num_threads()} thread(s): 4 units; 1 with no end record (stopped at once or cut "
+        "off): their units are journalled but not counted here)")
